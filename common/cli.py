@@ -1,0 +1,88 @@
+"""Command-line plumbing shared by ``scripts/*.py``: one-line errors, hub probe, config files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+from .errors import UsageError
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``error: message`` on one line to stderr and exit with status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main_guard(main: Callable[[], Any]) -> None:
+    """Run ``main``; user mistakes (``UsageError``) become one line and exit 2, not a traceback."""
+    try:
+        main()
+    except UsageError as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        raise SystemExit(130)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO)
+    for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def probe_hub(timeout: float = 2.0) -> None:
+    """Set ``HF_HUB_OFFLINE=1`` when the Hugging Face hub cannot be reached within ``timeout`` seconds.
+
+    Without it every hub lookup of an id that is not cached retries for ~20 s before failing; with it the
+    failure is immediate and becomes a one-line error. Skipped when the user already set ``HF_HUB_OFFLINE``
+    (either way) or ``SAMAT_NO_HUB_PROBE=1``. Must run before transformers/datasets are imported.
+    """
+    if "HF_HUB_OFFLINE" in os.environ or os.environ.get("SAMAT_NO_HUB_PROBE") == "1":
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    host, _, port = endpoint.partition(":")
+    reached = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, int(port or 443)), timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            pass
+
+    # A thread bounds DNS resolution too, which create_connection's timeout does not cover.
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not reached:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        logging.getLogger("samat").info("Hugging Face hub unreachable: running offline (HF_HUB_OFFLINE=1)")
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Flag values from a YAML or JSON file (``{flag_name: value}``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config: no such file {path!r}")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as err:
+        raise UsageError(f"--config {path!r}: cannot parse ({type(err).__name__})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path!r}: expected a mapping of flag names to values")
+    return values

@@ -1,0 +1,216 @@
+"""Typed run configuration: one dataclass per concern, parsed by ``transformers.HfArgumentParser``.
+
+``RunArgs`` (what to train, how long, where), ``MethodArgs`` (SAM / adversarial-training knobs) and
+``EvalArgs`` (the robustness evaluation) are shared by every task; each task adds its own args dataclass
+(``vision.task.VisionArgs`` ...). Fields left at ``None`` take the task's default (``Task.defaults``), so
+"SGD lr 0.1 for a ResNet" and "AdamW lr 3e-5 for BERT" both come from the paper's recipes without flags.
+
+Precision (fp32/bf16/fp16) and the number of processes are not flags here: they belong to
+``accelerate config`` / ``accelerate launch --mixed_precision ... --num_processes ...``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from fractions import Fraction
+from typing import Optional
+
+from .errors import UsageError
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+NORMS = ("linf", "l2")
+SAM_SYNC = ("local", "global")
+SAM_ACCUMULATION = ("full-batch",)
+
+
+@dataclass
+class RunArgs:
+    task: str = field(default="vision", metadata={"help": "Task: vision, text or segmentation."})
+    method: str = field(
+        default="erm",
+        metadata={"help": "Training method: erm, sam, asam, pgd-at, fgsm-at, trades, sam-at."},
+    )
+    model: Optional[str] = field(
+        default=None,
+        metadata={"help": "Model: a built-in name, 'timm:<name>', a Hugging Face hub id or a local folder. "
+                  "Default: the task's embedded default."},
+    )
+    dataset: Optional[str] = field(
+        default=None,
+        metadata={"help": "Dataset: a Hugging Face hub id, a local `save_to_disk` folder, or a built-in "
+                  "name. Default: the task's embedded offline dataset."},
+    )
+    dataset_config: Optional[str] = field(default=None, metadata={"help": "Dataset config name on the hub."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: Optional[str] = field(
+        default=None, metadata={"help": "Split to evaluate on. Default: 'test', else 'validation'."}
+    )
+    label_column: Optional[str] = field(
+        default=None, metadata={"help": "Label column. Default: found automatically ('label', 'labels', ...)."}
+    )
+    max_train_samples: Optional[int] = field(
+        default=None,
+        metadata={"help": "Train on the first N (shuffled, seeded) examples. Default: all on a GPU, the "
+                  "task's CPU subset on CPU (logged). 0 = all."},
+    )
+    max_eval_samples: Optional[int] = field(
+        default=None,
+        metadata={"help": "Evaluate clean and robust accuracy on N test examples. Default: all on a GPU, "
+                  "the task's CPU subset on CPU. 0 = all."},
+    )
+    output_dir: Optional[str] = field(
+        default=None, metadata={"help": "Run folder. Default: runs/<task>-<method>-s<seed>."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for data order, init, augmentation and attacks."})
+    epochs: Optional[float] = field(default=None, metadata={"help": "Training epochs (task default)."})
+    max_steps: Optional[int] = field(
+        default=None, metadata={"help": "Optimizer steps; overrides --epochs when given."}
+    )
+    batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Per-process micro-batch size (task default)."}
+    )
+    eval_batch_size: Optional[int] = field(default=None, metadata={"help": "Per-process eval batch size."})
+    optimizer: Optional[str] = field(default=None, metadata={"help": "Base optimizer: sgd or adamw."})
+    lr: Optional[float] = field(default=None, metadata={"help": "Peak learning rate (task default)."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    weight_decay: Optional[float] = field(default=None, metadata={"help": "Weight decay (task default)."})
+    lr_scheduler: Optional[str] = field(
+        default=None, metadata={"help": "LR schedule: cosine, linear, constant, constant_with_warmup."}
+    )
+    warmup_ratio: Optional[float] = field(default=None, metadata={"help": "Share of steps for LR warm-up."})
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={"help": "Micro-batches per optimizer step. SAM perturbs and descends once per optimizer "
+                  "step, with the perturbation set by the gradient of all micro-batches together."},
+    )
+    max_grad_norm: float = field(
+        default=0.0, metadata={"help": "Clip the descent gradient to this norm; 0 disables clipping."}
+    )
+    checkpoint_every: int = field(
+        default=0, metadata={"help": "Save a resumable checkpoint every N optimizer steps (0: only at end)."}
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "Resume from the newest checkpoint in --output_dir."}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Start over even if --output_dir holds a run."}
+    )
+    log_with: str = field(
+        default="tensorboard", metadata={"help": "Accelerate tracker: tensorboard, wandb, all or none."}
+    )
+    logging_steps: int = field(default=10, metadata={"help": "Log loss and LR every N optimizer steps."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    config: Optional[str] = field(
+        default=None, metadata={"help": "YAML/JSON file of flag values; flags on the command line win."}
+    )
+
+
+@dataclass
+class MethodArgs:
+    rho: Optional[float] = field(
+        default=None, metadata={"help": "SAM/ASAM neighbourhood radius (default 0.05 for sam, 0.5 for asam)."}
+    )
+    asam_eta: float = field(default=0.01, metadata={"help": "ASAM's eta: |w| + eta scales the ball."})
+    sam_sync: str = field(
+        default="local",
+        metadata={"help": "Multi-process SAM: 'local' perturbs each replica with its own gradient (as the "
+                  "original SAM, first pass under no_sync); 'global' uses the all-reduced gradient."},
+    )
+    train_eps: Optional[str] = field(
+        default=None,
+        metadata={"help": "AT radius, e.g. 8/255 in pixel units; relative to the mean token-embedding norm "
+                  "for text (task default)."},
+    )
+    train_alpha: Optional[str] = field(
+        default=None, metadata={"help": "AT PGD step size (default 2/255 for pixels, 1.25*eps for fgsm-at)."}
+    )
+    train_steps: int = field(default=10, metadata={"help": "AT PGD steps (Madry et al.: 10 for CIFAR)."})
+    train_norm: str = field(default="linf", metadata={"help": "AT threat model: linf or l2."})
+    trades_beta: float = field(default=6.0, metadata={"help": "TRADES robustness weight beta."})
+
+
+@dataclass
+class EvalArgs:
+    eval_linf: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "L-inf PGD radii for robust accuracy, e.g. 1/255 2/255 4/255 8/255 (task "
+                  "default); 'none' to skip."},
+    )
+    eval_l2: Optional[list[str]] = field(
+        default=None, metadata={"help": "L2 PGD radii, e.g. 0.25 0.5 (task default); 'none' to skip."}
+    )
+    eval_steps: int = field(default=10, metadata={"help": "PGD steps for evaluation."})
+    eval_restarts: int = field(default=1, metadata={"help": "PGD random restarts (worst case kept)."})
+
+
+def parse_eps(text: str, *, pixel_space: bool, flag: str) -> float:
+    """Parse a radius like ``"8/255"``, ``"0.03"`` or ``"1e-2"`` into a float.
+
+    Raises ``UsageError`` for non-numbers, negatives, and, in pixel space, values over 1 (pixels live in
+    ``[0, 1]``, so ``8`` almost surely meant ``8/255``).
+    """
+    try:
+        value = float(Fraction(text.strip())) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(f"{flag}: {text!r} is not a number (write e.g. 8/255 or 0.03)") from None
+    if not math.isfinite(value) or value < 0:
+        raise UsageError(f"{flag}: {text!r} must be a finite number >= 0")
+    if pixel_space and value > 1:
+        raise UsageError(
+            f"{flag}: {text!r} is larger than 1, but pixels live in [0, 1]; did you mean {text}/255?"
+        )
+    return value
+
+
+def parse_eps_list(values: Optional[list[str]], default: tuple[str, ...], *, pixel_space: bool,
+                   flag: str) -> list[tuple[str, float]]:
+    """``[(label, value)]`` for an eps-list flag; ``['none']`` gives an empty list."""
+    raw = list(default) if values is None else list(values)
+    if [v.lower() for v in raw] == ["none"]:
+        return []
+    return [(v, parse_eps(v, pixel_space=pixel_space, flag=flag)) for v in raw]
+
+
+def check_choice(flag: str, value: Optional[str], choices: tuple[str, ...]) -> None:
+    if value is not None and value not in choices:
+        raise UsageError(f"{flag}: unknown value {value!r}; choose one of: {', '.join(choices)}")
+
+
+def validate(run: RunArgs, method: MethodArgs, evals: EvalArgs) -> None:
+    """Range checks that do not need the task. Raises ``UsageError``."""
+    check_choice("--optimizer", run.optimizer, OPTIMIZERS)
+    check_choice("--lr_scheduler", run.lr_scheduler, SCHEDULERS)
+    check_choice("--sam_sync", method.sam_sync, SAM_SYNC)
+    check_choice("--train_norm", method.train_norm, NORMS)
+    positive = {"--batch_size": run.batch_size, "--eval_batch_size": run.eval_batch_size,
+                "--max_steps": run.max_steps, "--lr": run.lr, "--epochs": run.epochs,
+                "--gradient_accumulation_steps": run.gradient_accumulation_steps,
+                "--train_steps": method.train_steps, "--eval_steps": evals.eval_steps,
+                "--eval_restarts": evals.eval_restarts, "--logging_steps": run.logging_steps}
+    for flag, value in positive.items():
+        if value is not None and not value > 0:
+            raise UsageError(f"{flag}: {value!r} must be > 0")
+    non_negative = {"--max_train_samples": run.max_train_samples, "--max_eval_samples": run.max_eval_samples,
+                    "--checkpoint_every": run.checkpoint_every, "--max_grad_norm": run.max_grad_norm,
+                    "--weight_decay": run.weight_decay, "--momentum": run.momentum,
+                    "--trades_beta": method.trades_beta, "--asam_eta": method.asam_eta,
+                    "--num_workers": run.num_workers}
+    for flag, value in non_negative.items():
+        if value is not None and not value >= 0:
+            raise UsageError(f"{flag}: {value!r} must be >= 0")
+    if method.rho is not None and not 0 <= method.rho <= 10:
+        raise UsageError(f"--rho: {method.rho!r} must be in [0, 10] (the paper uses 0.05-0.5)")
+    if run.warmup_ratio is not None and not 0 <= run.warmup_ratio < 1:
+        raise UsageError(f"--warmup_ratio: {run.warmup_ratio!r} must be in [0, 1)")
+
+
+def non_default_fields(obj) -> dict:
+    """Fields of a dataclass instance that differ from their defaults (for 'flag not used' checks)."""
+    out = {}
+    for f in fields(obj):
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if getattr(obj, f.name) != default:
+            out[f.name] = getattr(obj, f.name)
+    return out

@@ -1,0 +1,360 @@
+"""The only training loop: Accelerate ``prepare``, any method, checkpoints, exact resume, evaluation.
+
+Precision and process count come from ``accelerate launch`` / ``accelerate config``. One optimizer step
+consumes ``gradient_accumulation_steps`` micro-batches and is done by ``common.methods.train_step``
+(SAM needs the whole step's micro-batches at once, so the loop groups them instead of using
+``accelerator.accumulate``).
+
+Resuming is exact on CPU with a fixed seed: model, optimizer (momentum / Adam moments), scheduler, RNG states
+and the data sampler are restored by ``accelerator.load_state``; the loop skips the batches already consumed
+in the current epoch with ``skip_first_batches`` (the seeded sampler reproduces the epoch's order), and the
+DataLoader has its own generator so creating an iterator never draws from the global RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from .config import EvalArgs, MethodArgs, RunArgs, parse_eps_list
+from .errors import UsageError
+from .evaluate import evaluate_all
+from .methods import ResolvedMethod, StepContext, train_step
+from .results import metrics_table, versions, write_json_atomic
+from .task import AttackSpec, Task
+
+logger = logging.getLogger("samat")
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+KEEP_CHECKPOINTS = 2
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def fill_defaults(run: RunArgs, task: Task, on_gpu: bool) -> None:
+    """Fill RunArgs fields left at None from the task's defaults (``Task.defaults``).
+
+    ``max_train_samples``/``max_eval_samples`` at None mean "all on a GPU, the task's CPU subset on CPU";
+    0 means all.
+    """
+    d = task.defaults
+    for name in ("optimizer", "lr", "weight_decay", "lr_scheduler", "warmup_ratio", "epochs", "batch_size"):
+        if getattr(run, name) is None:
+            setattr(run, name, d[name])
+    if run.eval_batch_size is None:
+        run.eval_batch_size = d.get("eval_batch_size", 2 * run.batch_size)
+    for name in ("max_train_samples", "max_eval_samples"):
+        if getattr(run, name) is None:
+            cpu_default = d.get(f"cpu_{name}", 0)
+            setattr(run, name, 0 if on_gpu else cpu_default)
+            if not on_gpu and cpu_default:
+                logger.info("no GPU: --%s defaults to %d (pass --%s 0 for all)", name, cpu_default, name)
+
+
+def attack_specs(task: Task, evals: EvalArgs) -> list[AttackSpec]:
+    """PGD-L-inf and PGD-L2 on the task loss at the requested radii, plus the task's own attacks."""
+    objective = lambda logits, batch, step, steps: task.loss(logits, batch)  # noqa: E731
+    specs = []
+    for norm, values, default in (("linf", evals.eval_linf, task.default_eval_linf),
+                                  ("l2", evals.eval_l2, task.default_eval_l2)):
+        eps = parse_eps_list(values, default, pixel_space=task.pixel_space and norm == "linf",
+                             flag=f"--eval_{norm}")
+        if eps:
+            specs.append(AttackSpec(f"pgd-{norm}", norm, eps, objective))
+    return specs + task.extra_attacks()
+
+
+def _subset(dataset: Any, n: int, seed: int) -> Any:
+    """The first ``n`` examples of a seeded shuffle (all when ``n`` is 0 or larger than the set)."""
+    if not n or n >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    if hasattr(dataset, "select"):
+        return dataset.select(sorted(order))
+    return Subset(dataset, sorted(order))
+
+
+def make_optimizer(model: nn.Module, run: RunArgs) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov off as in the SAM paper) or AdamW; no weight decay on biases and norms."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if run.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=run.lr, momentum=run.momentum)
+    return torch.optim.AdamW(groups, lr=run.lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, run: RunArgs, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = int(round(run.warmup_ratio * total_steps))
+    return get_scheduler(run.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+class PassCounter:
+    """Counts forward calls of a model and backward passes through its output (training cost).
+
+    A forward hook counts calls; a tensor hook on the output's logits counts every gradient that flows back
+    through it (``loss.backward()`` and the attacks' ``autograd.grad`` alike).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.forward = 0
+        self.backward = 0
+        self.active = True
+        self._handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if not self.active:
+            return
+        self.forward += 1
+        logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
+        if isinstance(logits, Tensor) and logits.requires_grad:
+            logits.register_hook(self._count_backward)
+
+    def _count_backward(self, grad: Tensor) -> None:
+        self.backward += 1
+
+    def close(self) -> None:
+        self.active = False
+        self._handle.remove()
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (their state file is written last), oldest first."""
+    root = output_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step_*") if (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def save_checkpoint(accelerator: Any, output_dir: Path, state: dict) -> None:
+    path = output_dir / CHECKPOINTS / f"step_{state['step']}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        write_json_atomic(path / STATE_FILE, state)
+        for old in list_checkpoints(output_dir)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def prepare_output_dir(run: RunArgs, output_dir: Path, is_main: bool) -> Optional[Path]:
+    """Decide between fresh start, resume and refusal. Returns the checkpoint to resume from, if any."""
+    results = output_dir / "results.json"
+    checkpoints = list_checkpoints(output_dir)
+    if run.overwrite:
+        if is_main:
+            shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)
+            results.unlink(missing_ok=True)
+        return None
+    if results.exists() and not run.resume:
+        raise UsageError(f"--output_dir {output_dir} holds a finished run (results.json); pass --overwrite to "
+                         "start over or choose another --output_dir")
+    if checkpoints and not run.resume:
+        raise UsageError(f"--output_dir {output_dir} holds checkpoints; pass --resume to continue or "
+                         "--overwrite to start over")
+    if run.resume and not checkpoints:
+        logger.info("--resume: no checkpoint in %s, starting from scratch", output_dir)
+    return checkpoints[-1] if run.resume and checkpoints else None
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: Task,
+                   config_record: dict) -> dict:
+    """Train ``task`` with ``method``, evaluate, write ``results.json``; returns the results dict."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    output_dir = Path(run.output_dir)
+    trackers = None if run.log_with == "none" else run.log_with
+    accelerator = Accelerator(
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        step_scheduler_with_optimizer=False,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    specs = attack_specs(task, evals)  # parse eval eps first: a bad radius fails before any work
+    results_path = output_dir / "results.json"
+    if run.resume and results_path.exists() and not run.overwrite:
+        results = json.loads(results_path.read_text())
+        if accelerator.is_main_process:
+            print(f"{output_dir} is finished; results.json:\n{metrics_table(results)}")
+        return results
+    resume_from = prepare_output_dir(run, output_dir, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    fill_defaults(run, task, on_gpu=accelerator.device.type != "cpu")
+    set_seed(run.seed)
+
+    with accelerator.main_process_first():
+        data = task.build(run, accelerator)
+    train_set = _subset(data.train_dataset, run.max_train_samples, run.seed)
+    eval_set = _subset(data.eval_dataset, run.max_eval_samples, run.seed + 1)
+    loader_generator = torch.Generator().manual_seed(run.seed)
+    train_loader = DataLoader(train_set, batch_size=run.batch_size, shuffle=True, collate_fn=data.collate_fn,
+                              num_workers=run.num_workers, generator=loader_generator)
+    eval_loader = DataLoader(eval_set, batch_size=run.eval_batch_size, shuffle=False,
+                             collate_fn=data.collate_fn, num_workers=run.num_workers)
+    model = data.model
+    counter = PassCounter(model)
+    optimizer = make_optimizer(model, run)
+
+    k = run.gradient_accumulation_steps
+    batches_per_epoch = math.ceil(len(train_set) / (run.batch_size * accelerator.num_processes))
+    steps_per_epoch = math.ceil(batches_per_epoch / k)
+    total_steps = run.max_steps or max(1, math.ceil(run.epochs * steps_per_epoch))
+    scheduler = make_scheduler(optimizer, run, total_steps)
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler)
+    steps_per_epoch = math.ceil(len(train_loader) / k)
+
+    step, elapsed, forward0, backward0, examples = 0, 0.0, 0, 0, 0
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        saved = json.loads((resume_from / STATE_FILE).read_text())
+        step, elapsed = saved["step"], saved["train_wall_s"]
+        forward0, backward0, examples = saved["forward_passes"], saved["backward_passes"], saved["train_examples"]
+        logger.info("resumed from %s at step %d", resume_from, step)
+
+    if trackers:
+        flat = {f"{group}/{k_}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+                for group, values in config_record.items() for k_, v in values.items()}
+        accelerator.init_trackers("samat", config=flat)
+
+    ctx = StepContext(accelerator=accelerator, model=model, optimizer=optimizer, task=task, method=method,
+                      max_grad_norm=run.max_grad_norm)
+    state = lambda: {"step": step, "train_wall_s": elapsed + time.perf_counter() - started,  # noqa: E731
+                     "forward_passes": forward0 + counter.forward, "backward_passes": backward0 + counter.backward,
+                     "train_examples": examples}
+    model.train()
+    started = time.perf_counter()
+    progress = tqdm(total=total_steps, initial=step, desc=f"train {method.method.name}",
+                    disable=not accelerator.is_local_main_process)
+    running_loss, logged_steps = 0.0, 0
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        train_loader.set_epoch(epoch)
+        skip = (step % steps_per_epoch) * k
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        group: list[dict] = []
+        for batch in loader:
+            group.append(batch)
+            if len(group) < k:
+                continue
+            step, running_loss, logged_steps = _one_step(ctx, group, scheduler, step, running_loss, logged_steps)
+            examples += sum(_batch_size(b) for b in group) * accelerator.num_processes
+            group = []
+            progress.update(1)
+            if step % run.logging_steps == 0 and logged_steps:
+                _log(accelerator, progress, running_loss / logged_steps, scheduler, step)
+                running_loss, logged_steps = 0.0, 0
+            if run.checkpoint_every and step % run.checkpoint_every == 0 and step < total_steps:
+                save_checkpoint(accelerator, output_dir, state())
+            if step >= total_steps:
+                break
+        if group and step < total_steps:  # the epoch's last, shorter accumulation group
+            step, running_loss, logged_steps = _one_step(ctx, group, scheduler, step, running_loss, logged_steps)
+            examples += sum(_batch_size(b) for b in group) * accelerator.num_processes
+            progress.update(1)
+    progress.close()
+    final_state = state()
+    save_checkpoint(accelerator, output_dir, final_state)
+    counter.close()
+
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        (output_dir / "model").mkdir(parents=True, exist_ok=True)
+        task.save_model(unwrapped, str(output_dir / "model"))
+
+    eval_started = time.perf_counter()
+    evaluation = evaluate_all(model, task, eval_loader, accelerator, specs, evals.eval_steps)
+    extra = task.extra_evaluation(unwrapped, accelerator, run)
+    evaluation["metrics"].update(extra)
+    eval_wall = time.perf_counter() - eval_started
+
+    results = {
+        "task": task.name,
+        "method": method.method.name,
+        "headline_metric": task.headline_metric,
+        "config": config_record,
+        "method_resolved": method.describe(),
+        "data": {**data.info, "train_examples": len(train_set), "eval_examples": len(eval_set)},
+        **evaluation,
+        "cost": {
+            "train_wall_s": round(final_state["train_wall_s"], 3),
+            "eval_wall_s": round(eval_wall, 3),
+            "optimizer_steps": step,
+            "forward_passes": final_state["forward_passes"],
+            "backward_passes": final_state["backward_passes"],
+            "train_examples": final_state["train_examples"],
+        },
+        "device": _device_name(accelerator),
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "versions": versions(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if trackers:
+        accelerator.log(_flat_metrics(results), step=step)
+        accelerator.end_training()
+    if accelerator.is_main_process:
+        write_json_atomic(results_path, results)
+        print(metrics_table(results))
+        print(f"results: {results_path}")
+    accelerator.wait_for_everyone()
+    return results
+
+
+def _one_step(ctx: StepContext, group: list[dict], scheduler: Any, step: int, running_loss: float,
+              logged_steps: int) -> tuple[int, float, int]:
+    result = train_step(ctx, group)
+    if not result.skipped:
+        scheduler.step()
+    if not math.isfinite(result.loss):
+        logger.warning("non-finite training loss at step %d", step + 1)
+    return step + 1, running_loss + result.loss, logged_steps + 1
+
+
+def _batch_size(batch: dict) -> int:
+    first = next(v for v in batch.values() if isinstance(v, Tensor))
+    return int(first.shape[0])
+
+
+def _log(accelerator: Any, progress: tqdm, loss: float, scheduler: Any, step: int) -> None:
+    lr = scheduler.get_last_lr()[0]
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    accelerator.log({"train/loss": loss, "train/lr": lr}, step=step)
+
+
+def _flat_metrics(results: dict) -> dict[str, float]:
+    out = {f"eval/clean/{k}": v for k, v in results["metrics"]["clean"].items() if isinstance(v, float)}
+    for attack, by_eps in results["metrics"]["robust"].items():
+        for label, metrics in by_eps.items():
+            out[f"eval/{attack}/{label}"] = metrics[results["headline_metric"]]
+    return out
+
+
+def _device_name(accelerator: Any) -> str:
+    if accelerator.device.type == "cuda":
+        return torch.cuda.get_device_name(accelerator.device)
+    return accelerator.device.type

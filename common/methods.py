@@ -1,0 +1,295 @@
+"""Training methods = a training objective × an update rule.
+
+Objectives (what loss is minimised):
+    clean   the task loss on clean inputs (ERM)
+    pgd     the task loss on PGD-K adversarial inputs (Madry et al. 2018)
+    fgsm    the task loss on FGSM inputs from a random start, step 1.25·eps (Wong et al. 2020, "fast AT")
+    trades  CE(clean) + beta · KL(f(x) || f(x_adv)), x_adv maximising the KL (Zhang et al. 2019)
+
+Update rules (how the gradient of that loss moves the weights):
+    plain   one forward/backward, base optimizer step
+    sam     gradient at w + rho·g/||g||, base optimizer step at w (Foret et al. 2021)
+    asam    the same with the ball scaled by |w| + eta (Kwon et al. 2021)
+
+Adversarial inputs are made once per optimizer step at the current weights ``w``, in eval mode; ``sam-at``
+uses the same ``x_adv`` for both SAM passes (re-attacking at ``w + e`` would double the cost of AT).
+
+Gradient accumulation: an optimizer step covers ``K`` micro-batches. SAM perturbs and descends once per
+optimizer step: the ascent direction ``e`` comes from the gradient summed over all ``K`` micro-batches of
+the step (the "full-batch" choice: identical to SAM on one batch ``K`` times larger), then the descent
+gradient is accumulated over the same ``K`` micro-batches at ``w + e``.
+
+Multi-process (DDP): with ``--sam_sync local`` (default, as the original SAM's m-sharpness over per-device
+batches) the first pass runs under ``accelerator.no_sync`` so each replica climbs along its own gradient;
+with ``global`` the first gradient is all-reduced and every replica climbs to the same point. The second
+(descent) gradient is always all-reduced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attacks import eval_mode, pgd
+from .config import MethodArgs, parse_eps
+from .errors import UsageError, lookup
+from .sam import SAM, frozen_batchnorm_stats
+from .task import Task
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named pair (objective, update). ``flags`` are the MethodArgs fields it reads."""
+
+    name: str
+    objective: str
+    update: str
+    summary: str
+    flags: frozenset = field(default_factory=frozenset)
+
+
+_SAM_FLAGS = frozenset({"rho", "sam_sync"})
+_ASAM_FLAGS = _SAM_FLAGS | {"asam_eta"}
+_AT_FLAGS = frozenset({"train_eps", "train_alpha", "train_steps", "train_norm"})
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("erm", "clean", "plain", "plain training (empirical risk minimisation)"),
+        Method("sam", "clean", "sam", "Sharpness-Aware Minimization", _SAM_FLAGS),
+        Method("asam", "clean", "asam", "Adaptive SAM (scale-invariant ball)", _ASAM_FLAGS),
+        Method("pgd-at", "pgd", "plain", "PGD adversarial training (Madry)", _AT_FLAGS),
+        Method("fgsm-at", "fgsm", "plain", "fast FGSM adversarial training with random start",
+               _AT_FLAGS - {"train_steps"}),
+        Method("trades", "trades", "plain", "TRADES", _AT_FLAGS | {"trades_beta"}),
+        Method("sam-at", "pgd", "sam", "SAM update on the PGD adversarial loss", _AT_FLAGS | _SAM_FLAGS),
+    ]
+}
+
+DEFAULT_RHO = {"sam": 0.05, "asam": 0.5}
+
+
+@dataclass
+class ResolvedMethod:
+    """A method with every hyper-parameter decided (floats, not strings)."""
+
+    method: Method
+    rho: float = 0.0
+    eta: float = 0.01
+    sam_sync: str = "local"
+    eps: float = 0.0
+    alpha: float = 0.0
+    steps: int = 0
+    norm: str = "linf"
+    trades_beta: float = 6.0
+
+    def describe(self) -> dict:
+        """Only the hyper-parameters the method uses (for results.json and tables)."""
+        out: dict[str, Any] = {"method": self.method.name}
+        if self.method.update in ("sam", "asam"):
+            out.update(rho=self.rho, sam_sync=self.sam_sync)
+            if self.method.update == "asam":
+                out["asam_eta"] = self.eta
+        if self.method.objective != "clean":
+            out.update(eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm)
+        if self.method.objective == "trades":
+            out["trades_beta"] = self.trades_beta
+        return out
+
+
+def resolve_method(name: str, args: MethodArgs, task: Task, explicit: set[str]) -> ResolvedMethod:
+    """Check the flags against the method and fill the task's defaults.
+
+    ``explicit`` is the set of MethodArgs fields the user set; a flag the method does not read is an error
+    rather than silently ignored.
+    """
+    method = lookup(METHODS, "method", name)
+    unused = sorted(explicit - method.flags)
+    if unused:
+        raise UsageError(f"--{unused[0]} does not apply to --method {name} (it uses: "
+                         f"{', '.join('--' + f for f in sorted(method.flags)) or 'no method flags'})")
+    resolved = ResolvedMethod(method=method, sam_sync=args.sam_sync, eta=args.asam_eta,
+                              trades_beta=args.trades_beta, norm=args.train_norm)
+    if method.update in ("sam", "asam"):
+        resolved.rho = DEFAULT_RHO[method.update] if args.rho is None else args.rho
+    if method.objective != "clean":
+        defaults = task.defaults
+        eps_text = args.train_eps or defaults.get(f"train_eps_{args.train_norm}") or defaults["train_eps"]
+        resolved.eps = parse_eps(eps_text, pixel_space=task.pixel_space, flag="--train_eps")
+        if method.objective == "fgsm":
+            resolved.steps = 1
+            alpha_default = 1.25 * resolved.eps  # Wong et al. 2020
+        else:
+            resolved.steps = args.train_steps
+            alpha_text = defaults.get(f"train_alpha_{args.train_norm}") or defaults.get("train_alpha")
+            alpha_default = (parse_eps(alpha_text, pixel_space=task.pixel_space, flag="--train_alpha")
+                             if alpha_text else 2.5 * resolved.eps / resolved.steps)
+        resolved.alpha = (parse_eps(args.train_alpha, pixel_space=task.pixel_space, flag="--train_alpha")
+                          if args.train_alpha else alpha_default)
+    return resolved
+
+
+@dataclass
+class StepContext:
+    """What an update needs for one optimizer step."""
+
+    accelerator: Any
+    model: nn.Module           # as prepared (possibly DDP-wrapped, autocast-wrapped)
+    optimizer: Any             # as prepared
+    task: Task
+    method: ResolvedMethod
+    max_grad_norm: float = 0.0
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Objectives: prepare(ctx, batch) runs once per micro-batch at the current weights (the attack);
+# loss(ctx, batch, prepared) is the differentiable training loss and may run twice (SAM).
+
+
+def _attack_delta(ctx: StepContext, batch: dict, objective: Callable[[Tensor, int], Tensor],
+                  *, random_init: bool = True, init: Optional[Tensor] = None) -> Tensor:
+    m = ctx.method
+    model = ctx.unwrapped
+    with eval_mode(model):
+        surface = ctx.task.surface(model, batch)
+        return pgd(surface, objective, eps=m.eps, alpha=m.alpha, steps=m.steps, norm=m.norm,
+                   random_init=random_init, init=init)
+
+
+def _kl(logits_adv: Tensor, probs_clean: Tensor) -> Tensor:
+    """Mean over examples (and pixels) of KL(p_clean || p_adv); class dim is 1."""
+    log_q = F.log_softmax(logits_adv.float(), dim=1)
+    kl = (probs_clean * (probs_clean.clamp_min(1e-12).log() - log_q)).sum(dim=1)
+    return kl.mean()
+
+
+class CleanObjective:
+    def prepare(self, ctx: StepContext, batch: dict) -> None:
+        return None
+
+    def loss(self, ctx: StepContext, batch: dict, prepared: None) -> Tensor:
+        return ctx.task.loss(ctx.task.forward(ctx.model, batch), batch)
+
+
+class AdversarialObjective:
+    """PGD-K (``random_init``) or FGSM-RS (``steps == 1``) adversarial training on the task loss."""
+
+    def prepare(self, ctx: StepContext, batch: dict) -> Tensor:
+        return _attack_delta(ctx, batch, lambda logits, step: ctx.task.loss(logits, batch))
+
+    def loss(self, ctx: StepContext, batch: dict, delta: Tensor) -> Tensor:
+        surface = ctx.task.surface(ctx.model, batch)
+        return ctx.task.loss(surface.forward(delta), batch)
+
+
+class TradesObjective:
+    """TRADES: CE(f(x), y) + beta · KL(f(x) || f(x + delta)).
+
+    The clean and adversarial halves run in one forward over a doubled batch: DDP allows one forward per
+    backward, and it halves kernel launches. (BatchNorm then sees clean and adversarial inputs together.)
+    """
+
+    def prepare(self, ctx: StepContext, batch: dict) -> Tensor:
+        model = ctx.unwrapped
+        with eval_mode(model), torch.no_grad():
+            probs = F.softmax(ctx.task.forward(model, batch).float(), dim=1)
+        surface_x = ctx.task.surface(model, batch).x
+        # TRADES starts from a tiny Gaussian, not a uniform point of the ball: the KL is 0 with zero
+        # gradient exactly at delta = 0.
+        init = 0.001 * torch.randn_like(surface_x)
+        return _attack_delta(ctx, batch, lambda logits, step: _kl(logits, probs), random_init=False,
+                             init=init)
+
+    def loss(self, ctx: StepContext, batch: dict, delta: Tensor) -> Tensor:
+        doubled = {k: torch.cat([v, v]) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        surface = ctx.task.surface(ctx.model, doubled)
+        logits = surface.forward(torch.cat([torch.zeros_like(delta), delta]))
+        clean, adv = logits.chunk(2)
+        return ctx.task.loss(clean, batch) + ctx.method.trades_beta * _kl(adv, F.softmax(clean.float(), 1))
+
+
+OBJECTIVES = {"clean": CleanObjective(), "pgd": AdversarialObjective(), "fgsm": AdversarialObjective(),
+              "trades": TradesObjective()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Updates
+
+
+@dataclass
+class StepResult:
+    loss: float          # training loss at w (mean over the step's micro-batches)
+    skipped: bool        # fp16 overflow: no weight update happened
+
+
+def _sync_context(ctx: StepContext, sync: bool):
+    return contextlib.nullcontext() if sync else ctx.accelerator.no_sync(ctx.model)
+
+
+def _backward_all(ctx: StepContext, objective, micro_batches: list[dict], prepared: list,
+                  sync_last: bool) -> float:
+    """Accumulate ``sum_i loss_i / K`` into ``.grad``; all-reduce (DDP) only on the last micro-batch and
+    only if ``sync_last``. Returns the mean loss."""
+    total = 0.0
+    k = len(micro_batches)
+    for i, (batch, prep) in enumerate(zip(micro_batches, prepared)):
+        with _sync_context(ctx, sync_last and i == k - 1):
+            loss = objective.loss(ctx, batch, prep) / k
+            ctx.accelerator.backward(loss)
+        total += loss.detach().float().item()
+    return total
+
+
+def _descend(ctx: StepContext) -> bool:
+    """Clip the descent gradient, step the base optimizer, clear grads. True if the step was skipped."""
+    if ctx.max_grad_norm > 0:
+        ctx.accelerator.clip_grad_norm_(ctx.model.parameters(), ctx.max_grad_norm)
+    ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    return bool(getattr(ctx.optimizer, "step_was_skipped", False))
+
+
+def plain_update(ctx: StepContext, objective, micro_batches: list[dict]) -> StepResult:
+    prepared = [objective.prepare(ctx, b) for b in micro_batches]
+    loss = _backward_all(ctx, objective, micro_batches, prepared, sync_last=True)
+    return StepResult(loss=loss, skipped=_descend(ctx))
+
+
+def sam_update(ctx: StepContext, objective, micro_batches: list[dict]) -> StepResult:
+    m = ctx.method
+    sam = SAM(ctx.optimizer, rho=m.rho, adaptive=m.method.update == "asam", eta=m.eta)
+    prepared = [objective.prepare(ctx, b) for b in micro_batches]
+    # Pass 1 at w: the ascent gradient. Local (per-replica) unless --sam_sync global.
+    loss = _backward_all(ctx, objective, micro_batches, prepared, sync_last=m.sam_sync == "global")
+    scaler = ctx.accelerator.scaler
+    loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
+    moved = sam.perturb(grad_scale=loss_scale)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    if not moved:
+        # fp16 overflow in the first pass: skip the step and back the loss scale off, as GradScaler would.
+        if scaler is not None:
+            scaler.update(loss_scale * scaler.get_backoff_factor())
+        return StepResult(loss=loss, skipped=True)
+    # Pass 2 at w + e: the descent gradient, all-reduced; BatchNorm running stats keep pass 1's update.
+    with frozen_batchnorm_stats(ctx.model):
+        _backward_all(ctx, objective, micro_batches, prepared, sync_last=True)
+    sam.restore()
+    return StepResult(loss=loss, skipped=_descend(ctx))
+
+
+UPDATES = {"plain": plain_update, "sam": sam_update, "asam": sam_update}
+
+
+def train_step(ctx: StepContext, micro_batches: list[dict]) -> StepResult:
+    """One optimizer step of ``ctx.method`` over ``micro_batches`` (gradient accumulation = their count)."""
+    objective = OBJECTIVES[ctx.method.method.objective]
+    return UPDATES[ctx.method.method.update](ctx, objective, micro_batches)

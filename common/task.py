@@ -1,0 +1,140 @@
+"""The contract between the engine and a task (vision, text, segmentation).
+
+A task knows its data, its model, where an input perturbation lives, its loss and its metric. The engine
+(``common/loop.py``, ``common/methods.py``, ``common/attacks.py``) only ever talks to a task through
+:class:`Task` and :class:`AttackSurface`, so one training loop and one PGD serve every modality.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class AttackSurface:
+    """Where an input perturbation ``delta`` lives for one batch.
+
+    Attributes:
+        x: the clean point in perturbation space, detached. Pixels: ``(B, C, H, W)`` in ``[0, 1]``.
+            Token embeddings: ``(B, L, D)``.
+        forward: ``delta -> logits``; runs the model at ``x + delta``. Gradients flow to ``delta`` *and* to the
+            model's parameters (for text, through the embedding lookup too), so the same callable serves both
+            the attack and the adversarial-training loss. ``delta`` has the shape of ``x``.
+        mask: broadcastable to ``x``; 1 where ``x`` may move, 0 where it never may (padding tokens). ``None``
+            means everywhere.
+        bounds: box that ``x + delta`` must stay in (``(0, 1)`` for pixels); ``None`` for no box (embeddings).
+        norm_dims: dimensions an Lp ball is taken over. ``None``: all but the batch dimension (one ball per
+            example). ``(-1,)`` for embeddings: one ball per token.
+        eps_scale: the user's eps and step size are multiplied by this. 1 for pixels (eps in pixel units);
+            for embeddings, the mean token-embedding norm, so eps is relative to it.
+    """
+
+    x: Tensor
+    forward: Callable[[Tensor], Tensor]
+    mask: Optional[Tensor] = None
+    bounds: Optional[tuple[float, float]] = (0.0, 1.0)
+    norm_dims: Optional[tuple[int, ...]] = None
+    eps_scale: float = 1.0
+
+    def reduce_dims(self) -> tuple[int, ...]:
+        """Dims of ``x`` that an Lp norm sums over (normalised to non-negative ints)."""
+        if self.norm_dims is None:
+            return tuple(range(1, self.x.dim()))
+        return tuple(d % self.x.dim() for d in self.norm_dims)
+
+
+@dataclass
+class AttackSpec:
+    """One evaluation attack: PGD in ``norm`` with a task-chosen objective.
+
+    ``objective(logits, batch, step, steps) -> scalar`` is maximised; ``step`` counts from 0 to ``steps - 1``
+    (SegPGD reweights pixels by step). ``eps`` is a list of ``(label, value)``.
+    """
+
+    name: str
+    norm: str
+    eps: list[tuple[str, float]]
+    objective: Callable[[Tensor, dict, int, int], Tensor]
+
+
+@dataclass
+class TaskData:
+    """What :meth:`Task.build` returns: an unprepared model, datasets and their collate function.
+
+    ``train_dataset``/``eval_dataset`` are map-style (``datasets.Dataset`` with a transform, or any torch
+    Dataset); ``collate_fn`` turns a list of their items into a batch dict of tensors.
+    """
+
+    model: nn.Module
+    train_dataset: Any
+    eval_dataset: Any
+    collate_fn: Callable[[list], dict]
+    info: dict  # shown in results.json: dataset/model names, sizes, number of classes, ...
+
+
+class Task(abc.ABC):
+    """One modality. Subclasses are registered in ``common.registry.TASKS`` with their args dataclass."""
+
+    name: ClassVar[str]
+    headline_metric: ClassVar[str]  # e.g. "accuracy" or "miou": the number tables and sanity checks use
+    # Default eps lists for the robustness evaluation, as strings (parsed by common.config.parse_eps).
+    default_eval_linf: ClassVar[tuple[str, ...]] = ("1/255", "2/255", "4/255", "8/255")
+    default_eval_l2: ClassVar[tuple[str, ...]] = ("0.25", "0.5")
+    # Does the perturbation live in pixel space with a [0, 1] box? (then eps > 1 is a unit mistake)
+    pixel_space: ClassVar[bool] = True
+    # The task's own flags (a dataclass parsed next to RunArgs/MethodArgs/EvalArgs).
+    Args: ClassVar[type]
+    # Defaults for RunArgs/MethodArgs fields left at None, e.g. {"optimizer": "sgd", "lr": 0.1, ...}.
+    # Keys: optimizer, lr, weight_decay, lr_scheduler, warmup_ratio, epochs, batch_size, eval_batch_size,
+    # train_eps, train_alpha, cpu_max_train_samples, cpu_max_eval_samples.
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, args: Any):
+        self.args = args
+
+    @abc.abstractmethod
+    def build(self, run: Any, accelerator: Any) -> TaskData:
+        """Load data and model. Raise ``UsageError`` for bad names/columns. Runs on every process."""
+
+    @abc.abstractmethod
+    def forward(self, model: nn.Module, batch: dict) -> Tensor:
+        """Clean logits, gradients flowing to every parameter. ``(B, K)`` or ``(B, K, H, W)``."""
+
+    @abc.abstractmethod
+    def surface(self, model: nn.Module, batch: dict) -> AttackSurface:
+        """The attack surface of ``batch`` for ``model`` (wrapped or unwrapped)."""
+
+    @abc.abstractmethod
+    def loss(self, logits: Tensor, batch: dict) -> Tensor:
+        """Mean training loss over the batch (scalar)."""
+
+    @abc.abstractmethod
+    def example_stats(self, logits: Tensor, batch: dict) -> Tensor:
+        """Per-example sufficient statistics, ``(B, ...)`` float. Summed over examples (after
+        ``gather_for_metrics`` across processes) they give the metric via :meth:`compute_metrics`."""
+
+    @abc.abstractmethod
+    def compute_metrics(self, summed_stats: Tensor) -> dict[str, float]:
+        """Metrics from summed stats; must contain ``headline_metric``."""
+
+    def predictions(self, logits: Tensor) -> Tensor:
+        """Predicted classes, used by the collapse guard (warn when a model predicts one class)."""
+        return logits.argmax(dim=1)
+
+    def extra_attacks(self) -> list["AttackSpec"]:
+        """Attacks evaluated besides PGD-Linf/PGD-L2 on the task loss (segmentation: SegPGD)."""
+        return []
+
+    def extra_evaluation(self, model: nn.Module, accelerator: Any, run: Any) -> dict:
+        """Task-specific evaluation after training (text: TextAttack recipes); merged into
+        ``results["metrics"]``. ``model`` is unwrapped and in eval mode."""
+        return {}
+
+    def save_model(self, model: nn.Module, path: str) -> None:
+        """Save an unwrapped trained model in a form the task (and users) can reload."""
+        torch.save(model.state_dict(), f"{path}/model.pt")

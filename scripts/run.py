@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Train one model with one method on one task, then measure clean and robust performance.
+
+    accelerate launch scripts/run.py --task vision --method sam
+    python scripts/run.py --task vision --method pgd-at --model small_cnn --max_steps 200
+    python scripts/run.py --task text --help        # the flags of the text task
+
+Precision and process count come from ``accelerate config`` / ``accelerate launch`` flags
+(``--mixed_precision bf16``, ``--num_processes 8``). Every finished run writes ``<output_dir>/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from common.cli import main_guard, probe_hub, read_config_file, setup_logging  # noqa: E402
+from common.errors import UsageError  # noqa: E402
+
+
+def _parser(task_args_cls):
+    from transformers import HfArgumentParser
+
+    from common.config import EvalArgs, MethodArgs, RunArgs
+    from common.methods import METHODS
+    from common.registry import TASKS
+
+    class Parser(HfArgumentParser):
+        def error(self, message: str):  # one line instead of argparse's usage dump
+            raise UsageError(message)
+
+    epilog = ("tasks: " + ", ".join(TASKS) + ". methods: "
+              + "; ".join(f"{m.name} ({m.summary})" for m in METHODS.values())
+              + ". Task-specific flags: `--task <task> --help`. Eps values accept fractions such as 8/255.")
+    parser = Parser([RunArgs, MethodArgs, EvalArgs, task_args_cls], description=__doc__.split("\n\n")[0],
+                    epilog=epilog, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return parser
+
+
+def _config_to_argv(values: dict) -> list[str]:
+    argv = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            argv += [f"--{key}", str(value).lower()]
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *(str(v) for v in value)]
+        elif value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def main() -> None:
+    setup_logging()
+    probe_hub()
+    from common.config import non_default_fields, validate
+    from common.errors import lookup
+    from common.registry import TASKS, task_class
+
+    # Stage 1: which task (its flags join the parser) and which config file.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args()
+    file_values = read_config_file(known.config) if known.config else {}
+    task_name = known.task or file_values.get("task") or "vision"
+    lookup(TASKS, "task", task_name)
+    task_cls = task_class(task_name)
+
+    # Stage 2: the full typed parse; command-line flags come after the file's, so they win.
+    parser = _parser(task_cls.Args)
+    argv = _config_to_argv({k: v for k, v in file_values.items() if k != "config"}) + sys.argv[1:]
+    run, method_args, eval_args, task_args = parser.parse_args_into_dataclasses(args=argv)
+
+    validate(run, method_args, eval_args)
+    from common.methods import resolve_method
+
+    task = task_cls(task_args)
+    method = resolve_method(run.method, method_args, task, set(non_default_fields(method_args)))
+    if run.output_dir is None:
+        run.output_dir = f"runs/{run.task}-{run.method}-s{run.seed}"
+    config_record = {"run": vars(run), "method": vars(method_args), "eval": vars(eval_args),
+                     "task": vars(task_args)}
+
+    from common.loop import run_experiment
+
+    run_experiment(run, method, eval_args, task, config_record)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,329 @@
+"""Semantic-segmentation data: any Hugging Face dataset (hub id or ``save_to_disk`` folder) or the embedded
+offline default (:mod:`segmentation.canvas`), all through one path.
+
+An example becomes ``{"pixel_values": (3, S, S) float in [0, 1], "labels": (S, S) int64}``, where labels are
+class indices in ``[0, num_classes)`` or ``ignore_index``. Geometry (the same for image and mask):
+
+* eval: resize to ``S × S`` (bilinear for the image, nearest for the mask), so every pixel is scored;
+* train: the same resize, then a random scale in ``[scale_min, scale_max]``, a random ``S × S`` crop
+  (padding with black pixels labelled ``ignore_index`` where the scaled image is smaller) and a random
+  horizontal flip. The randomness comes from torch's global RNG, which the engine seeds (and DataLoader
+  workers reseed per worker).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from common.errors import UsageError
+
+from . import canvas
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ("image", "img", "pixel_values", "images", "rgb", "input")
+MASK_COLUMNS = ("mask", "label", "labels", "annotation", "semantic_segmentation", "segmentation", "seg_map",
+                "label_mask", "gt", "target")
+
+
+@dataclass
+class SegmentationSplits:
+    """Raw splits and what was found about them, before any transform."""
+
+    name: str                    # what the user asked for (hub id, folder, or the embedded name)
+    train: Any                   # datasets.Dataset
+    eval: Any                    # datasets.Dataset
+    eval_split: str
+    image_column: str
+    mask_column: str
+    id2label: Optional[dict[int, str]]  # from an id2label.json next to the data, when there is one
+
+
+def load_splits(dataset: Optional[str], config: Optional[str], train_split: str, eval_split: Optional[str],
+                image_column: Optional[str], mask_column: Optional[str], *, canvas_size: int = 64,
+                canvas_train_size: int = 10000, canvas_test_size: int = 2000,
+                canvas_seed: int = 0) -> SegmentationSplits:
+    """Load the train and eval splits and find their image and mask columns.
+
+    ``dataset``: None or ``"fashion-canvas"`` (the embedded default, built and cached on first use), a local
+    ``save_to_disk`` folder, or a hub id. ``eval_split`` None means ``test``, else ``validation``.
+    Raises ``UsageError`` for a dataset that cannot be loaded, a missing split or column.
+    """
+    import datasets
+
+    name = dataset or canvas.NAME
+    id2label = None
+    if name == canvas.NAME:
+        folder = canvas.build_fashion_canvas(canvas_size, canvas_train_size, canvas_test_size, canvas_seed)
+        name = f"{canvas.NAME} ({canvas_size}px, {canvas_train_size}+{canvas_test_size}, seed {canvas_seed})"
+        dataset = str(folder)
+    if os.path.isdir(dataset):
+        try:
+            loaded = datasets.load_from_disk(dataset)
+        except (FileNotFoundError, ValueError) as err:
+            raise UsageError(f"--dataset {dataset}: not a datasets save_to_disk folder ({err})") from None
+        id2label = _read_id2label(Path(dataset) / canvas.ID2LABEL_FILE)
+    else:
+        try:
+            loaded = datasets.load_dataset(dataset, config)
+        except Exception as err:  # the hub raises many types (offline, not found, gated, bad config)
+            raise UsageError(f"--dataset {dataset!r}: could not load it from the Hugging Face hub "
+                             f"({type(err).__name__}: {_first_line(err)})") from None
+        id2label = _hub_id2label(dataset)
+    if isinstance(loaded, datasets.Dataset):
+        raise UsageError(f"--dataset {dataset}: holds a single Dataset; segmentation needs a DatasetDict with "
+                         f"a train and an eval split")
+    splits = list(loaded.keys())
+    if train_split not in loaded:
+        raise UsageError(f"--train_split {train_split!r} not in the dataset; its splits: {', '.join(splits)}")
+    if eval_split is None:
+        eval_split = next((s for s in ("test", "validation") if s in loaded), None)
+        if eval_split is None:
+            raise UsageError(f"the dataset has neither a 'test' nor a 'validation' split; pass --eval_split "
+                             f"(one of: {', '.join(splits)})")
+    elif eval_split not in loaded:
+        raise UsageError(f"--eval_split {eval_split!r} not in the dataset; its splits: {', '.join(splits)}")
+    train, evaluation = loaded[train_split], loaded[eval_split]
+    image_col = find_column(train.column_names, image_column, IMAGE_COLUMNS, "--image_column", "image")
+    mask_col = find_column(train.column_names, mask_column, MASK_COLUMNS, "--label_column", "mask")
+    if image_col == mask_col:
+        raise UsageError(f"the image and mask columns are both {image_col!r}; name them with --image_column "
+                         f"and --label_column")
+    for col in (image_col, mask_col):
+        if col not in evaluation.column_names:
+            raise UsageError(f"column {col!r} is in split {train_split!r} but not in {eval_split!r}")
+    keep = [image_col, mask_col]
+    return SegmentationSplits(name=name, train=train.select_columns(keep), eval=evaluation.select_columns(keep),
+                              eval_split=eval_split, image_column=image_col, mask_column=mask_col,
+                              id2label=id2label)
+
+
+def find_column(columns: Sequence[str], given: Optional[str], candidates: Sequence[str], flag: str,
+                what: str) -> str:
+    """``given`` if it is a column, else the first of ``candidates`` present; ``UsageError`` otherwise."""
+    if given is not None:
+        if given not in columns:
+            raise UsageError(f"{flag} {given!r} is not a column; columns: {', '.join(columns)}")
+        return given
+    for name in candidates:
+        if name in columns:
+            return name
+    raise UsageError(f"no {what} column found (looked for {', '.join(candidates)}); name it with {flag} "
+                     f"(columns: {', '.join(columns)})")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else "no message"
+
+
+def _read_id2label(path: Path) -> Optional[dict[int, str]]:
+    if not path.is_file():
+        return None
+    return {int(k): str(v) for k, v in json.loads(path.read_text()).items()}
+
+
+def _hub_id2label(repo: str) -> Optional[dict[int, str]]:
+    """The dataset repo's ``id2label.json`` (a common hub convention for segmentation sets), if any."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return _read_id2label(Path(hf_hub_download(repo, canvas.ID2LABEL_FILE, repo_type="dataset")))
+    except Exception:  # absent file, offline: class names are a nicety, never a reason to fail
+        return None
+
+
+# ------------------------------------------------------------------------------------------- decoding
+
+
+def to_image_tensor(image: Any, where: str) -> Tensor:
+    """A PIL image or array (``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``) as float ``(3, H, W)`` in ``[0, 1]``."""
+    if hasattr(image, "convert"):  # PIL: palette, grey, RGBA, 16-bit... all to RGB
+        image = image.convert("RGB")
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3:
+        raise UsageError(f"{where}: image has shape {array.shape}; expected (H, W), (H, W, C) or (C, H, W)")
+    if array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):  # channels first
+        array = np.moveaxis(array, 0, -1)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    if array.shape[-1] != 3:
+        raise UsageError(f"{where}: image has {array.shape[-1]} channels; expected 1 or 3")
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    if tensor.dtype == torch.uint8:
+        return tensor.float() / 255.0
+    tensor = tensor.float()
+    if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
+        raise UsageError(f"{where}: float image values in [{tensor.min():.3g}, {tensor.max():.3g}]; expected "
+                         f"uint8 or floats in [0, 1]")
+    return tensor
+
+
+def to_mask_tensor(mask: Any, where: str) -> Tensor:
+    """A single-channel PIL image or integer array of class indices as int64 ``(H, W)``."""
+    if hasattr(mask, "mode") and mask.mode in ("RGB", "RGBA"):
+        raise UsageError(f"{where}: the mask is an {mask.mode} colour image; segmentation needs one class "
+                         f"index per pixel (a single-channel 'L', 'P' or 'I' image, or an integer array)")
+    array = np.asarray(mask)
+    if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
+        array = array.squeeze(0 if array.shape[0] == 1 else -1)
+    if array.ndim != 2:
+        raise UsageError(f"{where}: the mask has shape {array.shape}; expected (H, W) class indices")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.mod(array, 1) == 0):
+            raise UsageError(f"{where}: the mask holds non-integer values; expected class indices")
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def check_example(image: Tensor, mask: Tensor, num_classes: int, ignore_index: int, where: str) -> None:
+    """``UsageError`` if sizes differ or a mask value is outside ``[0, num_classes)`` and not ignore_index."""
+    if image.shape[-2:] != mask.shape:
+        raise UsageError(f"{where}: image is {image.shape[-1]}x{image.shape[-2]} but its mask is "
+                         f"{mask.shape[-1]}x{mask.shape[-2]} (width x height)")
+    bad = mask[((mask < 0) | (mask >= num_classes)) & (mask != ignore_index)]
+    if bad.numel():
+        values = sorted(set(bad.unique()[:5].tolist()))
+        raise UsageError(f"{where}: mask values {values} are outside [0, {num_classes}) and not the ignore "
+                         f"index {ignore_index}; pass --num_classes or --ignore_index (or --reduce_labels)")
+
+
+def reduce_labels(mask: Tensor, ignore_index: int) -> Tensor:
+    """ADE20k-style label reduction: 0 ('other') becomes ``ignore_index``, every other class shifts down."""
+    keep = mask != ignore_index
+    out = torch.where(mask == 0, torch.full_like(mask, ignore_index), mask - 1)
+    return torch.where(keep, out, mask)
+
+
+def infer_num_classes(dataset: Any, mask_column: str, ignore_index: int, reduce: bool, limit: int) -> int:
+    """1 + the largest mask value (other than ``ignore_index``) among the first ``limit`` examples."""
+    top = -1
+    for i in range(min(limit, len(dataset))):
+        mask = to_mask_tensor(dataset[i][mask_column], f"example {i}")
+        if reduce:
+            mask = reduce_labels(mask, ignore_index)
+        valid = mask[mask != ignore_index]
+        if valid.numel():
+            top = max(top, int(valid.max()))
+    if top < 0:
+        raise UsageError(f"the first {limit} masks hold only the ignore index {ignore_index}; pass "
+                         f"--num_classes and check --ignore_index")
+    return top + 1
+
+
+# ------------------------------------------------------------------------------------------ transforms
+
+
+def resize_pair(image: Tensor, mask: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Resize ``(3, H, W)`` image (bilinear, antialiased when shrinking) and ``(H, W)`` mask (nearest)."""
+    if image.shape[-2:] == (height, width):
+        return image, mask
+    image = F.interpolate(image[None], size=(height, width), mode="bilinear", align_corners=False,
+                          antialias=True)[0].clamp(0, 1)
+    # nearest-exact picks the source pixel whose centre is nearest, so a 2x downscale keeps a true grid.
+    mask = F.interpolate(mask[None, None].float(), size=(height, width), mode="nearest-exact")[0, 0].long()
+    return image, mask
+
+
+def random_scale_crop_flip(image: Tensor, mask: Tensor, size: int, scale: tuple[float, float], hflip: bool,
+                           ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Joint augmentation of a ``(3, S, S)`` image and ``(S, S)`` mask; returns the same shapes."""
+    factor = scale[0] + (scale[1] - scale[0]) * float(torch.rand(()))
+    scaled = max(1, round(size * factor))
+    image, mask = resize_pair(image, mask, scaled, scaled)
+    if scaled < size:  # pad to S: black pixels, ignored by loss and metrics
+        pad = size - scaled
+        image = F.pad(image, (0, pad, 0, pad), value=0.0)
+        mask = F.pad(mask, (0, pad, 0, pad), value=ignore_index)
+        scaled = size
+    top, left = (int(torch.randint(0, scaled - size + 1, ())) for _ in range(2))
+    image = image[:, top:top + size, left:left + size]
+    mask = mask[top:top + size, left:left + size]
+    if hflip and bool(torch.rand(()) < 0.5):
+        image, mask = image.flip(-1), mask.flip(-1)
+    return image.contiguous(), mask.contiguous()
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """A ``datasets.Dataset`` of (image, mask) pairs as model-ready tensors (see the module docstring).
+
+    Every example is validated when it is read (sizes, mask values), so a bad example far into a large
+    set still fails with a one-line ``UsageError`` naming it.
+    """
+
+    def __init__(self, data: Any, image_column: str, mask_column: str, *, num_classes: int, ignore_index: int,
+                 size: int, train: bool, scale: tuple[float, float] = (1.0, 1.0), hflip: bool = False,
+                 reduce: bool = False, split: str = "train"):
+        self.data = data
+        self.image_column, self.mask_column = image_column, mask_column
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.size, self.train, self.scale, self.hflip, self.reduce = size, train, scale, hflip, reduce
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def select(self, indices: Sequence[int]) -> "SegmentationDataset":
+        """The examples at ``indices`` with the same transform (the engine subsets with ``select``)."""
+        out = SegmentationDataset.__new__(SegmentationDataset)
+        out.__dict__.update(self.__dict__)
+        out.data = self.data.select(indices)
+        return out
+
+    def load(self, index: int) -> tuple[Tensor, Tensor]:
+        """Decoded and validated, before any geometry: ``(3, H, W)`` in [0, 1] and ``(H, W)`` int64."""
+        row = self.data[index]
+        where = f"split {self.split!r} example {index}"
+        image = to_image_tensor(row[self.image_column], where)
+        mask = to_mask_tensor(row[self.mask_column], where)
+        if self.reduce:
+            mask = reduce_labels(mask, self.ignore_index)
+        check_example(image, mask, self.num_classes, self.ignore_index, where)
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        image, mask = self.load(index)
+        image, mask = resize_pair(image, mask, self.size, self.size)
+        if self.train:
+            image, mask = random_scale_crop_flip(image, mask, self.size, self.scale, self.hflip,
+                                                 self.ignore_index)
+        return {"pixel_values": image, "labels": mask}
+
+
+def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """``pixel_values`` ``(B, 3, S, S)`` float in [0, 1] and ``labels`` ``(B, S, S)`` int64."""
+    return {key: torch.stack([item[key] for item in items]) for key in ("pixel_values", "labels")}
+
+
+def first_image_size(dataset: Any, image_column: str) -> tuple[int, int]:
+    """(height, width) of the first example's image."""
+    image = to_image_tensor(dataset[0][image_column], "example 0")
+    return int(image.shape[-2]), int(image.shape[-1])
+
+
+def default_image_size(height: int, width: int, multiple: int, cap: int = 512) -> int:
+    """The shorter side rounded down to ``multiple`` (at least one multiple), capped at ``cap``."""
+    side = min(height, width, cap)
+    return max(multiple, (side // multiple) * multiple)
+
+
+def validate_prefix(dataset: SegmentationDataset, limit: int) -> None:
+    """Read (and so validate) the first ``limit`` examples now, before any training starts."""
+    for i in range(min(limit, len(dataset))):
+        dataset.load(i)
+
+
+def ceil_to(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)

