@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -177,6 +178,23 @@ def prepare_output_dir(run: RunArgs, output_dir: Path, is_main: bool) -> Optiona
     return checkpoints[-1] if run.resume and checkpoints else None
 
 
+class StopRequest:
+    """SIGTERM/SIGUSR1 (a scheduler's preemption notice) ask the loop to checkpoint after the current step
+    and exit; ``--resume`` then continues exactly where it stopped."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+
+class Preempted(SystemExit):
+    pass
+
+
 # ------------------------------------------------------------------------------------------------ run
 
 
@@ -246,6 +264,7 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
     state = lambda: {"step": step, "train_wall_s": elapsed + time.perf_counter() - started,  # noqa: E731
                      "forward_passes": forward0 + counter.forward, "backward_passes": backward0 + counter.backward,
                      "train_examples": examples}
+    stop = StopRequest()
     model.train()
     started = time.perf_counter()
     progress = tqdm(total=total_steps, initial=step, desc=f"train {method.method.name}",
@@ -254,6 +273,7 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
     while step < total_steps:
         epoch = step // steps_per_epoch
         train_loader.set_epoch(epoch)
+        _set_dataset_epoch(train_set, epoch)
         skip = (step % steps_per_epoch) * k
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         group: list[dict] = []
@@ -270,6 +290,12 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
                 running_loss, logged_steps = 0.0, 0
             if run.checkpoint_every and step % run.checkpoint_every == 0 and step < total_steps:
                 save_checkpoint(accelerator, output_dir, state())
+            if _stop_requested(accelerator, stop) and step < total_steps:
+                save_checkpoint(accelerator, output_dir, state())
+                progress.close()
+                logger.warning("stopped by signal %s at step %d; rerun with --resume to continue", stop.signal,
+                               step)
+                raise Preempted(143)
             if step >= total_steps:
                 break
         if group and step < total_steps:  # the epoch's last, shorter accumulation group
@@ -333,6 +359,22 @@ def _one_step(ctx: StepContext, group: list[dict], scheduler: Any, step: int, ru
     if not math.isfinite(result.loss):
         logger.warning("non-finite training loss at step %d", step + 1)
     return step + 1, running_loss + result.loss, logged_steps + 1
+
+
+def _set_dataset_epoch(dataset: Any, epoch: int) -> None:
+    """Tell a dataset (through Subset wrappers) which epoch it serves, for epoch-seeded augmentation."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+
+
+def _stop_requested(accelerator: Any, stop: StopRequest) -> bool:
+    """True on every process as soon as any process got a stop signal (so all save the same step)."""
+    if accelerator.num_processes == 1:
+        return stop.signal is not None
+    flag = torch.tensor([1.0 if stop.signal is not None else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def _batch_size(batch: dict) -> int:

@@ -68,6 +68,10 @@ class TaskData:
 
     ``train_dataset``/``eval_dataset`` are map-style (``datasets.Dataset`` with a transform, or any torch
     Dataset); ``collate_fn`` turns a list of their items into a batch dict of tensors.
+
+    Random augmentation must not draw from the global RNG (Accelerate's loader prefetches a batch, so a
+    resumed run would draw in a different order): seed it from ``(seed, epoch, index)`` and give the
+    dataset a ``set_epoch(epoch)`` method, which the loop calls at each epoch start (see vision/data.py).
     """
 
     model: nn.Module

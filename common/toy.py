@@ -58,6 +58,7 @@ class ToyConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     pgd_steps: int = 10         # PGD steps for MLP adversarial training and evaluation
+    warmup: float = 0.3         # share of steps over which SAM's rho and AT's eps ramp up linearly from 0
 
 
 def make_data(n: int, d: int, p: float, eta: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -121,8 +122,9 @@ def _sam_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn, rho: float)
 
 def train(model: nn.Module, x: Tensor, y: Tensor, method: str, value: float, cfg: ToyConfig,
           generator: torch.Generator) -> None:
-    """Mini-batch SGD (momentum) for ``cfg.epochs`` epochs. ``value`` is ``rho`` for ``sam``, ``eps`` for
-    ``at``, ignored for ``erm``."""
+    """Mini-batch SGD (momentum, cosine LR decay to 0) for ``cfg.epochs`` epochs. ``value`` is ``rho`` for
+    ``sam``, ``eps`` for ``at``, ignored for ``erm``; it ramps up linearly over the first ``cfg.warmup``
+    share of the steps."""
     if method not in METHODS:
         raise ValueError(f"unknown toy method {method!r}; choose one of: {', '.join(METHODS)}")
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -131,16 +133,22 @@ def train(model: nn.Module, x: Tensor, y: Tensor, method: str, value: float, cfg
     # Cosine decay to 0: without it SGD keeps the AT models' non-robust weights jittering around 0
     # (the worst-case loss has an L1 kink there), which blurs the robust share.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
+    step = 0
     for _ in range(cfg.epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             xb, yb = x[idx], y[idx]
-            if method == "sam" and value > 0:
-                _sam_step(model, opt, lambda: F.softplus(-yb * logits(model, xb)).mean(), value)
+            # Radius warm-up: at full eps from a random init, every MLP hidden unit faces a worst case
+            # eps * ||W_j||_1 larger than its signal, and AT drives all ReLUs dead (a constant classifier);
+            # the same happens to SAM at rho >= 1. Both radii ramp up alike so the comparison stays fair.
+            radius = value * min(1.0, (step + 1) / (cfg.warmup * total)) if cfg.warmup > 0 else value
+            step += 1
+            if method == "sam" and radius > 0:
+                _sam_step(model, opt, lambda: F.softplus(-yb * logits(model, xb)).mean(), radius)
                 sched.step()
                 continue
-            eps = value if method == "at" else 0.0
+            eps = radius if method == "at" else 0.0
             loss = F.softplus(-yb * adversarial_logits(model, xb, yb, eps, cfg.pgd_steps)).mean()
             opt.zero_grad()
             loss.backward()

@@ -72,7 +72,11 @@ def main() -> None:
     # Stage 2: the full typed parse; command-line flags come after the file's, so they win.
     parser = _parser(task_cls.Args)
     argv = _config_to_argv({k: v for k, v in file_values.items() if k != "config"}) + sys.argv[1:]
-    run, method_args, eval_args, task_args = parser.parse_args_into_dataclasses(args=argv)
+    run, method_args, eval_args, task_args, unknown = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True)
+    if unknown:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (flags of this task: "
+                         f"scripts/run.py --task {task_name} --help)")
 
     validate(run, method_args, eval_args)
     from common.methods import resolve_method

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +161,7 @@ def to_image_tensor(image: Any, where: str) -> Tensor:
         array = np.repeat(array, 3, axis=-1)
     if array.shape[-1] != 3:
         raise UsageError(f"{where}: image has {array.shape[-1]} channels; expected 1 or 3")
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    tensor = torch.from_numpy(np.array(array)).permute(2, 0, 1)  # a copy: arrow buffers are read-only
     if tensor.dtype == torch.uint8:
         return tensor.float() / 255.0
     tensor = tensor.float()
@@ -324,6 +323,3 @@ def validate_prefix(dataset: SegmentationDataset, limit: int) -> None:
     for i in range(min(limit, len(dataset))):
         dataset.load(i)
 
-
-def ceil_to(value: int, multiple: int) -> int:
-    return int(math.ceil(value / multiple) * multiple)

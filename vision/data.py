@@ -147,12 +147,16 @@ class ImageClassification(torch.utils.data.Dataset):
     """Items ``{"pixel_values": (C, S, S) float in [0, 1], "labels": int64}`` from a ``datasets.Dataset``.
 
     Augmentation (``augment``): random crop with 4-pixel zero padding (1/8 of the side for larger images)
-    and horizontal flip, drawn from torch's global RNG so ``accelerator.save_state`` captures it.
+    and horizontal flip. Its randomness is a function of ``(seed, epoch, index)``, not of the global RNG:
+    Accelerate's loader fetches one batch ahead, so global-RNG augmentation would interleave differently
+    after a resume; this way a resumed run sees the very same images, with any number of workers.
     """
 
     def __init__(self, hf_dataset, image_column: str, label_column: str, channels: int,
-                 size: Optional[int], augment: bool):
+                 size: Optional[int], augment: bool, seed: int = 0):
         self.data = hf_dataset
+        self.seed = seed
+        self.epoch = 0
         self.image_column = image_column
         self.label_column = label_column
         self.channels = channels
@@ -162,6 +166,10 @@ class ImageClassification(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the training loop at each epoch start: new augmentations every epoch."""
+        self.epoch = epoch
+
     def __getitem__(self, index: int) -> dict:
         row = self.data[int(index)]
         x = match_channels(to_chw_float(row[self.image_column]), self.channels)
@@ -169,18 +177,24 @@ class ImageClassification(torch.utils.data.Dataset):
             x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", align_corners=False,
                               antialias=True)[0].clamp(0, 1)
         if self.augment:
-            x = random_crop_flip(x)
+            generator = torch.Generator().manual_seed(example_seed(self.seed, self.epoch, int(index)))
+            x = random_crop_flip(x, generator)
         return {"pixel_values": x, "labels": torch.tensor(int(row[self.label_column]), dtype=torch.long)}
 
 
-def random_crop_flip(x: Tensor) -> Tensor:
+def example_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one example's augmentation in one epoch (a fixed mix, stable across processes)."""
+    return (seed * 1_000_003 + epoch * 998_244_353 + index * 2_654_435_761) % (2 ** 63 - 1)
+
+
+def random_crop_flip(x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
     """Random crop with zero padding (4 px for 32-px images, 1/8 of the side in general) and a coin-flip
     horizontal mirror. ``x``: ``(C, H, W)``."""
     pad = max(1, x.shape[-1] // 8)
     padded = F.pad(x, (pad, pad, pad, pad))
-    i, j = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+    i, j = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
     x = padded[:, i:i + x.shape[-2], j:j + x.shape[-1]]
-    if torch.rand(()) < 0.5:
+    if torch.rand((), generator=generator) < 0.5:
         x = x.flip(-1)
     return x
 

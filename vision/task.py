@@ -86,7 +86,7 @@ class VisionTask(Task):
                                         width=args.width)
         size = args.image_size or model_size
         train = vdata.ImageClassification(dataset[train_split], image_col, label_col, channels, size,
-                                          augment=args.augment)
+                                          augment=args.augment, seed=run.seed)
         evals = vdata.ImageClassification(dataset[eval_split], image_col, label_col, channels, size,
                                           augment=False)
         info = {"model": model_name, "dataset": dataset_name, "train_split": train_split, "eval_split": eval_split,

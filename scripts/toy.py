@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""The toy model of robust and non-robust features: does SAM, like AT, move weight to the robust feature?
+
+    python scripts/toy.py                       # linear + MLP, ERM / SAM (6 rho) / AT (5 eps), 3 seeds
+    python scripts/toy.py --models linear --seeds 0 --rho 0.1 1 --eps 0.3
+
+Writes ``<output_dir>/results.json`` (config, every run, mean/std per setting), ``results.csv`` (one row per
+setting) and two figures, ``toy_sam_rho.png`` and ``toy_at_eps.png`` (robust share, clean and robust
+accuracy against SAM's rho and AT's eps; ERM is the point at 0), and prints the table. The data model, the
+methods and the robust share are defined in ``common/toy.py``. Runs on CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python scripts/toy.py` without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+
+from common.errors import UsageError  # noqa: E402
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one-line ``UsageError``s (exit 2 from ``main``), not usage dumps."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--output_dir", default="runs/toy", help="Folder for results.json, results.csv and PNGs.")
+    p.add_argument("--models", nargs="+", default=["linear", "mlp"], help="Classifiers: linear and/or mlp.")
+    p.add_argument("--rho", nargs="+", default=["0.05", "0.1", "0.2", "0.5", "1", "2"],
+                   help="SAM radii (L2 over all weights), each > 0.")
+    p.add_argument("--eps", nargs="+", default=None,
+                   help="AT L-inf radii, each > 0. Default: 0.25, 0.5, 1, 1.5, 2 times eta.")
+    p.add_argument("--eval_eps", nargs="+", default=None,
+                   help="L-inf radii for robust accuracy, each >= 0. Default: 0.5, 1, 2 times eta "
+                        "(2 eta is Tsipras et al.'s adversary, which flips every non-robust feature).")
+    p.add_argument("--seeds", nargs="+", default=["0", "1", "2"], help="Seeds (data, init, order); mean/std over them.")
+    p.add_argument("--d", default="50", help="Number of non-robust features.")
+    p.add_argument("--p", default="0.9", help="P(robust feature agrees with the label), in (0.5, 1].")
+    p.add_argument("--eta", default=None, help="Mean of the non-robust features times y, > 0. Default: 2/sqrt(d).")
+    p.add_argument("--n_train", default="2000", help="Training examples.")
+    p.add_argument("--n_test", default="5000", help="Test examples.")
+    p.add_argument("--hidden", default="32", help="MLP hidden width.")
+    p.add_argument("--epochs", default="20", help="Training epochs (SGD, cosine LR decay to 0).")
+    p.add_argument("--batch_size", default="64", help="Mini-batch size (SAM perturbs per mini-batch).")
+    p.add_argument("--lr", default="0.05", help="Peak SGD learning rate.")
+    p.add_argument("--momentum", default="0.9", help="SGD momentum, in [0, 1).")
+    p.add_argument("--weight_decay", default="0", help="SGD weight decay, >= 0.")
+    p.add_argument("--pgd_steps", default="10", help="PGD steps for MLP adversarial training and evaluation.")
+    p.add_argument("--warmup", default="0.3",
+                   help="Share of training steps over which SAM's rho and AT's eps ramp up from 0, in [0, 1].")
+    return p
+
+
+def _number(flag: str, text: str, *, integer: bool = False, low: Optional[float] = None,
+            low_open: bool = False, high: Optional[float] = None, high_open: bool = False) -> Any:
+    """Parse ``text`` as an int/float inside the given bounds, or raise a one-line ``UsageError``."""
+    try:
+        value: Any = int(text) if integer else float(text)
+    except ValueError:
+        raise UsageError(f"{flag}: {text!r} is not {'an integer' if integer else 'a number'}") from None
+    bad = not math.isfinite(value)
+    if low is not None:
+        bad |= value <= low if low_open else value < low
+    if high is not None:
+        bad |= value >= high if high_open else value > high
+    if bad:
+        lo = "" if low is None else f"{'(' if low_open else '['}{low:g}"
+        hi = "" if high is None else f"{high:g}{')' if high_open else ']'}"
+        where = f"in {lo or '(-inf'}, {hi or 'inf)'}"
+        raise UsageError(f"{flag}: {text!r} must be a finite number {where}")
+    return value
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, Any, dict[str, list]]:
+    """Flags → (namespace, ToyConfig, lists). Every bad value is a ``UsageError``."""
+    from common.toy import MODELS, ToyConfig
+
+    a = build_parser().parse_args(argv)
+    for m in a.models:
+        if m not in MODELS:
+            raise UsageError(f"--models: unknown model {m!r}; choose one of: {', '.join(MODELS)}")
+    d = _number("--d", a.d, integer=True, low=1)
+    eta = 2 / math.sqrt(d) if a.eta is None else _number("--eta", a.eta, low=0, low_open=True)
+    cfg = ToyConfig(
+        d=d, p=_number("--p", a.p, low=0.5, low_open=True, high=1), eta=eta,
+        n_train=_number("--n_train", a.n_train, integer=True, low=1),
+        n_test=_number("--n_test", a.n_test, integer=True, low=1),
+        hidden=_number("--hidden", a.hidden, integer=True, low=1),
+        epochs=_number("--epochs", a.epochs, integer=True, low=1),
+        batch_size=_number("--batch_size", a.batch_size, integer=True, low=1),
+        lr=_number("--lr", a.lr, low=0, low_open=True),
+        momentum=_number("--momentum", a.momentum, low=0, high=1, high_open=True),
+        weight_decay=_number("--weight_decay", a.weight_decay, low=0),
+        pgd_steps=_number("--pgd_steps", a.pgd_steps, integer=True, low=1),
+        warmup=_number("--warmup", a.warmup, low=0, high=1),
+    )
+    eps = [f * eta for f in (0.25, 0.5, 1, 1.5, 2)] if a.eps is None else a.eps
+    eval_eps = [f * eta for f in (0.5, 1, 2)] if a.eval_eps is None else a.eval_eps
+    lists = {
+        "rho": sorted({_number("--rho", r, low=0, low_open=True) for r in a.rho}),
+        "eps": sorted({_number("--eps", str(e), low=0, low_open=True) for e in eps}),
+        "eval_eps": sorted({_number("--eval_eps", str(e), low=0) for e in eval_eps}),
+        "seeds": sorted({_number("--seeds", s, integer=True, low=0) for s in a.seeds}),
+        "models": list(dict.fromkeys(a.models)),
+    }
+    return a, cfg, lists
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temp file in the same folder and ``os.replace``, so no reader sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _table(summary: list[dict], eval_keys: list[str]) -> str:
+    """Plain-text table: one line per (model, method, value), mean ± std over seeds."""
+    head = ["model", "method", "rho", "eps", "clean", *[f"rob@{k}" for k in eval_keys], "robust_share",
+            "weight_share", "collapsed"]
+    lines = [head]
+    for s in summary:
+        pm = lambda k: f"{s[k]:.3f}±{s[k + '_std']:.3f}"  # noqa: E731
+        lines.append([s["model"], s["method"], f"{s['rho']:g}", f"{s['eps']:.3g}", pm("clean_accuracy"),
+                      *[pm(f"robust_accuracy@{k}") for k in eval_keys], pm("robust_share"),
+                      pm("weight_share"), f"{s['collapsed']}/{s['seeds']}"])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in lines)
+
+
+def _plot(summary: list[dict], method: str, xkey: str, xlabel: str, eval_keys: list[str], path: Path) -> None:
+    """Robust share (left) and clean / robust accuracy (right) against ``xkey``; ERM is the point at 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_share, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for model, colour in zip(dict.fromkeys(s["model"] for s in summary), ("tab:blue", "tab:orange", "tab:green")):
+        rows = sorted((s for s in summary if s["model"] == model and s["method"] in ("erm", method)),
+                      key=lambda s: s[xkey])
+        xs = [s[xkey] for s in rows]
+        ax_share.errorbar(xs, [s["robust_share"] for s in rows], [s["robust_share_std"] for s in rows],
+                          marker="o", color=colour, capsize=3, label=f"{model}: input-gradient share")
+        if model != "linear":  # for the linear model the weight share equals the gradient share
+            ax_share.errorbar(xs, [s["weight_share"] for s in rows], [s["weight_share_std"] for s in rows],
+                              marker="s", ls=":", color=colour, capsize=3, label=f"{model}: 1st-layer weight share")
+        ax_acc.errorbar(xs, [s["clean_accuracy"] for s in rows], [s["clean_accuracy_std"] for s in rows],
+                        marker="o", color=colour, capsize=3, label=f"{model}: clean")
+        for k, ls in zip(eval_keys, ("--", "-.", ":", (0, (1, 3)))):
+            ax_acc.errorbar(xs, [s[f"robust_accuracy@{k}"] for s in rows],
+                            [s[f"robust_accuracy@{k}_std"] for s in rows], marker=".", ls=ls, color=colour,
+                            capsize=2, alpha=0.8, label=f"{model}: robust @ eps {k}")
+    ax_share.set(xlabel=xlabel, ylabel="share on the robust feature", ylim=(-0.02, 1.02),
+                 title=f"Robust share vs {xlabel} (0 = ERM)")
+    ax_acc.set(xlabel=xlabel, ylabel="test accuracy", ylim=(-0.02, 1.02), title=f"Accuracy vs {xlabel}")
+    for ax in (ax_share, ax_acc):
+        if method == "sam":  # rho spans 0.05..2: symlog keeps ERM's 0 on the axis
+            ax.set_xscale("symlog", linthresh=0.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
+def run(a: argparse.Namespace, cfg: Any, lists: dict[str, list]) -> dict[str, Any]:
+    """Train every (model, setting, seed), write the outputs, return the results dict."""
+    import torch
+
+    from common.toy import aggregate, bayes_robust_share, eps_key, grid, run_one
+
+    out = Path(a.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    rows = []
+    for model, method, value in grid(lists["models"], lists["rho"], lists["eps"]):
+        for seed in lists["seeds"]:
+            rows.append(run_one(cfg, model, method, value, seed, lists["eval_eps"]))
+    summary = aggregate(rows)
+    eval_keys = [eps_key(e) for e in lists["eval_eps"]]
+    results = {
+        "experiment": "toy robust/non-robust features (Tsipras et al. 2019)",
+        "config": {**vars(cfg), **{k: v for k, v in lists.items()}},
+        "bayes_linear_robust_share": bayes_robust_share(cfg),
+        "summary": summary, "runs": rows, "wall_s": time.time() - start,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    _atomic_write(out / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(summary[0]))
+    writer.writeheader()
+    writer.writerows(summary)
+    _atomic_write(out / "results.csv", lambda f: f.write(buf.getvalue().encode()))
+    _plot(summary, "sam", "rho", "SAM rho", eval_keys, out / "toy_sam_rho.png")
+    _plot(summary, "at", "eps", "AT eps", eval_keys, out / "toy_at_eps.png")
+    print(_table(summary, eval_keys))
+    print(f"\nd={cfg.d} p={cfg.p} eta={cfg.eta:.4g}; Bayes-optimal linear robust share "
+          f"{results['bayes_linear_robust_share']:.3f}; {len(rows)} runs in {results['wall_s']:.1f}s; "
+          f"wrote {out}/results.json, results.csv, toy_sam_rho.png, toy_at_eps.png")
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        a, cfg, lists = parse_args(argv)
+    except UsageError as err:
+        print(f"toy.py: error: {err}", file=sys.stderr)
+        return 2
+    run(a, cfg, lists)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Semantic segmentation as a samat task: per-pixel cross-entropy, mIoU, PGD and SegPGD in pixel space.
+
+``accelerate launch scripts/run.py --task segmentation --method sam`` trains an smp U-Net (ResNet-18
+encoder, random init) on the embedded Fashion-MNIST canvases (:mod:`segmentation.canvas`); ``--dataset``,
+``--model`` and the flags below take any Hugging Face segmentation dataset and any smp or transformers model.
+
+Robustness evaluation: the engine's PGD-L-inf/L2 on the mean pixel cross-entropy, plus SegPGD (Gu et al.
+2022, ECCV), which reweights the per-pixel loss at step ``t`` of ``T``: pixels the current adversarial input
+still gets right weigh ``1 - lambda_t``, pixels already wrong weigh ``lambda_t``, with
+``lambda_t = t / (2T)`` (``t`` counted from 0). Early steps thus spend their budget on flipping correct
+pixels instead of pushing wrong ones further wrong, which lowers mIoU more than plain PGD for the same
+steps.
+
+TRADES works per pixel: the engine's KL term averages the per-pixel KL over batch and pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from common.config import parse_eps_list
+from common.errors import UsageError
+from common.task import AttackSpec, AttackSurface, Task, TaskData
+
+from . import canvas, data, metrics, models
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SegmentationArgs:
+    """Flags of ``--task segmentation`` (the mask column is the common ``--label_column``)."""
+
+    encoder: str = field(
+        default="resnet18",
+        metadata={"help": "smp encoder for smp architectures (resnet18, resnet34, efficientnet-b0, mit_b0, ...) "
+                  "or tu-<any timm model>."})
+    encoder_weights: str = field(
+        default="none",
+        metadata={"help": "Encoder weights: none (random init) or imagenet (downloaded from the Hugging Face "
+                  "hub; other tags the encoder has, e.g. ssl, also work)."})
+    encoder_depth: int = field(default=5, metadata={"help": "Encoder stages used by smp models (3-5)."})
+    decoder_channels: Optional[list[int]] = field(
+        default=None,
+        metadata={"help": "Decoder widths: one per encoder stage for unet/unetplusplus/manet (default "
+                  "256 128 64 32 16, truncated to --encoder_depth), one number for other smp architectures."})
+    model_kwargs: Optional[str] = field(
+        default=None,
+        metadata={"help": "Extra smp model arguments as JSON, e.g. '{\"decoder_attention_type\": \"scse\"}'."})
+    image_column: Optional[str] = field(
+        default=None,
+        metadata={"help": "Image column. Default: found automatically (image, img, pixel_values, ...)."})
+    num_classes: Optional[int] = field(
+        default=None,
+        metadata={"help": "Number of classes. Default: from the dataset's id2label.json, else 1 + the largest "
+                  "mask value among the first --check_samples training masks."})
+    ignore_index: int = field(
+        default=255, metadata={"help": "Mask value that is neither trained on nor scored."})
+    reduce_labels: bool = field(
+        default=False,
+        metadata={"help": "ADE20k-style masks: map 0 ('other') to --ignore_index and shift classes down by 1."})
+    image_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Side of the square model input: images and masks are resized to it (train crops "
+                  "are taken after random scaling). Default: the first image's shorter side rounded down to a "
+                  "multiple the architecture accepts, at most 512 (64 for the embedded dataset)."})
+    scale_min: float = field(default=0.75, metadata={"help": "Train augmentation: smallest random scale."})
+    scale_max: float = field(default=1.25, metadata={"help": "Train augmentation: largest random scale."})
+    hflip: bool = field(default=True, metadata={"help": "Train augmentation: random horizontal flips."})
+    check_samples: int = field(
+        default=256,
+        metadata={"help": "Validate (sizes, mask values) this many examples of each split before training; "
+                  "every example is validated again when read."})
+    canvas_size: int = field(default=64, metadata={"help": "Embedded dataset: canvas side in pixels."})
+    canvas_train_size: int = field(default=10000, metadata={"help": "Embedded dataset: training canvases."})
+    canvas_test_size: int = field(default=2000, metadata={"help": "Embedded dataset: test canvases."})
+    canvas_seed: int = field(
+        default=0, metadata={"help": "Embedded dataset: generator seed (independent of --seed)."})
+    segpgd_linf: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "L-inf radii for SegPGD, e.g. 1/255 8/255; 'none' to skip. Default: the --eval_linf "
+                  "list where the engine passes it, else 1/255 2/255 4/255 8/255."})
+
+
+def segpgd_objective(ignore_index: int):
+    """SegPGD's loss ``(logits (B, K, H, W), batch, step, steps) -> scalar`` to maximise.
+
+    Per image: ``sum_pixels w * CE / (H W)`` with ``w = 1 - lambda`` on pixels the current logits classify
+    correctly, ``lambda`` on wrong ones, ``lambda = step / (2 steps)``; summed over images (scale-free for
+    sign and normalised steps). Ignored pixels weigh 0.
+    """
+    def objective(logits: Tensor, batch: dict, step: int, steps: int) -> Tensor:
+        labels = batch["labels"]
+        ce = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")
+        correct = logits.argmax(dim=1) == labels
+        lam = step / (2 * steps)
+        weight = torch.where(correct, 1.0 - lam, lam)
+        return (weight * ce).sum() / labels[0].numel()
+
+    return objective
+
+
+class SegmentationTask(Task):
+    """Pixels ``(B, 3, H, W)`` in ``[0, 1]`` -> logits ``(B, K, H, W)``; labels ``(B, H, W)``."""
+
+    name = "segmentation"
+    headline_metric = "miou"
+    pixel_space = True
+    Args = SegmentationArgs
+    # AdamW + cosine: random-init U-Nets converge far faster with Adam than with SGD at equal epochs.
+    # train_eps 8/255 is the L-inf budget of segmentation AT papers (Xu et al. 2021, Gu et al. 2022).
+    defaults = {
+        "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
+        "epochs": 10, "batch_size": 16, "eval_batch_size": 32, "train_eps": "8/255", "train_alpha": "2/255",
+        "train_eps_l2": "0.5", "train_alpha_l2": "0.125",
+        "cpu_max_train_samples": 256, "cpu_max_eval_samples": 64,
+    }
+
+    def __init__(self, args: SegmentationArgs):
+        super().__init__(args)
+        self.num_classes: Optional[int] = None
+        self.class_names: Optional[list[str]] = None
+        self.image_size: Optional[int] = None
+
+    # -------------------------------------------------------------------------------------------- build
+
+    def _check_args(self) -> dict:
+        a = self.args
+        if not 0 < a.scale_min <= a.scale_max:
+            raise UsageError(f"--scale_min {a.scale_min} / --scale_max {a.scale_max}: need 0 < min <= max")
+        if a.num_classes is not None and a.num_classes < 2:
+            raise UsageError(f"--num_classes: {a.num_classes} must be >= 2")
+        if a.image_size is not None and a.image_size < 1:
+            raise UsageError(f"--image_size: {a.image_size} must be >= 1")
+        if a.check_samples < 0:
+            raise UsageError(f"--check_samples: {a.check_samples} must be >= 0")
+        if a.decoder_channels is not None and any(c < 1 for c in a.decoder_channels):
+            raise UsageError(f"--decoder_channels: {a.decoder_channels} must be positive")
+        if a.model_kwargs is None:
+            return {}
+        try:
+            extra = json.loads(a.model_kwargs)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--model_kwargs: not JSON ({err.msg}); write e.g. '{{\"decoder_attention_type\": "
+                             f"\"scse\"}}'") from None
+        if not isinstance(extra, dict):
+            raise UsageError("--model_kwargs: must be a JSON object")
+        return extra
+
+    def build(self, run: Any, accelerator: Any) -> TaskData:
+        """Load (or build) the data, find columns and classes, build the model, check the input size."""
+        a = self.args
+        extra = self._check_args()
+        splits = data.load_splits(run.dataset, run.dataset_config, run.train_split, run.eval_split,
+                                  a.image_column, run.label_column, canvas_size=a.canvas_size,
+                                  canvas_train_size=a.canvas_train_size, canvas_test_size=a.canvas_test_size,
+                                  canvas_seed=a.canvas_seed)
+        if len(splits.train) == 0 or len(splits.eval) == 0:
+            raise UsageError("the train or eval split is empty")
+        num_classes = a.num_classes
+        if num_classes is None and splits.id2label:
+            num_classes = len(splits.id2label)
+        if num_classes is None:
+            num_classes = data.infer_num_classes(splits.train, splits.mask_column, a.ignore_index,
+                                                 a.reduce_labels, max(a.check_samples, 1))
+            logger.info("--num_classes not given: %d from the first %d training masks", num_classes,
+                        min(max(a.check_samples, 1), len(splits.train)))
+        if 0 <= a.ignore_index < num_classes:
+            raise UsageError(f"--ignore_index {a.ignore_index} is a class index (classes are 0..{num_classes - 1})"
+                             f"; choose a value outside that range, e.g. 255")
+        names = [str(i) for i in range(num_classes)]
+        if splits.id2label and len(splits.id2label) == num_classes:
+            names = [splits.id2label[i] for i in range(num_classes)]
+        self.num_classes, self.class_names = num_classes, names
+
+        model = models.build_model(run.model or "unet", num_classes, dict(enumerate(names)), encoder=a.encoder,
+                                   weights=a.encoder_weights, encoder_depth=a.encoder_depth,
+                                   decoder_channels=a.decoder_channels, extra=extra)
+        multiple = models.size_multiple(model)
+        if a.image_size is None:
+            height, width = data.first_image_size(splits.train, splits.image_column)
+            size = data.default_image_size(height, width, multiple)
+            if (height, width) != (size, size):
+                logger.info("--image_size not given: %d (from the first %dx%d image)", size, width, height)
+        else:
+            size = a.image_size
+        models.check_input_size(model, size, "--image_size")
+        frozen = models.freeze_unused(model, size)
+        if frozen:
+            logger.info("froze %d parameter tensors the model never uses (encoder stages beyond "
+                        "--encoder_depth)", frozen)
+        self.image_size = size
+
+        common = dict(num_classes=num_classes, ignore_index=a.ignore_index, size=size, reduce=a.reduce_labels)
+        train = data.SegmentationDataset(splits.train, splits.image_column, splits.mask_column, train=True,
+                                         scale=(a.scale_min, a.scale_max), hflip=a.hflip, split=run.train_split,
+                                         **common)
+        evaluation = data.SegmentationDataset(splits.eval, splits.image_column, splits.mask_column, train=False,
+                                              split=splits.eval_split, **common)
+        data.validate_prefix(train, a.check_samples)
+        data.validate_prefix(evaluation, a.check_samples)
+        info = {
+            "dataset": splits.name, "eval_split": splits.eval_split, "image_column": splits.image_column,
+            "mask_column": splits.mask_column, "num_classes": num_classes, "class_names": names,
+            "ignore_index": a.ignore_index, "image_size": size, "model": model.config.get("arch") or
+            model.config.get("name"), "encoder": model.config.get("encoder"),
+            "encoder_weights": model.config.get("encoder_weights"),
+            "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        }
+        return TaskData(model=model, train_dataset=train, eval_dataset=evaluation, collate_fn=data.collate,
+                        info=info)
+
+    # ------------------------------------------------------------------------------------ model calls
+
+    def forward(self, model: nn.Module, batch: dict) -> Tensor:
+        """Logits ``(B, K, H, W)`` for ``batch["pixel_values"]`` ``(B, 3, H, W)`` in ``[0, 1]``."""
+        return model(batch["pixel_values"])
+
+    def surface(self, model: nn.Module, batch: dict) -> AttackSurface:
+        """Pixel space: one L-inf/L2 ball per image over all of its pixels and channels, box ``[0, 1]``."""
+        x = batch["pixel_values"].detach()
+        return AttackSurface(x=x, forward=lambda delta: model(x + delta))
+
+    def loss(self, logits: Tensor, batch: dict) -> Tensor:
+        """Mean cross-entropy over the batch's non-ignored pixels (0 when every pixel is ignored)."""
+        labels = batch["labels"]
+        total = F.cross_entropy(logits.float(), labels, ignore_index=self.args.ignore_index, reduction="sum")
+        return total / (labels != self.args.ignore_index).sum().clamp_min(1)
+
+    # ---------------------------------------------------------------------------------------- metrics
+
+    def _classes(self, logits: Tensor) -> int:
+        return self.num_classes if self.num_classes is not None else logits.shape[1]
+
+    def example_stats(self, logits: Tensor, batch: dict) -> Tensor:
+        """Per-image pixel counts ``(B, K, 3)`` float: tp, fp, fn per class (see :mod:`.metrics`)."""
+        return metrics.confusion_counts(logits.argmax(dim=1), batch["labels"], self._classes(logits),
+                                        self.args.ignore_index)
+
+    def compute_metrics(self, summed_stats: Tensor) -> dict[str, float]:
+        """``miou`` (headline), ``pixel_accuracy`` and ``iou/<class>`` for classes present in the set."""
+        return metrics.segmentation_metrics(summed_stats, self.class_names)
+
+    # ---------------------------------------------------------------------------------------- attacks
+
+    def extra_attacks(self, evals: Any = None) -> list[AttackSpec]:
+        """SegPGD in L-inf at ``--segpgd_linf`` (default: ``evals.eval_linf`` when given, else the task's
+        L-inf list)."""
+        values = self.args.segpgd_linf
+        if values is None and evals is not None:
+            values = evals.eval_linf
+        eps = parse_eps_list(values, self.default_eval_linf, pixel_space=True, flag="--segpgd_linf")
+        if not eps:
+            return []
+        return [AttackSpec("segpgd-linf", "linf", eps, segpgd_objective(self.args.ignore_index))]
+
+    def save_model(self, model: nn.Module, path: str) -> None:
+        """smp/transformers ``save_pretrained`` plus ``samat_segmentation.json`` (see ``models.load_model``)."""
+        models.save_model(model, path, {"class_names": self.class_names, "image_size": self.image_size,
+                                        "ignore_index": self.args.ignore_index})

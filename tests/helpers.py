@@ -1,0 +1,48 @@
+"""Tiny models and batches for engine tests (CPU, milliseconds)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.methods import METHODS, ResolvedMethod, StepContext
+from vision.models import Normalized, SmallCNN
+from vision.task import VisionArgs, VisionTask
+
+
+def tiny_mlp(in_features: int = 3 * 8 * 8, classes: int = 4, seed: int = 0) -> nn.Module:
+    """Pixels (B, 3, 8, 8) in [0, 1] -> logits (B, classes); no BatchNorm, so batch splits are exact."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, 16), nn.Tanh(), nn.Linear(16, classes))
+
+
+def tiny_cnn(classes: int = 4, seed: int = 0) -> nn.Module:
+    """A BatchNorm CNN on (B, 3, 8, 8) pixels."""
+    torch.manual_seed(seed)
+    return Normalized(SmallCNN(classes, in_channels=3, width=4), (0.5,) * 3, (0.5,) * 3)
+
+
+def image_batch(n: int = 8, classes: int = 4, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.rand(n, 3, 8, 8, generator=g),
+            "labels": torch.randint(0, classes, (n,), generator=g)}
+
+
+def vision_task() -> VisionTask:
+    return VisionTask(VisionArgs())
+
+
+def resolved(name: str, **kw) -> ResolvedMethod:
+    base = dict(rho=0.05, eps=8 / 255, alpha=2 / 255, steps=3, norm="linf")
+    if name == "fgsm-at":
+        base.update(steps=1, alpha=1.25 * 8 / 255)
+    base.update(kw)
+    return ResolvedMethod(method=METHODS[name], **base)
+
+
+def context(accelerator, model, method: ResolvedMethod, lr: float = 0.1, momentum: float = 0.0,
+            max_grad_norm: float = 0.0):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return StepContext(accelerator=accelerator, model=model, optimizer=optimizer, task=vision_task(),
+                       method=method, max_grad_norm=max_grad_norm)

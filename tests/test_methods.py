@@ -1,0 +1,49 @@
+"""Every method trains on the vision task: a few steps lower the loss on a fixed batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.config import MethodArgs
+from common.errors import UsageError
+from common.methods import METHODS, resolve_method, train_step
+from helpers import context, image_batch, resolved, tiny_cnn, vision_task
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_lowers_the_loss_on_a_fixed_batch(accelerator, name):
+    torch.manual_seed(0)
+    model, batch = tiny_cnn(), image_batch(n=16)
+    ctx = context(accelerator, model, resolved(name, rho=0.05, eps=2 / 255, alpha=1 / 255, steps=2), lr=0.05,
+                  momentum=0.9)
+    task = vision_task()
+
+    def clean_loss():
+        model.eval()
+        with torch.no_grad():
+            value = task.loss(task.forward(model, batch), batch).item()
+        model.train()
+        return value
+
+    before = clean_loss()
+    for _ in range(8):
+        result = train_step(ctx, [batch])
+        assert not result.skipped and result.loss == result.loss  # finite, not NaN
+    assert clean_loss() < before - 0.05
+
+
+def test_resolve_method_defaults_and_unused_flags():
+    task = vision_task()
+    sam = resolve_method("sam", MethodArgs(), task, set())
+    assert sam.rho == 0.05
+    at = resolve_method("pgd-at", MethodArgs(), task, set())
+    assert (at.eps, at.alpha, at.steps) == (8 / 255, 2 / 255, 10)
+    fgsm = resolve_method("fgsm-at", MethodArgs(train_eps="4/255"), task, {"train_eps"})
+    assert fgsm.steps == 1 and abs(fgsm.alpha - 1.25 * 4 / 255) < 1e-12
+    with pytest.raises(UsageError, match="--rho does not apply to --method erm"):
+        resolve_method("erm", MethodArgs(rho=0.1), task, {"rho"})
+    with pytest.raises(UsageError, match="did you mean 8/255"):
+        resolve_method("pgd-at", MethodArgs(train_eps="8"), task, {"train_eps"})
+    with pytest.raises(UsageError, match="choose one of"):
+        resolve_method("sgd-at", MethodArgs(), task, set())

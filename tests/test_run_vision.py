@@ -1,0 +1,168 @@
+"""scripts/run.py end to end on the vision task: accelerate launch, results.json, checkpoints, exact resume,
+and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--model", "small_cnn", "--width", "8", "--max_train_samples", "256", "--max_eval_samples", "64",
+        "--batch_size", "32", "--eval_linf", "2/255", "--eval_l2", "0.25", "--eval_steps", "2",
+        "--log_with", "none"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run(*args: str, launcher: tuple[str, ...] = (sys.executable,), timeout: int = 300):
+    return subprocess.run([*launcher, str(ROOT / "scripts" / "run.py"), *args], capture_output=True, text=True,
+                          env=ENV, timeout=timeout, cwd=ROOT)
+
+
+def test_accelerate_launch_writes_results_and_checkpoint(tmp_path):
+    out = tmp_path / "sam"
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    proc = run("--task", "vision", "--method", "sam", "--max_steps", "3", "--output_dir", str(out), *FAST,
+               "--log_with", "tensorboard", launcher=(accelerate, "launch", "--num_processes", "1", "--cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "sam" and results["cost"]["optimizer_steps"] == 3
+    # SAM: two forward and two backward passes per step
+    assert results["cost"]["forward_passes"] == 6 and results["cost"]["backward_passes"] == 6
+    assert set(results["metrics"]["robust"]) == {"pgd-linf", "pgd-l2"}
+    assert results["sanity"]["passed"], results["sanity"]
+    assert 0 <= results["metrics"]["robust"]["pgd-linf"]["2/255"]["accuracy"] <= \
+        results["metrics"]["clean"]["accuracy"]
+    assert (out / "checkpoints" / "step_3" / "trainer_state.json").exists()
+    assert (out / "model" / "model.pt").exists()
+    assert any((out / "logs").rglob("events.out.tfevents.*"))
+    assert "| clean" in proc.stdout
+
+
+def test_pgd_at_counts_attack_passes(tmp_path):
+    proc = run("--method", "pgd-at", "--train_steps", "3", "--max_steps", "2", "--output_dir",
+               str(tmp_path / "at"), *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cost = json.loads((tmp_path / "at" / "results.json").read_text())["cost"]
+    assert cost["forward_passes"] == 2 * (3 + 1) and cost["backward_passes"] == 2 * (3 + 1)
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path / "model" / "model.pt", map_location="cpu")
+
+
+def test_resume_after_preemption_ends_identical(tmp_path):
+    """SIGTERM mid-training saves a checkpoint; --resume ends with bit-identical weights and metrics."""
+    args = ["--method", "sam", "--max_steps", "24", "--seed", "3", *FAST, "--batch_size", "16"]
+    full = run(*args, "--output_dir", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run.py"), *args, "--output_dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    deadline = time.time() + 120
+    # wait until training is under way (the first progress update), then preempt
+    while time.time() < deadline and proc.poll() is None:
+        line = proc.stderr.readline()
+        if "train sam:" in line and "/24" in line and " 0/24" not in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert not (out / "results.json").exists()
+    saved = sorted((out / "checkpoints").glob("step_*"))
+    assert saved and int(saved[-1].name.split("_")[1]) < 24
+
+    refused = run(*args, "--output_dir", str(out))
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    resumed = run(*args, "--output_dir", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _weights(tmp_path / "full"), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra = json.loads((tmp_path / "full" / "results.json").read_text())
+    rb = json.loads((out / "results.json").read_text())
+    assert ra["metrics"] == rb["metrics"]
+    assert ra["cost"]["forward_passes"] == rb["cost"]["forward_passes"]
+
+    again = run(*args, "--output_dir", str(out), "--resume")  # finished: prints, changes nothing
+    assert again.returncode == 0 and "is finished" in again.stdout
+
+
+def test_local_dataset_folder_with_named_columns(tmp_path):
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    def split(n):
+        return datasets.Dataset.from_dict(
+            {"picture": [Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)) for _ in range(n)],
+             "y": rng.integers(0, 3, n).tolist()},
+            features=datasets.Features({"picture": datasets.Image(), "y": datasets.Value("int64")}))
+    datasets.DatasetDict({"train": split(40), "validation": split(16)}).save_to_disk(str(tmp_path / "data"))
+    out = tmp_path / "run"
+    proc = run("--dataset", str(tmp_path / "data"), "--label_column", "y", "--max_steps", "2",
+               "--output_dir", str(out), *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"]["eval_split"] == "validation" and results["data"]["num_classes"] == 3
+    assert results["data"]["channels"] == 3
+
+    bad = run("--dataset", str(tmp_path / "data"), "--max_steps", "2", "--output_dir", str(tmp_path / "x"),
+              *FAST)
+    assert bad.returncode == 2 and "--label_column" in bad.stderr
+
+
+BAD_INPUT = [
+    (["--task", "audio"], "unknown task 'audio'; choose one of: segmentation, text, vision"),
+    (["--method", "sgd"], "unknown method 'sgd'; choose one of:"),
+    (["--model", "resnet9000"], "--model 'resnet9000'"),
+    (["--dataset", "no/such-dataset"], "--dataset 'no/such-dataset'"),
+    (["--method", "sam", "--rho", "-1"], "--rho: -1.0 must be in [0, 10]"),
+    (["--method", "pgd-at", "--train_eps", "8"], "did you mean 8/255"),
+    (["--eval_linf", "4"], "--eval_linf: '4' is larger than 1"),
+    (["--method", "erm", "--rho", "0.1"], "--rho does not apply to --method erm"),
+    (["--optimizer", "lion"], "--optimizer: unknown value 'lion'; choose one of: sgd, adamw"),
+    (["--batch_size", "0"], "--batch_size: 0 must be > 0"),
+    (["--image_column", "pixels"], "--image_column: no column 'pixels'"),
+    (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
+    (["--config", "/nonexistent.yaml"], "--config: no such file"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUT, ids=[a[0][-2] + a[0][-1] for a in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    out = tmp_path / "run"
+    proc = run(*args, "--output_dir", str(out), "--max_steps", "1", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (out / "results.json").exists()
+
+
+def test_config_file_values_and_cli_override(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("method: sam\nrho: 0.1\nmax_steps: 1\neval_linf: [1/255]\n")
+    out = tmp_path / "run"
+    proc = run("--config", str(cfg), "--rho", "0.2", "--output_dir", str(out), *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["method_resolved"]["rho"] == 0.2 and results["method"] == "sam"
+
+
+def test_help_explains_every_flag():
+    proc = run("--help", timeout=120)
+    assert proc.returncode == 0
+    for flag in ("--rho", "--train_eps", "--eval_linf", "--gradient_accumulation_steps", "--resume",
+                 "--image_size", "--augment"):
+        assert flag in proc.stdout
+    assert "sam-at" in proc.stdout

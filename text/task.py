@@ -1,0 +1,263 @@
+"""The text task: sequence classification with perturbations in token-embedding space.
+
+Attack surface (FreeLB-style, Zhu et al. 2020): ``x`` is the word-embedding output of ``input_ids``
+``(B, L, D)``; ``delta`` is added to it *before* position/type embeddings and LayerNorm (``inputs_embeds``),
+one ball per token (``norm_dims=(-1,)``), padding masked so it never moves. Radii are **relative to the mean
+L2 norm of the model's token-embedding rows** (``eps_scale``): ``--train_eps 0.02 --train_norm l2`` lets
+each token move by 2 % of a typical embedding's length; for L-inf, ``eps`` bounds each coordinate by that
+fraction of the mean norm (an L-inf ball of radius ``e`` reaches ``e * sqrt(D)`` in L2, ~20x for D = 384).
+
+Collapse: plain PGD-AT with a per-token L2 radius of 5-10 % of the mean norm drives a fine-tuned MiniLM to
+predict the majority class. The defaults therefore use a small L2 radius (2 %) with steps of ``eps/2``,
+small enough that adversarial training keeps clean accuracy near ERM's (checked on Rotten Tomatoes, see
+``bench/README.md``); the engine warns when a model predicts a single class.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from common.errors import UsageError
+from common.task import AttackSurface, Task, TaskData
+
+from . import data as text_data
+from . import models as text_models
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RECIPES = ("deepwordbug", "pwws")
+# Attack examples: a fixed shuffle of the eval split (not the run's --seed), so that every model of a
+# comparison is attacked on the same sentences.
+ATTACK_EXAMPLES_SEED = 0
+
+
+@dataclass
+class TextArgs:
+    """Flags of ``--task text`` (the dataset, model, label column and splits are common flags)."""
+
+    text_column: Optional[str] = field(
+        default=None,
+        metadata={"help": "Text column. Default: the first of text, sentence, sentence1, premise, question1, "
+                  "question, review, content, document, tweet."},
+    )
+    text_pair_column: Optional[str] = field(
+        default=None,
+        metadata={"help": "Second text column for sentence-pair tasks. Default: found for known pairs "
+                  "(sentence1/sentence2, premise/hypothesis, question1/question2, question/sentence)."},
+    )
+    max_length: int = field(
+        default=128,
+        metadata={"help": "Truncate inputs to this many tokens (special tokens included); must not exceed "
+                  "the model's limit. Batches are padded only to their longest input."},
+    )
+    textattack_recipes: list[str] = field(
+        default_factory=lambda: list(DEFAULT_RECIPES),
+        metadata={"help": "TextAttack recipes run after training on the eval split ('none' to skip). Offline: "
+                  "deepwordbug, pruthi, pwws, embedding-swap (GloVe), embedding-swap-model (the model's "
+                  "own input embeddings); with network: textfooler, bae, bert-attack, a2t, ..."},
+    )
+    textattack_num_examples: Optional[int] = field(
+        default=None,
+        metadata={"help": "Sentences attacked per recipe (a fixed shuffle of the eval split, the same for "
+                  "every model). Default: 500 on a GPU, 50 on CPU."},
+    )
+    textattack_query_budget: Optional[int] = field(
+        default=None, metadata={"help": "Maximum model queries per attacked sentence (default: unlimited)."}
+    )
+    textattack_batch_size: int = field(
+        default=64, metadata={"help": "Sentences per model forward pass while attacking."}
+    )
+
+
+def _recipe_list(values: list[str]) -> list[str]:
+    return [] if [v.lower() for v in values] == ["none"] else list(values)
+
+
+class TextTask(Task):
+    """Sequence classification (any ``AutoModelForSequenceClassification``) on a text dataset."""
+
+    name: ClassVar[str] = "text"
+    headline_metric: ClassVar[str] = "accuracy"
+    pixel_space: ClassVar[bool] = False
+    Args: ClassVar[type] = TextArgs
+    # Robust-accuracy radii, relative to the mean token-embedding norm (per token). Chosen so that a
+    # fine-tuned MiniLM on Rotten Tomatoes is hurt but not zeroed by the smallest one.
+    default_eval_linf: ClassVar[tuple[str, ...]] = ("0.001",)
+    default_eval_l2: ClassVar[tuple[str, ...]] = ("0.02", "0.05")
+    defaults: ClassVar[dict[str, Any]] = {
+        # BERT fine-tuning recipe (Devlin et al.; Mosbach et al. 2021): AdamW, linear warm-up then decay.
+        "optimizer": "adamw",
+        "lr": 3e-5,
+        "weight_decay": 0.01,
+        "lr_scheduler": "linear",
+        "warmup_ratio": 0.1,
+        "epochs": 3,
+        "batch_size": 32,
+        "eval_batch_size": 64,
+        # Embedding-space AT radius per token, relative to the mean token-embedding norm (see module doc).
+        "train_eps": "0.02",
+        "train_eps_l2": "0.02",
+        "train_alpha_l2": "0.01",
+        "train_eps_linf": "0.001",
+        "train_alpha_linf": "0.0005",
+        # CPU: a subset and schedule so that `scripts/run.py --task text --method sam` (MiniLM, 2 cores)
+        # finishes in about 10 minutes including evaluation; a GPU run uses the full data.
+        "cpu_max_train_samples": 2000,
+        "cpu_max_eval_samples": 200,
+    }
+
+    def __init__(self, args: Optional[TextArgs] = None):
+        super().__init__(args or TextArgs())
+        self.tokenizer: Any = None
+        self.columns: Optional[text_data.Columns] = None
+        self.attack_examples: Any = None  # eval split as text/text_pair/label (TextAttack's input)
+        self.info: dict = {}
+
+    # ------------------------------------------------------------------------------------------ build
+
+    def build(self, run: Any, accelerator: Any) -> TaskData:
+        """Load data and model, check columns/labels/length, tokenise. Runs on every process, under the
+        engine's ``accelerator.main_process_first()`` (the main process fills the ``datasets`` cache)."""
+        from transformers import DataCollatorWithPadding
+
+        args: TextArgs = self.args
+        if args.max_length < 2:
+            raise UsageError(f"--max_length: {args.max_length} must be >= 2")
+        if args.textattack_batch_size < 1:
+            raise UsageError(f"--textattack_batch_size: {args.textattack_batch_size} must be >= 1")
+        if args.textattack_num_examples is not None and args.textattack_num_examples < 0:
+            raise UsageError(f"--textattack_num_examples: {args.textattack_num_examples} must be >= 0")
+        recipes = _recipe_list(args.textattack_recipes)
+        if recipes:
+            # Unknown or unavailable recipes fail now, not after an hour of training.
+            from .textattack_eval import check_recipes
+
+            check_recipes(recipes)
+
+        dsd = text_data.load_raw(run.dataset, run.dataset_config)
+        text_data.check_split(dsd, run.train_split, "--train_split")
+        eval_split = run.eval_split or text_data.default_eval_split(dsd)
+        text_data.check_split(dsd, eval_split, "--eval_split")
+        columns = text_data.resolve_columns(dsd, run.train_split, args.text_column, args.text_pair_column,
+                                            run.label_column)
+        if columns.pair is None and args.text_pair_column is None:
+            missing_in_eval = [c for c in (columns.text, columns.label) if c not in dsd[eval_split].column_names]
+            if missing_in_eval:
+                raise UsageError(f"--eval_split {eval_split!r} lacks column {missing_in_eval[0]!r}")
+        text_data.check_labels(dsd, run.train_split, columns)
+        text_data.check_labels(dsd, eval_split, columns)
+
+        loaded = text_models.load_classifier(run.model, columns.label_names, args.max_length)
+        self.tokenizer, self.columns = loaded.tokenizer, columns
+
+        train_examples = text_data.to_examples(dsd[run.train_split], columns)
+        eval_examples = text_data.to_examples(dsd[eval_split], columns)
+        self.attack_examples = eval_examples.shuffle(seed=ATTACK_EXAMPLES_SEED)
+        train = text_data.tokenize(train_examples, loaded.tokenizer, args.max_length)
+        evals = text_data.tokenize(eval_examples, loaded.tokenizer, args.max_length)
+        scale = embedding_scale(loaded.model)
+        self.info = {
+            "dataset": run.dataset or text_data.EMBEDDED_DATASET,
+            "dataset_config": run.dataset_config,
+            "train_split": run.train_split,
+            "eval_split": eval_split,
+            "text_column": columns.text,
+            "text_pair_column": columns.pair,
+            "label_column": columns.label,
+            "label_names": columns.label_names,
+            "num_classes": len(columns.label_names),
+            "model": run.model or text_models.DEFAULT_MODEL,
+            "model_source": loaded.source,
+            "max_length": args.max_length,
+            "eps_unit": f"fraction of the mean token-embedding L2 norm ({scale:.4f} at initialisation), per token",
+        }
+        collator = DataCollatorWithPadding(loaded.tokenizer)
+        return TaskData(model=loaded.model, train_dataset=train, eval_dataset=evals, collate_fn=collator,
+                        info=dict(self.info))
+
+    # ---------------------------------------------------------------------------------------- compute
+
+    @staticmethod
+    def _model_inputs(batch: dict) -> dict:
+        return {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
+
+    def forward(self, model: nn.Module, batch: dict) -> Tensor:
+        """Clean logits ``(B, K)`` from ``input_ids`` ``(B, L)``; gradients reach every parameter."""
+        return model(input_ids=batch["input_ids"], **self._model_inputs(batch)).logits
+
+    def surface(self, model: nn.Module, batch: dict) -> AttackSurface:
+        """Token-embedding surface: ``x`` ``(B, L, D)`` detached, mask ``(B, L, 1)`` from the attention mask,
+        one L-p ball per token, radii relative to the mean token-embedding norm.
+
+        ``forward(delta)`` recomputes the embedding lookup *with* gradient to the embedding matrix (so
+        adversarial training also trains it) and calls ``model`` as passed (DDP-wrapped or not) on
+        ``inputs_embeds = emb + delta``."""
+        embeddings = getattr(model, "module", model).get_input_embeddings()
+        input_ids = batch["input_ids"]
+        extra = self._model_inputs(batch)
+        with torch.no_grad():
+            x = embeddings(input_ids)
+        mask = batch["attention_mask"].unsqueeze(-1).to(x.dtype) if "attention_mask" in batch else None
+
+        def forward(delta: Tensor) -> Tensor:
+            emb = embeddings(input_ids)
+            return model(inputs_embeds=emb + delta.to(emb.dtype), **extra).logits
+
+        return AttackSurface(x=x, forward=forward, mask=mask, bounds=None, norm_dims=(-1,),
+                             eps_scale=embedding_scale(model))
+
+    def loss(self, logits: Tensor, batch: dict) -> Tensor:
+        """Mean cross-entropy over the batch; ``logits`` ``(B, K)``, ``labels`` ``(B,)`` in ``[0, K)``."""
+        return F.cross_entropy(logits.float(), batch["labels"])
+
+    def example_stats(self, logits: Tensor, batch: dict) -> Tensor:
+        """``(B, 2)``: [correct (0/1), 1]."""
+        correct = (logits.argmax(dim=1) == batch["labels"]).float()
+        return torch.stack([correct, torch.ones_like(correct)], dim=1)
+
+    def compute_metrics(self, summed_stats: Tensor) -> dict[str, float]:
+        correct, count = summed_stats.tolist()
+        return {"accuracy": correct / max(count, 1.0), "examples": count}
+
+    # ----------------------------------------------------------------------------------------- after
+
+    def num_attack_examples(self, on_gpu: bool) -> int:
+        n = self.args.textattack_num_examples
+        return (500 if on_gpu else 50) if n is None else n
+
+    def extra_evaluation(self, model: nn.Module, accelerator: Any, run: Any) -> dict:
+        """TextAttack recipes on the eval split: ``{"textattack": {recipe: summary}}`` (see
+        :func:`text.textattack_eval.summarize`). The examples are split over the processes and the
+        per-example results gathered, so every process returns the same dict."""
+        recipes = _recipe_list(self.args.textattack_recipes)
+        if not recipes or self.attack_examples is None:
+            return {}
+        from .textattack_eval import attack_model, format_summaries
+
+        n = self.num_attack_examples(accelerator.device.type == "cuda")
+        summaries, _ = attack_model(model, self.tokenizer, self.attack_examples, recipes, n,
+                                    max_length=self.args.max_length, batch_size=self.args.textattack_batch_size,
+                                    query_budget=self.args.textattack_query_budget, seed=run.seed,
+                                    accelerator=accelerator)
+        if accelerator.is_main_process:
+            logger.info("TextAttack on %d eval sentences:\n%s", n, format_summaries(summaries))
+        return {"textattack": summaries}
+
+    def save_model(self, model: nn.Module, path: str) -> None:
+        """A ``from_pretrained`` folder: model (safetensors + config with label names) and tokenizer."""
+        model.save_pretrained(path)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+
+
+def embedding_scale(model: nn.Module) -> float:
+    """Mean L2 norm of the rows of ``model``'s input-embedding matrix (the unit of text eps)."""
+    weight = getattr(model, "module", model).get_input_embeddings().weight
+    with torch.no_grad():
+        return float(weight.detach().float().norm(dim=-1).mean())
