@@ -272,7 +272,7 @@ def sam_update(ctx: StepContext, objective, micro_batches: list[dict]) -> StepRe
     loss = _backward_all(ctx, objective, micro_batches, prepared, sync_last=m.sam_sync == "global")
     scaler = ctx.accelerator.scaler
     loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
-    moved = sam.perturb(grad_scale=loss_scale)
+    moved = sam.perturb(grad_scale=loss_scale, check_finite=scaler is not None)
     ctx.optimizer.zero_grad(set_to_none=True)
     if not moved:
         # fp16 overflow in the first pass: skip the step and back the loss scale off, as GradScaler would.

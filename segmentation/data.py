@@ -255,6 +255,25 @@ def random_scale_crop_flip(image: Tensor, mask: Tensor, size: int, scale: tuple[
     return image.contiguous(), mask.contiguous()
 
 
+def load_example(row: dict, image_column: str, mask_column: str, num_classes: int, ignore_index: int,
+                 reduce: bool, where: str) -> tuple[Tensor, Tensor]:
+    """One dataset row as a validated ``(3, H, W)`` image in [0, 1] and ``(H, W)`` int64 mask."""
+    image = to_image_tensor(row[image_column], where)
+    mask = to_mask_tensor(row[mask_column], where)
+    if reduce:
+        mask = reduce_labels(mask, ignore_index)
+    check_example(image, mask, num_classes, ignore_index, where)
+    return image, mask
+
+
+def validate_prefix(dataset: Any, image_column: str, mask_column: str, num_classes: int, ignore_index: int,
+                    reduce: bool, limit: int, split: str) -> None:
+    """Read (and so validate) the first ``limit`` rows of a ``datasets.Dataset`` now, before training."""
+    for i in range(min(limit, len(dataset))):
+        load_example(dataset[i], image_column, mask_column, num_classes, ignore_index, reduce,
+                     f"split {split!r} example {i}")
+
+
 class SegmentationDataset(torch.utils.data.Dataset):
     """A ``datasets.Dataset`` of (image, mask) pairs as model-ready tensors (see the module docstring).
 
@@ -283,14 +302,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def load(self, index: int) -> tuple[Tensor, Tensor]:
         """Decoded and validated, before any geometry: ``(3, H, W)`` in [0, 1] and ``(H, W)`` int64."""
-        row = self.data[index]
-        where = f"split {self.split!r} example {index}"
-        image = to_image_tensor(row[self.image_column], where)
-        mask = to_mask_tensor(row[self.mask_column], where)
-        if self.reduce:
-            mask = reduce_labels(mask, self.ignore_index)
-        check_example(image, mask, self.num_classes, self.ignore_index, where)
-        return image, mask
+        return load_example(self.data[index], self.image_column, self.mask_column, self.num_classes,
+                            self.ignore_index, self.reduce, f"split {self.split!r} example {index}")
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         image, mask = self.load(index)
@@ -316,10 +329,3 @@ def default_image_size(height: int, width: int, multiple: int, cap: int = 512) -
     """The shorter side rounded down to ``multiple`` (at least one multiple), capped at ``cap``."""
     side = min(height, width, cap)
     return max(multiple, (side // multiple) * multiple)
-
-
-def validate_prefix(dataset: SegmentationDataset, limit: int) -> None:
-    """Read (and so validate) the first ``limit`` examples now, before any training starts."""
-    for i in range(min(limit, len(dataset))):
-        dataset.load(i)
-

@@ -12,6 +12,7 @@ Every model maps ``(B, 3, H, W)`` in ``[0, 1]`` to logits ``(B, K, H, W)``.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import warnings
@@ -78,6 +79,20 @@ def _check_encoder(name: str) -> None:
                          f"or tu-<any timm model>")
 
 
+def _check_kwargs(cls: type, arch: str, encoder: str, kwargs: dict) -> None:
+    """smp passes unknown keyword arguments on to the encoder, where smp's own encoders drop them silently;
+    only ``tu-`` (timm) encoders use them. Reject them here instead of ignoring a typo."""
+    if encoder.startswith("tu-"):
+        return
+    named = [n for n, p in inspect.signature(cls.__init__).parameters.items()
+             if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    taken = {"encoder_name", "encoder_weights", "classes"}
+    unknown = sorted(set(kwargs) - set(named) | set(kwargs) & taken)
+    if unknown:
+        raise UsageError(f"--model_kwargs: {arch} takes no argument {unknown[0]!r} (set by samat or unknown); "
+                         f"it takes: {', '.join(n for n in named if n not in taken)}")
+
+
 def _is_network_error(err: BaseException) -> bool:
     """Failures of a hub download (offline, DNS, HTTP), as opposed to bad arguments."""
     module = type(err).__module__
@@ -106,6 +121,7 @@ def build_smp(arch: str, encoder: str, weights: str, num_classes: int, *, encode
                          f"transformers hub id / local folder")
     _check_encoder(encoder)
     kwargs: dict[str, Any] = dict(extra or {})
+    _check_kwargs(archs[key], key, encoder, kwargs)
     if encoder_depth != 5 or "encoder_depth" in kwargs:
         kwargs.setdefault("encoder_depth", encoder_depth)
     if decoder_channels is not None:

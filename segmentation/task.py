@@ -179,6 +179,10 @@ class SegmentationTask(Task):
         if splits.id2label and len(splits.id2label) == num_classes:
             names = [splits.id2label[i] for i in range(num_classes)]
         self.num_classes, self.class_names = num_classes, names
+        # Bad masks fail here, in seconds, before a model is built.
+        for split, rows in ((run.train_split, splits.train), (splits.eval_split, splits.eval)):
+            data.validate_prefix(rows, splits.image_column, splits.mask_column, num_classes, a.ignore_index,
+                                 a.reduce_labels, a.check_samples, split)
 
         model = models.build_model(run.model or "unet", num_classes, dict(enumerate(names)), encoder=a.encoder,
                                    weights=a.encoder_weights, encoder_depth=a.encoder_depth,
@@ -204,8 +208,6 @@ class SegmentationTask(Task):
                                          **common)
         evaluation = data.SegmentationDataset(splits.eval, splits.image_column, splits.mask_column, train=False,
                                               split=splits.eval_split, **common)
-        data.validate_prefix(train, a.check_samples)
-        data.validate_prefix(evaluation, a.check_samples)
         info = {
             "dataset": splits.name, "eval_split": splits.eval_split, "image_column": splits.image_column,
             "mask_column": splits.mask_column, "num_classes": num_classes, "class_names": names,

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from common.config import RunArgs
+from common.methods import METHODS, ResolvedMethod
 from segmentation.task import SegmentationArgs, SegmentationTask
 
 # A U-Net small enough for CPU tests: 3 encoder stages of ResNet-18, narrow decoder; 32 px inputs.
@@ -19,7 +20,7 @@ CLASSES = 3  # background, square, disc
 def shapes(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``n`` RGB uint8 images ``(n, size, size, 3)`` and masks ``(n, size, size)``: a noisy plain background
     (0), one square (1) and one disc (2, drawn on top). Shapes differ from the background by a random
-    low-contrast colour shift (0.12-0.2 per channel), so a model must read edges and shapes, and a
+    low-contrast colour shift (0.15-0.3 per channel), so a model must read edges and shapes, and a
     few-grey-level perturbation matters."""
     rng = np.random.default_rng(seed)
     images = np.empty((n, size, size, 3), np.uint8)
@@ -35,7 +36,7 @@ def shapes(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarra
         cy, cx = rng.integers(radius, size - radius, 2)
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
         for region, label in ((square, 1), (disc, 2)):
-            shift = rng.choice([-1.0, 1.0], 3) * rng.uniform(0.12, 0.2, 3)
+            shift = rng.choice([-1.0, 1.0], 3) * rng.uniform(0.15, 0.3, 3)
             image[region] = background + shift + rng.normal(0, 0.03, (int(region.sum()), 3))
             masks[i][region] = label
         images[i] = np.clip(image * 255, 0, 255).astype(np.uint8)
@@ -80,3 +81,11 @@ def train_briefly(task, model, loader: list[dict], epochs: int = 6, lr: float = 
             task.loss(task.forward(model, batch), batch).backward()
             optimizer.step()
     model.eval()
+
+
+def resolved_for(name: str) -> ResolvedMethod:
+    """``name`` with small, fixed hyper-parameters (3 PGD steps) for quick method tests."""
+    base = dict(rho=0.05, eps=8 / 255, alpha=2 / 255, steps=3, norm="linf")
+    if name == "fgsm-at":
+        base.update(steps=1, alpha=1.25 * 8 / 255)
+    return ResolvedMethod(method=METHODS[name], **base)

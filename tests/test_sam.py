@@ -55,7 +55,7 @@ def test_nonfinite_gradient_does_not_move_weights():
     _grads(model, batch)
     next(model.parameters()).grad[0, 0] = float("inf")
     before = [p.detach().clone() for p in model.parameters()]
-    assert not SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05).perturb()
+    assert not SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05).perturb(check_finite=True)
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))
 
 

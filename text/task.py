@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.errors import UsageError
+from common.results import write_json_atomic
 from common.task import AttackSurface, Task, TaskData
 
 from . import data as text_data
@@ -35,6 +37,7 @@ DEFAULT_RECIPES = ("deepwordbug", "pwws")
 # Attack examples: a fixed shuffle of the eval split (not the run's --seed), so that every model of a
 # comparison is attacked on the same sentences.
 ATTACK_EXAMPLES_SEED = 0
+INFO_FILE = "samat_text.json"  # beside a saved model: the data it was trained for
 
 
 @dataclass
@@ -250,10 +253,13 @@ class TextTask(Task):
         return {"textattack": summaries}
 
     def save_model(self, model: nn.Module, path: str) -> None:
-        """A ``from_pretrained`` folder: model (safetensors + config with label names) and tokenizer."""
+        """A ``from_pretrained`` folder: model (safetensors + config with label names), tokenizer, and
+        ``samat_text.json`` (dataset, split, columns, max length) so ``scripts/attack_text.py`` attacks it on
+        the data it was trained for."""
         model.save_pretrained(path)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
+        write_json_atomic(Path(path) / INFO_FILE, self.info)
 
 
 def embedding_scale(model: nn.Module) -> float:

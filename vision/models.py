@@ -87,15 +87,16 @@ class PreActResNet18(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """conv(32)-conv(64)-pool-conv(64)-pool-fc: seconds per epoch on a CPU for 28×28 images."""
+    """conv-pool-conv-conv-pool-fc with BatchNorm: ~3M multiply-adds per 28×28 image, so a CPU trains it
+    in seconds per thousand images (the quick-start and test model; the paper's model is PreAct ResNet-18)."""
 
-    def __init__(self, num_classes: int, in_channels: int = 1, width: int = 32):
+    def __init__(self, num_classes: int, in_channels: int = 1, width: int = 16):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
             nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4),
+            nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(4),
         )
         self.head = nn.Linear(2 * width * 16, num_classes)
 

@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""Attack saved text classifiers side by side with TextAttack recipes, on the same sentences.
+
+    python scripts/attack_text.py --checkpoints runs/text-erm-s0 runs/text-sam-s0 runs/text-pgd-at-s0 \\
+        --recipes deepwordbug pwws embedding-swap --num_examples 500
+
+A checkpoint is a run folder (its ``model/`` subfolder is used) or any ``from_pretrained`` folder of a
+``*ForSequenceClassification`` model with its tokenizer. The dataset, split and columns default to what the
+first checkpoint was trained on (``samat_text.json`` beside the model), else the embedded Rotten Tomatoes.
+Every model is attacked on the same examples: a fixed shuffle of the split, its first ``--num_examples``.
+
+Prints one table row per model x recipe and writes ``summary.json``/``summary.csv`` (those rows) and
+``examples.json``/``examples.csv`` (one row per model x recipe x sentence) into ``--output_dir``. Bad input
+(an unknown recipe, a folder that is not a classifier, labels that do not match, a missing column) is a
+one-line error with exit status 2, found before any attack runs, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from common.cli import main_guard, probe_hub, setup_logging  # noqa: E402
+from common.errors import UsageError  # noqa: E402
+
+
+@dataclass
+class AttackArgs:
+    checkpoints: list[str] = field(metadata={"help": "Run folders or from_pretrained classifier folders."})
+    recipes: list[str] = field(
+        default_factory=lambda: ["deepwordbug", "pwws"],
+        metadata={"help": "TextAttack recipes (offline: deepwordbug, pruthi, pwws, embedding-swap, "
+                  "embedding-swap-model)."},
+    )
+    num_examples: int = field(default=100, metadata={"help": "Sentences attacked per model and recipe."})
+    output_dir: str = field(default="attack_results", metadata={"help": "Where summary/examples files go."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace files already in --output_dir."})
+    dataset: Optional[str] = field(
+        default=None, metadata={"help": "Dataset (hub id, folder). Default: the first checkpoint's."}
+    )
+    dataset_config: Optional[str] = field(default=None, metadata={"help": "Dataset config name."})
+    split: Optional[str] = field(default=None, metadata={"help": "Split to attack. Default: the run's eval split."})
+    text_column: Optional[str] = field(default=None, metadata={"help": "Text column (default: the run's)."})
+    text_pair_column: Optional[str] = field(default=None, metadata={"help": "Second text column, for pairs."})
+    label_column: Optional[str] = field(default=None, metadata={"help": "Label column (default: the run's)."})
+    max_length: Optional[int] = field(default=None, metadata={"help": "Token limit (default: the run's, else 128)."})
+    batch_size: int = field(default=64, metadata={"help": "Sentences per model forward pass."})
+    query_budget: Optional[int] = field(default=None, metadata={"help": "Max model queries per sentence."})
+    seed: int = field(default=0, metadata={"help": "Seed of the recipes' random choices (per sentence)."})
+
+
+def model_folder(path: str) -> Path:
+    """The ``from_pretrained`` folder of a checkpoint argument (a run folder's ``model/`` or itself)."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"--checkpoints: {path!r} does not exist")
+    if (p / "config.json").exists():
+        return p
+    if (p / "model" / "config.json").exists():
+        return p / "model"
+    raise UsageError(f"--checkpoints: {path!r} holds no classifier (no config.json in it or in its model/)")
+
+
+def run_info(folder: Path) -> dict:
+    from text.task import INFO_FILE
+
+    info = folder / INFO_FILE
+    return json.loads(info.read_text()) if info.exists() else {}
+
+
+def data_spec(args: AttackArgs, infos: list[dict]) -> dict:
+    """Dataset, split and columns: flags first, else the first checkpoint's record. Checkpoints trained on
+    different datasets need an explicit ``--dataset``."""
+    datasets_seen = {(i.get("dataset"), i.get("dataset_config")) for i in infos if i}
+    if args.dataset is None and len(datasets_seen) > 1:
+        names = ", ".join(sorted(str(d) for d, _ in datasets_seen))
+        raise UsageError(f"the checkpoints were trained on different datasets ({names}); pass --dataset")
+    base = next((i for i in infos if i), {})
+    same = args.dataset is None  # columns recorded for the run's dataset only apply to that dataset
+    pick = lambda flag, key: flag if flag is not None else (base.get(key) if same else None)  # noqa: E731
+    return {
+        "dataset": args.dataset if args.dataset is not None else base.get("dataset"),
+        "dataset_config": pick(args.dataset_config, "dataset_config"),
+        "split": pick(args.split, "eval_split"),
+        "text_column": pick(args.text_column, "text_column"),
+        "text_pair_column": pick(args.text_pair_column, "text_pair_column"),
+        "label_column": pick(args.label_column, "label_column"),
+        "max_length": args.max_length or base.get("max_length") or 128,
+    }
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [])
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def main() -> None:
+    setup_logging()
+    probe_hub()
+    from transformers import HfArgumentParser
+
+    from common.results import format_table, write_json_atomic
+    from text import data as text_data
+    from text import models as text_models
+    from text.task import ATTACK_EXAMPLES_SEED
+    from text.textattack_eval import SUMMARY_COLUMNS, attack_model, check_recipes
+
+    class Parser(HfArgumentParser):
+        def error(self, message: str):
+            raise UsageError(message)
+
+    (args,) = Parser([AttackArgs], description=__doc__.split("\n\n")[0]).parse_args_into_dataclasses()
+    if args.num_examples < 1:
+        raise UsageError(f"--num_examples: {args.num_examples} must be >= 1")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size: {args.batch_size} must be >= 1")
+
+    # Everything that can be wrong is checked before the first attack.
+    check_recipes(args.recipes)
+    out = Path(args.output_dir)
+    outputs = [out / n for n in ("summary.json", "summary.csv", "examples.json", "examples.csv")]
+    existing = [p.name for p in outputs if p.exists()]
+    if existing and not args.overwrite:
+        raise UsageError(f"--output_dir {out} already holds {', '.join(existing)}; pass --overwrite or choose "
+                         "another --output_dir")
+    folders = [model_folder(c) for c in args.checkpoints]
+    names = [Path(c).name if Path(c).name != "model" else Path(c).parent.name for c in args.checkpoints]
+    if len(set(names)) != len(names):
+        names = [str(c) for c in args.checkpoints]
+    spec = data_spec(args, [run_info(f) for f in folders])
+    dsd = text_data.load_raw(spec["dataset"], spec["dataset_config"])
+    split = spec["split"] or text_data.default_eval_split(dsd)
+    text_data.check_split(dsd, split, "--split")
+    columns = text_data.resolve_columns(dsd, split, spec["text_column"], spec["text_pair_column"],
+                                        spec["label_column"])
+    text_data.check_labels(dsd, split, columns)
+    models = [text_models.load_classifier(str(f), columns.label_names, spec["max_length"], require_classifier=True)
+              for f in folders]
+    examples = text_data.to_examples(dsd[split], columns).shuffle(seed=ATTACK_EXAMPLES_SEED)
+
+    summary_rows, example_rows = [], []
+    for name, loaded in zip(names, models):
+        summaries, records = attack_model(loaded.model, loaded.tokenizer, examples, args.recipes,
+                                          args.num_examples, max_length=spec["max_length"],
+                                          batch_size=args.batch_size, query_budget=args.query_budget,
+                                          seed=args.seed)
+        for recipe in args.recipes:
+            summary_rows.append({"model": name, "recipe": recipe, **summaries[recipe],
+                                 "checkpoint": str(loaded.source)})
+            example_rows += [{"model": name, "recipe": recipe, **r} for r in records[recipe]]
+
+    print(format_table(["model", "recipe", *SUMMARY_COLUMNS],
+                       [[r["model"], r["recipe"], *(r.get(c, "") for c in SUMMARY_COLUMNS)] for r in summary_rows]))
+    meta = {"dataset": spec["dataset"] or text_data.EMBEDDED_DATASET, "split": split,
+            "num_examples": args.num_examples, "recipes": args.recipes, "seed": args.seed}
+    write_json_atomic(out / "summary.json", {**meta, "rows": summary_rows})
+    write_json_atomic(out / "examples.json", {**meta, "rows": example_rows})
+    for path, rows in ((out / "summary.csv", summary_rows), (out / "examples.csv", example_rows)):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(_csv_text(rows))
+        tmp.replace(path)
+    print(f"wrote {', '.join(str(p) for p in outputs)}")
+
+
+if __name__ == "__main__":
+    main_guard(main)
