@@ -14,7 +14,6 @@ as a reference point. Writes ``--out`` (JSON) and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

@@ -8,18 +8,18 @@ summed, so metrics are exact under any number of processes.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from accelerate.logging import get_logger
 from torch import nn
 from tqdm.auto import tqdm
 
 from .attacks import eval_mode, pgd
 from .task import AttackSpec, Task
 
-logger = logging.getLogger(__name__)
+logger = get_logger("samat")
 
 # Slack for "robust <= clean" and "non-increasing in eps": PGD from a random start is itself random.
 SANITY_TOLERANCE = 1e-6

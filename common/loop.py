@@ -14,30 +14,28 @@ DataLoader has its own generator so creating an iterator never draws from the gl
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
 import shutil
 import signal
 import time
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from accelerate.logging import get_logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from .config import EvalArgs, MethodArgs, RunArgs, parse_eps_list
+from .config import EvalArgs, RunArgs, parse_eps_list
 from .errors import UsageError
 from .evaluate import evaluate_all
 from .methods import ResolvedMethod, StepContext, train_step
 from .results import metrics_table, versions, write_json_atomic
 from .task import AttackSpec, Task
 
-logger = logging.getLogger("samat")
+logger = get_logger("samat")
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"

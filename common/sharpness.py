@@ -16,8 +16,9 @@ Estimator (``estimate_sharpness``)::
   stretched elementwise by the weights' magnitude, which makes the number invariant to rescalings of the
   weights that leave the function unchanged (e.g. a ReLU layer scaled by c and the next by 1/c).
 - The max is found by projected gradient *ascent* in the scaled coordinates ``z = T_w^{-1} e``:
-  step 1 is SAM's own first-order solution ``z = rho * T g / ||T g||`` (``g = grad L_S``), each later step
-  moves ``z`` by ``rho / 2`` along the normalised ascent direction and projects it back into the ball.
+  step 1 is SAM's own first-order solution ``z = rho * T g / ||T g||`` (``g = grad L_S``; at an exact
+  stationary point, where ``g = 0``, a fixed seeded random direction instead), each later step moves ``z``
+  by ``rho / 2`` along the normalised ascent direction and projects it back into the ball.
   The best (highest-loss) iterate is kept, so the result is a lower bound on the true maximum that never
   falls below the one-step (SAM) estimate and grows with ``steps``.
 - Runs in **eval mode**: BatchNorm uses its running statistics and dropout is off, so ``L_S`` is a
@@ -137,8 +138,14 @@ def estimate_sharpness(
                 # Ascent direction in z: d/dz L(w + T z) = T g; normalised so the step length is rho-relative.
                 tg = [t * g for t, g in zip(scale, grads)]  # type: ignore[arg-type]
                 tg_norm = torch.sqrt(sum((v.double() ** 2).sum() for v in tg)).item()
-                if tg_norm < _TINY:  # a stationary point of L_S: no first-order ascent direction left
-                    break
+                if tg_norm < _TINY:
+                    if step > 0:  # a stationary point of the perturbed loss: nothing left to climb
+                        break
+                    # At an exact minimum g = 0 has no direction; start from a fixed pseudo-random one
+                    # (seeded, so the estimate stays deterministic) and let the ascent steps turn it.
+                    gen = torch.Generator().manual_seed(0)
+                    tg = [torch.randn(p.shape, generator=gen).to(p) for p in params]
+                    tg_norm = torch.sqrt(sum((v.double() ** 2).sum() for v in tg)).item()
                 step_size = rho if step == 0 else rho / 2
                 z = [zi + (step_size / tg_norm) * v for zi, v in zip(z, tg)]
                 z_norm = torch.sqrt(sum((zi.double() ** 2).sum() for zi in z)).item()

@@ -166,3 +166,27 @@ def test_help_explains_every_flag():
                  "--image_size", "--augment"):
         assert flag in proc.stdout
     assert "sam-at" in proc.stdout
+
+
+def test_transformers_image_model_from_a_folder_and_timm(tmp_path):
+    """A transformers image classifier loads through from_pretrained (a local folder stands in for a hub id),
+    normalised inside, grey images repeated to RGB; timm models by name."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, num_labels=10)
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    common = [a for a in FAST if a not in ("--model", "small_cnn", "--width", "8")]
+    out = tmp_path / "run_vit"
+    proc = run("--model", str(tmp_path / "vit"), "--image_size", "16", "--method", "sam", "--max_steps", "2",
+               "--output_dir", str(out), *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())["data"]
+    assert data["channels"] == 3 and data["image_size"] == 16
+
+    out = tmp_path / "run_timm"
+    proc = run("--model", "timm:resnet18", "--max_steps", "1", "--output_dir", str(out), *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run("--model", "timm:resnet18", "--pretrained", "--max_steps", "1", "--output_dir",
+               str(tmp_path / "x"), *common)
+    assert proc.returncode == 2 and "--model 'timm:resnet18'" in proc.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -14,7 +13,7 @@ from common.metrics import accuracy_from_stats, accuracy_stats
 from common.task import AttackSurface, Task, TaskData
 
 from . import data as vdata
-from .models import BUILTIN, build_model, model_channels
+from .models import build_model, model_channels
 
 
 @dataclass
