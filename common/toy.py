@@ -15,7 +15,12 @@ Methods: ``erm``; ``sam`` at radius ``rho`` (two-phase SAM step on the clean los
 out here in a few lines so that the toy does not depend on the engine's optimizer wrapper); ``at``:
 adversarial training with an L-inf ball of radius ``eps`` on *all* inputs (Madry et al. 2018), exact for the
 linear model (the worst case of a linear ``f`` is ``y f(x) - eps ||w||_1``) and PGD (``common.attacks.pgd``)
-for the MLP.
+for the MLP. SGD with momentum and a cosine learning-rate decay; SAM's rho and AT's eps ramp up linearly
+over the first 30 % of the steps (without it the MLP collapses to a constant at large eps or rho).
+
+Also measured: the weight-space sharpness of each trained model on its training set
+(``common.sharpness.estimate_sharpness`` at one probe radius), to set the input-space picture next to the
+weight-space one.
 
 Robust share (the number the experiment is about): the share of the model's input sensitivity that sits on
 the robust feature, ``E|df/dx_0| / sum_j E|df/dx_j|`` over the test set, in ``[0, 1]``. For the linear model
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attacks import pgd
+from .sharpness import estimate_sharpness
 from .task import AttackSurface
 
 MODELS = ("linear", "mlp")
@@ -59,6 +65,7 @@ class ToyConfig:
     weight_decay: float = 0.0
     pgd_steps: int = 10         # PGD steps for MLP adversarial training and evaluation
     warmup: float = 0.3         # share of steps over which SAM's rho and AT's eps ramp up linearly from 0
+    probe_rho: float = 0.5      # radius of the weight-space sharpness probe (common.sharpness), ~10% of ||w||
 
 
 def make_data(n: int, d: int, p: float, eta: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -171,10 +178,22 @@ def weight_share(model: nn.Module) -> float:
     return float(mass[0] / mass.sum().clamp_min(1e-12))
 
 
+class ToyTask:
+    """The toy as a :class:`common.task.Task` as far as :func:`common.sharpness.estimate_sharpness` needs:
+    ``batch = {"x": (n, d + 1), "y": (n,) in {-1, +1}}``, logistic loss."""
+
+    def forward(self, model: nn.Module, batch: dict) -> Tensor:
+        return logits(model, batch["x"])
+
+    def loss(self, f: Tensor, batch: dict) -> Tensor:
+        return F.softplus(-batch["y"] * f).mean()
+
+
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, cfg: ToyConfig,
              eval_eps: Sequence[float]) -> dict[str, Any]:
     """Clean accuracy, robust accuracy at each L-inf radius in ``eval_eps`` (exact for the linear model,
-    PGD for the MLP), the robust share and the first-layer weight share. Accuracies in ``[0, 1]``."""
+    PGD for the MLP), the robust share and the first-layer weight share on ``(x, y)``. Accuracies in
+    ``[0, 1]``."""
     model.eval()
     with torch.no_grad():
         clean = (torch.sign(logits(model, x)) == y).float().mean().item()
@@ -205,8 +224,11 @@ def run_one(cfg: ToyConfig, model_kind: str, method: str, value: float, seed: in
     model = build_model(model_kind, cfg.d, cfg.hidden)
     train(model, x_train, y_train, method, value, cfg, torch.Generator().manual_seed(seed + 1))
     metrics = evaluate(model, x_test, y_test, cfg, eval_eps)
+    # Weight-space sharpness on the training set (what SAM minimises), at one probe radius for all runs.
+    sharp = estimate_sharpness(model, ToyTask(), [{"x": x_train, "y": y_train}], cfg.probe_rho, steps=5)
     return {"model": model_kind, "method": method, "rho": value if method == "sam" else 0.0,
-            "eps": value if method == "at" else 0.0, "seed": seed, **metrics}
+            "eps": value if method == "at" else 0.0, "seed": seed, **metrics,
+            "sharpness": sharp["sharpness"], "train_loss": sharp["loss"]}
 
 
 def grid(models: Sequence[str], rhos: Sequence[float], epss: Sequence[float]) -> list[tuple[str, str, float]]:
@@ -227,7 +249,8 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                                  "seeds": len(members), "collapsed": sum(r["collapsed"] for r in members)}
         columns = {"clean_accuracy": [r["clean_accuracy"] for r in members],
                    "robust_share": [r["robust_share"] for r in members],
-                   "weight_share": [r["weight_share"] for r in members]}
+                   "weight_share": [r["weight_share"] for r in members],
+                   "sharpness": [r["sharpness"] for r in members]}
         for key in members[0]["robust_accuracy"]:
             columns[f"robust_accuracy@{key}"] = [r["robust_accuracy"][key] for r in members]
         for name, values in columns.items():

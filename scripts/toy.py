@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", default="0.9", help="SGD momentum, in [0, 1).")
     p.add_argument("--weight_decay", default="0", help="SGD weight decay, >= 0.")
     p.add_argument("--pgd_steps", default="10", help="PGD steps for MLP adversarial training and evaluation.")
+    p.add_argument("--probe_rho", default="0.5",
+                   help="Radius of the weight-space sharpness probe measured on every trained model, > 0.")
     p.add_argument("--warmup", default="0.3",
                    help="Share of training steps over which SAM's rho and AT's eps ramp up from 0, in [0, 1].")
     return p
@@ -111,6 +113,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, Any, 
         weight_decay=_number("--weight_decay", a.weight_decay, low=0),
         pgd_steps=_number("--pgd_steps", a.pgd_steps, integer=True, low=1),
         warmup=_number("--warmup", a.warmup, low=0, high=1),
+        probe_rho=_number("--probe_rho", a.probe_rho, low=0, low_open=True),
     )
     eps = [f * eta for f in (0.25, 0.5, 1, 1.5, 2)] if a.eps is None else a.eps
     eval_eps = [f * eta for f in (0.5, 1, 2)] if a.eval_eps is None else a.eval_eps
@@ -140,25 +143,27 @@ def _atomic_write(path: Path, write) -> None:
 def _table(summary: list[dict], eval_keys: list[str]) -> str:
     """Plain-text table: one line per (model, method, value), mean ± std over seeds."""
     head = ["model", "method", "rho", "eps", "clean", *[f"rob@{k}" for k in eval_keys], "robust_share",
-            "weight_share", "collapsed"]
+            "weight_share", "sharpness", "collapsed"]
     lines = [head]
     for s in summary:
         pm = lambda k: f"{s[k]:.3f}±{s[k + '_std']:.3f}"  # noqa: E731
         lines.append([s["model"], s["method"], f"{s['rho']:g}", f"{s['eps']:.3g}", pm("clean_accuracy"),
                       *[pm(f"robust_accuracy@{k}") for k in eval_keys], pm("robust_share"),
-                      pm("weight_share"), f"{s['collapsed']}/{s['seeds']}"])
+                      pm("weight_share"), f"{s['sharpness']:.4f}", f"{s['collapsed']}/{s['seeds']}"])
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in lines)
 
 
-def _plot(summary: list[dict], method: str, xkey: str, xlabel: str, eval_keys: list[str], path: Path) -> None:
-    """Robust share (left) and clean / robust accuracy (right) against ``xkey``; ERM is the point at 0."""
+def _plot(summary: list[dict], method: str, xkey: str, xlabel: str, eval_keys: list[str], probe_rho: float,
+          path: Path) -> None:
+    """Robust share, clean / robust accuracy and weight-space sharpness against ``xkey``; ERM is the point
+    at 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_share, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_share, ax_acc, ax_sharp) = plt.subplots(1, 3, figsize=(16, 4))
     for model, colour in zip(dict.fromkeys(s["model"] for s in summary), ("tab:blue", "tab:orange", "tab:green")):
         rows = sorted((s for s in summary if s["model"] == model and s["method"] in ("erm", method)),
                       key=lambda s: s[xkey])
@@ -170,6 +175,8 @@ def _plot(summary: list[dict], method: str, xkey: str, xlabel: str, eval_keys: l
                               marker="s", ls=":", color=colour, capsize=3, label=f"{model}: 1st-layer weight share")
         ax_acc.errorbar(xs, [s["clean_accuracy"] for s in rows], [s["clean_accuracy_std"] for s in rows],
                         marker="o", color=colour, capsize=3, label=f"{model}: clean")
+        ax_sharp.errorbar(xs, [s["sharpness"] for s in rows], [s["sharpness_std"] for s in rows], marker="o",
+                          color=colour, capsize=3, label=model)
         for k, ls in zip(eval_keys, ("--", "-.", ":", (0, (1, 3)))):
             ax_acc.errorbar(xs, [s[f"robust_accuracy@{k}"] for s in rows],
                             [s[f"robust_accuracy@{k}_std"] for s in rows], marker=".", ls=ls, color=colour,
@@ -177,9 +184,14 @@ def _plot(summary: list[dict], method: str, xkey: str, xlabel: str, eval_keys: l
     ax_share.set(xlabel=xlabel, ylabel="share on the robust feature", ylim=(-0.02, 1.02),
                  title=f"Robust share vs {xlabel} (0 = ERM)")
     ax_acc.set(xlabel=xlabel, ylabel="test accuracy", ylim=(-0.02, 1.02), title=f"Accuracy vs {xlabel}")
-    for ax in (ax_share, ax_acc):
-        if method == "sam":  # rho spans 0.05..2: symlog keeps ERM's 0 on the axis
-            ax.set_xscale("symlog", linthresh=0.05)
+    ax_sharp.set(xlabel=xlabel, ylabel="train-loss increase", yscale="log",
+                 title=f"Weight-space sharpness (rho {probe_rho:g}) vs {xlabel}")
+    ticks = sorted({s[xkey] for s in summary if s["method"] in ("erm", method)})
+    for ax in (ax_share, ax_acc, ax_sharp):
+        if method == "sam" and len(ticks) > 1:  # rho spans decades: symlog keeps ERM's 0 on the axis
+            ax.set_xscale("symlog", linthresh=ticks[1])
+            ax.set_xlim(0, ticks[-1] * 1.2)
+        ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -193,6 +205,8 @@ def run(a: argparse.Namespace, cfg: Any, lists: dict[str, list]) -> dict[str, An
 
     from common.toy import aggregate, bayes_robust_share, eps_key, grid, run_one
 
+    # The matrices are tiny: one thread is faster than several, and far faster on a shared, busy CPU.
+    torch.set_num_threads(1)
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -216,8 +230,8 @@ def run(a: argparse.Namespace, cfg: Any, lists: dict[str, list]) -> dict[str, An
     writer.writeheader()
     writer.writerows(summary)
     _atomic_write(out / "results.csv", lambda f: f.write(buf.getvalue().encode()))
-    _plot(summary, "sam", "rho", "SAM rho", eval_keys, out / "toy_sam_rho.png")
-    _plot(summary, "at", "eps", "AT eps", eval_keys, out / "toy_at_eps.png")
+    _plot(summary, "sam", "rho", "SAM rho", eval_keys, cfg.probe_rho, out / "toy_sam_rho.png")
+    _plot(summary, "at", "eps", "AT eps", eval_keys, cfg.probe_rho, out / "toy_at_eps.png")
     print(_table(summary, eval_keys))
     print(f"\nd={cfg.d} p={cfg.p} eta={cfg.eta:.4g}; Bayes-optimal linear robust share "
           f"{results['bayes_linear_robust_share']:.3f}; {len(rows)} runs in {results['wall_s']:.1f}s; "

@@ -86,7 +86,8 @@ def _check_kwargs(cls: type, arch: str, encoder: str, kwargs: dict) -> None:
         return
     named = [n for n, p in inspect.signature(cls.__init__).parameters.items()
              if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-    taken = {"encoder_name", "encoder_weights", "classes"}
+    # Set by samat, or wrong for it: inputs are RGB, the loss needs raw logits, the task has one head.
+    taken = {"encoder_name", "encoder_weights", "classes", "in_channels", "activation", "aux_params"}
     unknown = sorted(set(kwargs) - set(named) | set(kwargs) & taken)
     if unknown:
         raise UsageError(f"--model_kwargs: {arch} takes no argument {unknown[0]!r} (set by samat or unknown); "

@@ -29,7 +29,7 @@ from common.config import parse_eps_list
 from common.errors import UsageError
 from common.task import AttackSpec, AttackSurface, Task, TaskData
 
-from . import canvas, data, metrics, models
+from . import data, metrics, models
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,24 @@ class SegmentationTask(Task):
             raise UsageError("--model_kwargs: must be a JSON object")
         return extra
 
+    def _resolve_classes(self, splits: data.SegmentationSplits) -> tuple[int, list[str]]:
+        """Number of classes (flag, else id2label.json, else the masks) and their names."""
+        a = self.args
+        num_classes = a.num_classes
+        if num_classes is None and splits.id2label:
+            num_classes = len(splits.id2label)
+        if num_classes is None:
+            limit = max(a.check_samples, 1)
+            num_classes = data.infer_num_classes(splits.train, splits.mask_column, a.ignore_index,
+                                                 a.reduce_labels, limit)
+            logger.info("--num_classes not given: %d from the first %d training masks (pass --num_classes if "
+                        "a class may be missing from them)", num_classes, min(limit, len(splits.train)))
+        if 0 <= a.ignore_index < num_classes:
+            raise UsageError(f"--ignore_index {a.ignore_index} is a class index (classes are 0..{num_classes - 1})"
+                             f"; choose a value outside that range, e.g. 255")
+        id2label = splits.id2label or {}
+        return num_classes, [id2label.get(i, str(i)) for i in range(num_classes)]
+
     def build(self, run: Any, accelerator: Any) -> TaskData:
         """Load (or build) the data, find columns and classes, build the model, check the input size."""
         a = self.args
@@ -164,20 +182,7 @@ class SegmentationTask(Task):
                                   canvas_seed=a.canvas_seed)
         if len(splits.train) == 0 or len(splits.eval) == 0:
             raise UsageError("the train or eval split is empty")
-        num_classes = a.num_classes
-        if num_classes is None and splits.id2label:
-            num_classes = len(splits.id2label)
-        if num_classes is None:
-            num_classes = data.infer_num_classes(splits.train, splits.mask_column, a.ignore_index,
-                                                 a.reduce_labels, max(a.check_samples, 1))
-            logger.info("--num_classes not given: %d from the first %d training masks", num_classes,
-                        min(max(a.check_samples, 1), len(splits.train)))
-        if 0 <= a.ignore_index < num_classes:
-            raise UsageError(f"--ignore_index {a.ignore_index} is a class index (classes are 0..{num_classes - 1})"
-                             f"; choose a value outside that range, e.g. 255")
-        names = [str(i) for i in range(num_classes)]
-        if splits.id2label and len(splits.id2label) == num_classes:
-            names = [splits.id2label[i] for i in range(num_classes)]
+        num_classes, names = self._resolve_classes(splits)
         self.num_classes, self.class_names = num_classes, names
         # Bad masks fail here, in seconds, before a model is built.
         for split, rows in ((run.train_split, splits.train), (splits.eval_split, splits.eval)):
@@ -238,12 +243,12 @@ class SegmentationTask(Task):
 
     # ---------------------------------------------------------------------------------------- metrics
 
-    def _classes(self, logits: Tensor) -> int:
+    def _num_classes(self, logits: Tensor) -> int:
         return self.num_classes if self.num_classes is not None else logits.shape[1]
 
     def example_stats(self, logits: Tensor, batch: dict) -> Tensor:
         """Per-image pixel counts ``(B, K, 3)`` float: tp, fp, fn per class (see :mod:`.metrics`)."""
-        return metrics.confusion_counts(logits.argmax(dim=1), batch["labels"], self._classes(logits),
+        return metrics.confusion_counts(logits.argmax(dim=1), batch["labels"], self._num_classes(logits),
                                         self.args.ignore_index)
 
     def compute_metrics(self, summed_stats: Tensor) -> dict[str, float]:

@@ -5,11 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from common.config import RunArgs
 from common.methods import METHODS, ResolvedMethod
 from segmentation.task import SegmentationArgs, SegmentationTask
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (restored after): the tiny convolutions gain nothing from threads, and
+    on a shared CPU extra threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # A U-Net small enough for CPU tests: 3 encoder stages of ResNet-18, narrow decoder; 32 px inputs.
 TINY_MODEL = dict(encoder="resnet18", encoder_depth=3, decoder_channels=[16, 8, 8], image_size=32,

@@ -11,15 +11,17 @@ import torch
 from common.attacks import eval_mode, pgd
 from common.evaluate import evaluate_all
 from common.methods import METHODS, StepContext, train_step
+from segmentation_helpers import (batches, one_thread, resolved_for, save_shapes,  # noqa: F401 (fixture)
+                                  tiny_task, train_briefly)
 
-from segmentation_helpers import batches, resolved_for, save_shapes, tiny_task, train_briefly
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny U-Net trained for 12 short epochs on 128 shape images: clean mIoU well above chance."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: threads only add contention on a shared CPU
+    torch.set_num_threads(1)  # as the one_thread fixture, for the whole module's shared model
     folder = save_shapes(tmp_path_factory.mktemp("shapes") / "d", n_train=128, n_test=32)
     task, built = tiny_task(folder)
     train_briefly(task, built.model, batches(built.train_dataset, 16, built.collate_fn), epochs=12)
@@ -58,7 +60,7 @@ def test_pgd_and_segpgd_stay_in_their_ball_and_lower_miou(trained):
 
     clean = miou(task, model, loader)
     assert clean > 0.35, clean
-    task_loss = lambda logits, batch, step, steps: task.loss(logits, batch)  # noqa: E731
+    task_loss = lambda logits, batch, step, steps: task.loss(logits, batch)
     robust = {"pgd-linf": miou(task, model, loader, attack(task_loss)),
               "segpgd-linf": miou(task, model, loader, attack(segpgd.objective)),
               "pgd-l2": miou(task, model, loader, attack(task_loss, "l2", 0.5))}

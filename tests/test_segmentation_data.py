@@ -13,12 +13,13 @@ from common.config import RunArgs
 from common.errors import UsageError
 from segmentation import canvas, data
 from segmentation.task import SegmentationArgs, SegmentationTask
-
-from segmentation_helpers import TINY_MODEL, save_shapes, shapes, tiny_task
+from segmentation_helpers import TINY_MODEL, one_thread, save_shapes, shapes, tiny_task  # noqa: F401 (fixture)
 
 needs_fashion_mnist = pytest.mark.skipif(
     not (Path(canvas.FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz").is_file(),
     reason="Debian package dataset-fashion-mnist not installed")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @needs_fashion_mnist
@@ -114,7 +115,7 @@ def test_validation_catches_bad_examples_beyond_the_checked_prefix(tmp_path):
     features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image()})
     ds = datasets.Dataset.from_dict({"image": list(images), "mask": list(masks)}, features=features)
     datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "d"))
-    task, built = tiny_task(tmp_path / "d", num_classes=3, check_samples=2)
+    _, built = tiny_task(tmp_path / "d", num_classes=3, check_samples=2)
     built.train_dataset[4]
     with pytest.raises(UsageError, match=r"split 'train' example 5: mask values \[200\]"):
         built.train_dataset[5]
@@ -140,7 +141,7 @@ def test_joint_augmentation_keeps_image_and_mask_aligned():
 
 def test_eval_transform_resizes_and_reduce_labels(tmp_path):
     save_shapes(tmp_path / "d", n_train=4, n_test=4, size=40)
-    task, built = tiny_task(tmp_path / "d", image_size=32)
+    _, built = tiny_task(tmp_path / "d", image_size=32)
     item = built.eval_dataset[0]
     assert item["pixel_values"].shape == (3, 32, 32) and item["labels"].shape == (32, 32)
     assert 0 <= item["pixel_values"].min() and item["pixel_values"].max() <= 1

@@ -12,8 +12,9 @@ from common.config import RunArgs
 from common.errors import UsageError
 from segmentation import models
 from segmentation.task import SegmentationArgs, SegmentationTask
+from segmentation_helpers import one_thread, save_shapes, tiny_task  # noqa: F401 (fixture)
 
-from segmentation_helpers import save_shapes, tiny_task
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(classes: int = 3, **kw) -> models.NormalizedSegmenter:

@@ -37,7 +37,7 @@ def tiny_bert(vocab_size: int, num_labels: int = 2, seed: int = 0):
 
 
 def sentence(rng: random.Random, label: int) -> str:
-    words = rng.sample(FILLER, 5) + [rng.choice(POSITIVE if label else NEGATIVE)]
+    words = rng.sample(FILLER, rng.randint(2, 8)) + [rng.choice(POSITIVE if label else NEGATIVE)]
     rng.shuffle(words)
     return " ".join(words) + " ."
 

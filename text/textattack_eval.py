@@ -86,20 +86,18 @@ class BatchedModelWrapper:
     def get_grad(self, text_input: Any) -> dict:
         """Gradient of the loss w.r.t. the input word embeddings, in eval mode (gradient-based recipes such as
         A2T's word-importance ranking). Returns ``{"ids": (L,) list, "gradient": (L, D) ndarray}``."""
-        embedding = self.model.get_input_embeddings()
-        stored: list[torch.Tensor] = []
-        handle = embedding.register_full_backward_hook(lambda m, gin, gout: stored.append(gout[0]))
+        outputs: list[torch.Tensor] = []
+        handle = self.model.get_input_embeddings().register_forward_hook(lambda m, i, out: outputs.append(out))
         try:
             with eval_mode(self.model), torch.enable_grad():
                 enc = self._encode([text_input])
                 logits = self.model(**enc).logits
-                label = logits.argmax(dim=1)
-                self.model.zero_grad(set_to_none=True)
-                torch.nn.functional.cross_entropy(logits, label).backward()
+                loss = torch.nn.functional.cross_entropy(logits, logits.argmax(dim=1))
+                # autograd.grad w.r.t. the embedding output only: parameters' .grad stay untouched.
+                (grad,) = torch.autograd.grad(loss, outputs[0])
         finally:
             handle.remove()
-        self.model.zero_grad(set_to_none=True)
-        return {"ids": enc["input_ids"][0].tolist(), "gradient": stored[0][0].cpu().numpy()}
+        return {"ids": enc["input_ids"][0].tolist(), "gradient": grad[0].cpu().numpy()}
 
     def _tokenize(self, inputs: Sequence[Any]) -> list[list[str]]:
         """Tokens of each input, without special tokens (used by TextAttack's gradient WIR)."""
