@@ -142,7 +142,19 @@ class EvalArgs:
         default=None, metadata={"help": "L2 PGD radii, e.g. 0.25 0.5 (task default); 'none' to skip."}
     )
     eval_steps: int = field(default=10, metadata={"help": "PGD steps for evaluation."})
-    eval_restarts: int = field(default=1, metadata={"help": "PGD random restarts (worst case kept)."})
+    sharpness_examples: int = field(
+        default=256,
+        metadata={"help": "Measure weight-space sharpness on the first N evaluation examples (0 skips it)."},
+    )
+    sharpness_rho: list[str] = field(
+        default_factory=lambda: ["0.05", "0.1"],
+        metadata={"help": "Radii of the SAM-form sharpness probe (L2 ball over all weights)."},
+    )
+    sharpness_asam_rho: list[str] = field(
+        default_factory=lambda: ["0.5", "1.0"],
+        metadata={"help": "Radii of the adaptive (ASAM-form) sharpness probe, in units of |w| + 0.01."},
+    )
+    sharpness_steps: int = field(default=5, metadata={"help": "Projected ascent steps of the sharpness probe."})
 
 
 def parse_eps(text: str, *, pixel_space: bool, flag: str) -> float:
@@ -188,7 +200,7 @@ def validate(run: RunArgs, method: MethodArgs, evals: EvalArgs) -> None:
                 "--max_steps": run.max_steps, "--lr": run.lr, "--epochs": run.epochs,
                 "--gradient_accumulation_steps": run.gradient_accumulation_steps,
                 "--train_steps": method.train_steps, "--eval_steps": evals.eval_steps,
-                "--eval_restarts": evals.eval_restarts, "--logging_steps": run.logging_steps}
+                "--sharpness_steps": evals.sharpness_steps, "--logging_steps": run.logging_steps}
     for flag, value in positive.items():
         if value is not None and not value > 0:
             raise UsageError(f"{flag}: {value!r} must be > 0")
@@ -196,12 +208,16 @@ def validate(run: RunArgs, method: MethodArgs, evals: EvalArgs) -> None:
                     "--checkpoint_every": run.checkpoint_every, "--max_grad_norm": run.max_grad_norm,
                     "--weight_decay": run.weight_decay, "--momentum": run.momentum,
                     "--trades_beta": method.trades_beta, "--asam_eta": method.asam_eta,
-                    "--num_workers": run.num_workers}
+                    "--num_workers": run.num_workers, "--sharpness_examples": evals.sharpness_examples}
     for flag, value in non_negative.items():
         if value is not None and not value >= 0:
             raise UsageError(f"{flag}: {value!r} must be >= 0")
     if method.rho is not None and not 0 <= method.rho <= 10:
         raise UsageError(f"--rho: {method.rho!r} must be in [0, 10] (the paper uses 0.05-0.5)")
+    for flag, values in (("--sharpness_rho", evals.sharpness_rho), ("--sharpness_asam_rho",
+                                                                     evals.sharpness_asam_rho)):
+        for value in values:
+            parse_eps(value, pixel_space=False, flag=flag)
     if run.warmup_ratio is not None and not 0 <= run.warmup_ratio < 1:
         raise UsageError(f"--warmup_ratio: {run.warmup_ratio!r} must be in [0, 1)")
 

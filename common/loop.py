@@ -314,7 +314,8 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
     evaluation = evaluate_all(model, task, eval_loader, accelerator, specs, evals.eval_steps)
     extra = task.extra_evaluation(unwrapped, accelerator, run)
     evaluation["metrics"].update(extra)
-    eval_wall = time.perf_counter() - eval_started
+    sharpness = measure_sharpness(unwrapped, task, eval_set, data.collate_fn, evals, accelerator)
+    eval_wall = time.perf_counter() - eval_started  # clean + attacks + task extras + sharpness
 
     results = {
         "task": task.name,
@@ -324,6 +325,7 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
         "method_resolved": method.describe(),
         "data": {**data.info, "train_examples": len(train_set), "eval_examples": len(eval_set)},
         **evaluation,
+        "sharpness": sharpness,
         "cost": {
             "train_wall_s": round(final_state["train_wall_s"], 3),
             "eval_wall_s": round(eval_wall, 3),
@@ -347,6 +349,30 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
         print(f"results: {results_path}")
     accelerator.wait_for_everyone()
     return results
+
+
+def measure_sharpness(model: nn.Module, task: Task, eval_set: Any, collate_fn: Any, evals: EvalArgs,
+                      accelerator: Any) -> Optional[dict]:
+    """Weight-space sharpness (``common.sharpness``) on the first ``--sharpness_examples`` evaluation examples,
+    on the main process (the probe perturbs one replica's weights), in eval mode. ``None`` when skipped."""
+    if not evals.sharpness_examples:
+        return None
+    from .config import parse_eps
+    from .sharpness import sharpness_report
+
+    report = None
+    if accelerator.is_main_process:
+        n = min(evals.sharpness_examples, len(eval_set))
+        loader = DataLoader(Subset(eval_set, range(n)), batch_size=64, shuffle=False, collate_fn=collate_fn)
+        batches = [{k: v.to(accelerator.device) if isinstance(v, Tensor) else v for k, v in b.items()}
+                   for b in loader]
+        rhos = [parse_eps(r, pixel_space=False, flag="--sharpness_rho") for r in evals.sharpness_rho]
+        asam = [parse_eps(r, pixel_space=False, flag="--sharpness_asam_rho") for r in evals.sharpness_asam_rho]
+        with accelerator.autocast():
+            report = sharpness_report(model, task, batches, rhos=rhos, adaptive_rhos=asam,
+                                      steps=evals.sharpness_steps)
+    accelerator.wait_for_everyone()
+    return report
 
 
 def _one_step(ctx: StepContext, group: list[dict], scheduler: Any, step: int, running_loss: float,

@@ -66,4 +66,9 @@ def metrics_table(results: dict) -> str:
                f"train {cost.get('train_wall_s', 0):.1f}s, eval {cost.get('eval_wall_s', 0):.1f}s, "
                f"{cost.get('forward_passes', '?')} forward / {cost.get('backward_passes', '?')} backward passes; "
                f"sanity checks {'passed' if results.get('sanity', {}).get('passed') else 'FAILED'}")
+    sharp = results.get("sharpness") or {}
+    if sharp.get("sam"):
+        parts = [f"{form} rho {rho}: {v['sharpness']:.4f}" for form in ("sam", "asam")
+                 for rho, v in sharp.get(form, {}).items()]
+        summary += f"\nweight-space sharpness (loss rise, {sharp['num_examples']} examples): " + ", ".join(parts)
     return f"{table}\n{summary}"

@@ -51,6 +51,26 @@ def _batch_size(batch: dict) -> int:
     return 1
 
 
+def collect_batches(batches: Iterable[dict], max_examples: int,
+                    device: Optional[torch.device | str] = None) -> list[dict]:
+    """The first ``max_examples`` examples of ``batches`` (any iterable of batch dicts, e.g. an eval
+    DataLoader without shuffling), as a list of batch dicts with tensors on ``device``: the fixed subset
+    ``S`` of the estimator. The last batch is cut so that exactly ``min(max_examples, available)`` examples
+    are kept; non-tensor values are kept as they are."""
+    if max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1, got {max_examples!r}")
+    out: list[dict] = []
+    left = max_examples
+    for batch in batches:
+        n = min(_batch_size(batch), left)
+        out.append({k: (v[:n].to(device) if device is not None else v[:n])
+                    if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in batch.items()})
+        left -= n
+        if left == 0:
+            break
+    return out
+
+
 def _subset_loss(model: nn.Module, task: Any, batches: Sequence[dict], params: list[nn.Parameter],
                  with_grad: bool) -> tuple[float, Optional[list[Tensor]]]:
     """``L_S`` (example-weighted mean of the per-batch task losses) and, if ``with_grad``, its gradient
