@@ -124,10 +124,13 @@ class MethodArgs:
                   "for text (task default)."},
     )
     train_alpha: Optional[str] = field(
-        default=None, metadata={"help": "AT PGD step size (default 2/255 for pixels, 1.25*eps for fgsm-at)."}
+        default=None,
+        metadata={"help": "AT PGD step size (default eps/4, i.e. 2/255 at 8/255; text: eps/2; fgsm-at: 1.25*eps)."},
     )
     train_steps: int = field(default=10, metadata={"help": "AT PGD steps (Madry et al.: 10 for CIFAR)."})
-    train_norm: str = field(default="linf", metadata={"help": "AT threat model: linf or l2."})
+    train_norm: Optional[str] = field(
+        default=None, metadata={"help": "AT threat model: linf or l2 (task default: linf for pixels)."}
+    )
     trades_beta: float = field(default=6.0, metadata={"help": "TRADES robustness weight beta."})
 
 

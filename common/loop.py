@@ -368,9 +368,10 @@ def measure_sharpness(model: nn.Module, task: Task, eval_set: Any, collate_fn: A
                    for b in loader]
         rhos = [parse_eps(r, pixel_space=False, flag="--sharpness_rho") for r in evals.sharpness_rho]
         asam = [parse_eps(r, pixel_space=False, flag="--sharpness_asam_rho") for r in evals.sharpness_asam_rho]
-        with accelerator.autocast():
-            report = sharpness_report(model, task, batches, rhos=rhos, adaptive_rhos=asam,
-                                      steps=evals.sharpness_steps)
+        # No extra autocast here: sharpness is a small difference of losses. (Under mixed precision the
+        # prepared model's forward still autocasts; compare sharpness across runs of the same precision.)
+        report = sharpness_report(model, task, batches, rhos=rhos, adaptive_rhos=asam,
+                                  steps=evals.sharpness_steps)
     accelerator.wait_for_everyone()
     return report
 

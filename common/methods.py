@@ -113,24 +113,24 @@ def resolve_method(name: str, args: MethodArgs, task: Task, explicit: set[str]) 
     if unused:
         raise UsageError(f"--{unused[0]} does not apply to --method {name} (it uses: "
                          f"{', '.join('--' + f for f in sorted(method.flags)) or 'no method flags'})")
+    defaults = task.defaults
+    norm = args.train_norm or defaults.get("train_norm", "linf")
     resolved = ResolvedMethod(method=method, sam_sync=args.sam_sync, eta=args.asam_eta,
-                              trades_beta=args.trades_beta, norm=args.train_norm)
+                              trades_beta=args.trades_beta, norm=norm)
     if method.update in ("sam", "asam"):
         resolved.rho = DEFAULT_RHO[method.update] if args.rho is None else args.rho
     if method.objective != "clean":
-        defaults = task.defaults
-        eps_text = args.train_eps or defaults.get(f"train_eps_{args.train_norm}") or defaults["train_eps"]
-        resolved.eps = parse_eps(eps_text, pixel_space=task.pixel_space, flag="--train_eps")
-        if method.objective == "fgsm":
-            resolved.steps = 1
-            alpha_default = 1.25 * resolved.eps  # Wong et al. 2020
+        eps_text = args.train_eps or defaults.get(f"train_eps_{norm}") or defaults["train_eps"]
+        resolved.eps = parse_eps(eps_text, pixel_space=task.pixel_space and norm == "linf", flag="--train_eps")
+        resolved.steps = 1 if method.objective == "fgsm" else args.train_steps
+        if args.train_alpha:
+            resolved.alpha = parse_eps(args.train_alpha, pixel_space=task.pixel_space and norm == "linf",
+                                       flag="--train_alpha")
+        elif method.objective == "fgsm":
+            resolved.alpha = 1.25 * resolved.eps  # Wong et al. 2020
         else:
-            resolved.steps = args.train_steps
-            alpha_text = defaults.get(f"train_alpha_{args.train_norm}") or defaults.get("train_alpha")
-            alpha_default = (parse_eps(alpha_text, pixel_space=task.pixel_space, flag="--train_alpha")
-                             if alpha_text else 2.5 * resolved.eps / resolved.steps)
-        resolved.alpha = (parse_eps(args.train_alpha, pixel_space=task.pixel_space, flag="--train_alpha")
-                          if args.train_alpha else alpha_default)
+            # Madry's 2/255 steps for an 8/255 ball: alpha = eps/4 unless the task says otherwise.
+            resolved.alpha = defaults.get("train_alpha_ratio", 0.25) * resolved.eps
     return resolved
 
 

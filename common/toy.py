@@ -152,7 +152,7 @@ def train(model: nn.Module, x: Tensor, y: Tensor, method: str, value: float, cfg
             radius = value * min(1.0, (step + 1) / (cfg.warmup * total)) if cfg.warmup > 0 else value
             step += 1
             if method == "sam" and radius > 0:
-                _sam_step(model, opt, lambda: F.softplus(-yb * logits(model, xb)).mean(), radius)
+                _sam_step(model, opt, lambda xb=xb, yb=yb: F.softplus(-yb * logits(model, xb)).mean(), radius)
                 sched.step()
                 continue
             eps = radius if method == "at" else 0.0

@@ -512,7 +512,8 @@ def fig_robust_vs_eps(runs: list[Run], settings: list[Setting], extra: dict) -> 
         xs = [0.0] + [eps_value(label) for label in labels]
         for i, s in enumerate(settings):
             colour, marker = _style(s.method, extra)
-            stats = [s.of(lambda r: r.clean)] + [s.of(lambda r, l=l: r.robust.get(f"{attack}@{l}")) for l in labels]
+            stats = [s.of(lambda r: r.clean)] + [s.of(lambda r, key=f"{attack}@{label}": r.robust.get(key))
+                                                 for label in labels]
             pts = [(x, st) for x, st in zip(xs, stats) if st.n]
             ax.errorbar([x for x, _ in pts], [st.mean for _, st in pts], [st.std or 0 for _, st in pts],
                         color=colour, marker=marker, capsize=3, alpha=0.9, label=s.name,

@@ -6,7 +6,8 @@
 
 Writes ``<output_dir>/results.json`` (config, every run, mean/std per setting), ``results.csv`` (one row per
 setting) and two figures, ``toy_sam_rho.png`` and ``toy_at_eps.png`` (robust share, clean and robust
-accuracy against SAM's rho and AT's eps; ERM is the point at 0), and prints the table. The data model, the
+accuracy, and weight-space sharpness against SAM's rho and AT's eps; ERM is the point at 0), and prints the
+table. The data model, the
 methods and the robust share are defined in ``common/toy.py``. Runs on CPU in seconds.
 """
 
@@ -146,7 +147,9 @@ def _table(summary: list[dict], eval_keys: list[str]) -> str:
             "weight_share", "sharpness", "collapsed"]
     lines = [head]
     for s in summary:
-        pm = lambda k: f"{s[k]:.3f}±{s[k + '_std']:.3f}"  # noqa: E731
+        def pm(k: str, s: dict = s) -> str:
+            return f"{s[k]:.3f}±{s[k + '_std']:.3f}"
+
         lines.append([s["model"], s["method"], f"{s['rho']:g}", f"{s['eps']:.3g}", pm("clean_accuracy"),
                       *[pm(f"robust_accuracy@{k}") for k in eval_keys], pm("robust_share"),
                       pm("weight_share"), f"{s['sharpness']:.4f}", f"{s['collapsed']}/{s['seeds']}"])

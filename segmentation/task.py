@@ -120,7 +120,7 @@ class SegmentationTask(Task):
         "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
         "epochs": 10, "batch_size": 16, "eval_batch_size": 32, "train_eps": "8/255", "train_alpha": "2/255",
         "train_eps_l2": "0.5", "train_alpha_l2": "0.125",
-        "cpu_max_train_samples": 256, "cpu_max_eval_samples": 64,
+        "cpu_max_train_samples": 256, "cpu_max_eval_samples": 32,
     }
 
     def __init__(self, args: SegmentationArgs):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.sharpness import estimate_sharpness, sharpness_report
+from common.sharpness import collect_batches, estimate_sharpness, sharpness_report
 
 
 class RegressionTask:
@@ -191,3 +191,27 @@ def test_report_shape_for_results_json():
     import json
 
     json.dumps(report)  # plain JSON types only
+
+
+def test_collect_batches_takes_a_fixed_prefix():
+    batches = _classification_batches(n_batches=3)  # 3 x 16 examples
+    subset = collect_batches(iter(batches), 20, device="cpu")
+    assert [len(b["labels"]) for b in subset] == [16, 4]
+    assert torch.equal(subset[1]["x"], batches[1]["x"][:4])
+    assert sum(len(b["labels"]) for b in collect_batches(batches, 1000)) == 48
+    with pytest.raises(ValueError):
+        collect_batches(batches, 0)
+
+
+def test_on_the_vision_task_with_batchnorm():
+    """A real Task (vision) and a BatchNorm CNN: positive, growing, and the running stats untouched."""
+    from helpers import image_batch, tiny_cnn, vision_task
+
+    model, task = tiny_cnn(), vision_task()
+    model.train()
+    batches = [image_batch(8, seed=1), image_batch(8, seed=2)]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = sharpness_report(model, task, batches, rhos=(0.05, 0.2), adaptive_rhos=(0.5,), steps=2)
+    assert 0 < report["sam"]["0.05"]["sharpness"] < report["sam"]["0.2"]["sharpness"]
+    assert report["asam"]["0.5"]["sharpness"] > 0 and model.training
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -98,7 +98,7 @@ def test_passthrough_method_flags_reach_only_their_methods(sweep, tmp_path):
             "--max_steps", "2", "--train_steps", "3", "--trades_beta", "1", "--eval_linf", "1/255", "2/255"]
     assert sweep.main(argv, runner=runner) == 0
     erm, at, trades = runner.commands
-    assert erm[-4:] == ["--max_steps", "2", "--eval_linf", "1/255", "2/255"][-4:] and "--train_steps" not in erm
+    assert erm[-5:] == ["--max_steps", "2", "--eval_linf", "1/255", "2/255"] and "--train_steps" not in erm
     assert _flag(at, "--train_steps") == "3" and "--trades_beta" not in at
     assert _flag(trades, "--trades_beta") == "1" and _flag(trades, "--train_alpha") == "2/255"
     assert _flag(at, "--max_steps") == "2" and at[-2:] == ["1/255", "2/255"]
@@ -192,5 +192,7 @@ def test_end_to_end_two_runs_skip_on_rerun_and_report(tmp_path):
     assert report.main([str(root), "--out", str(tmp_path / "report")]) == 0
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| erm |" in md and "| sam rho=0.05 |" in md and "pgd-linf 8/255" in md
-    for name in ("clean_vs_robust.png", "robust_vs_eps.png", "sweep_rho_eps.png", "cost.png", "results.csv"):
+    assert "sam@0.05" in md  # the engine's sharpness probe reaches the report
+    for name in ("clean_vs_robust.png", "robust_vs_eps.png", "sweep_rho_eps.png", "cost.png",
+                 "sharpness_vs_robust.png", "results.csv", "summary.csv"):
         assert (tmp_path / "report" / name).stat().st_size > 0, name

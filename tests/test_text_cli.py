@@ -27,6 +27,7 @@ def _attack_text(argv: list[str], monkeypatch) -> int:
     """Run scripts/attack_text.py in this process (its imports are already warm); returns the exit code."""
     spec = importlib.util.spec_from_file_location("attack_text", ROOT / "scripts" / "attack_text.py")
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "attack_text", module)  # dataclasses look their module up there
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     monkeypatch.setattr(sys, "argv", ["attack_text.py", *argv])
     try:
