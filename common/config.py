@@ -34,7 +34,8 @@ class RunArgs:
     )
     model: Optional[str] = field(
         default=None,
-        metadata={"help": "Model: a built-in name, 'timm:<name>', a Hugging Face hub id or a local folder. "
+        metadata={"help": "Model: a built-in name (vision: preact_resnet18, small_cnn; segmentation: an smp "
+                  "architecture such as unet, fpn), 'timm:<name>', a Hugging Face hub id or a local folder. "
                   "Default: the task's embedded default."},
     )
     dataset: Optional[str] = field(
@@ -48,7 +49,8 @@ class RunArgs:
         default=None, metadata={"help": "Split to evaluate on. Default: 'test', else 'validation'."}
     )
     label_column: Optional[str] = field(
-        default=None, metadata={"help": "Label column. Default: found automatically ('label', 'labels', ...)."}
+        default=None,
+        metadata={"help": "Label column (the mask column for segmentation). Default: found automatically."},
     )
     max_train_samples: Optional[int] = field(
         default=None,

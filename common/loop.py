@@ -75,7 +75,7 @@ def attack_specs(task: Task, evals: EvalArgs) -> list[AttackSpec]:
                              flag=f"--eval_{norm}")
         if eps:
             specs.append(AttackSpec(f"pgd-{norm}", norm, eps, objective))
-    return specs + task.extra_attacks()
+    return specs + task.extra_attacks(evals)
 
 
 def _subset(dataset: Any, n: int, seed: int) -> Any:

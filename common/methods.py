@@ -165,11 +165,14 @@ def _attack_delta(ctx: StepContext, batch: dict, objective: Callable[[Tensor, in
                    random_init=random_init, init=init)
 
 
-def _kl(logits_adv: Tensor, probs_clean: Tensor) -> Tensor:
-    """Mean over examples (and pixels) of KL(p_clean || p_adv); class dim is 1."""
+def _kl(logits_adv: Tensor, probs_clean: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Mean over examples (and pixels) of KL(p_clean || p_adv); class dim is 1. ``mask`` (logits' shape
+    without the class dim) keeps only the positions that count, e.g. not ``ignore_index`` pixels."""
     log_q = F.log_softmax(logits_adv.float(), dim=1)
     kl = (probs_clean * (probs_clean.clamp_min(1e-12).log() - log_q)).sum(dim=1)
-    return kl.mean()
+    if mask is None:
+        return kl.mean()
+    return (kl * mask).sum() / mask.sum().clamp_min(1)
 
 
 class CleanObjective:
@@ -206,7 +209,8 @@ class TradesObjective:
         # TRADES starts from a tiny Gaussian, not a uniform point of the ball: the KL is 0 with zero
         # gradient exactly at delta = 0.
         init = 0.001 * torch.randn_like(surface_x)
-        return _attack_delta(ctx, batch, lambda logits, step: _kl(logits, probs), random_init=False,
+        mask = ctx.task.loss_mask(batch)
+        return _attack_delta(ctx, batch, lambda logits, step: _kl(logits, probs, mask), random_init=False,
                              init=init)
 
     def loss(self, ctx: StepContext, batch: dict, delta: Tensor) -> Tensor:
@@ -214,7 +218,8 @@ class TradesObjective:
         surface = ctx.task.surface(ctx.model, doubled)
         logits = surface.forward(torch.cat([torch.zeros_like(delta), delta]))
         clean, adv = logits.chunk(2)
-        return ctx.task.loss(clean, batch) + ctx.method.trades_beta * _kl(adv, F.softmax(clean.float(), 1))
+        kl = _kl(adv, F.softmax(clean.float(), 1), ctx.task.loss_mask(batch))
+        return ctx.task.loss(clean, batch) + ctx.method.trades_beta * kl
 
 
 OBJECTIVES = {"clean": CleanObjective(), "pgd": AdversarialObjective(), "fgsm": AdversarialObjective(),

@@ -130,9 +130,15 @@ class Task(abc.ABC):
         """Predicted classes, used by the collapse guard (warn when a model predicts one class)."""
         return logits.argmax(dim=1)
 
-    def extra_attacks(self) -> list["AttackSpec"]:
-        """Attacks evaluated besides PGD-Linf/PGD-L2 on the task loss (segmentation: SegPGD)."""
+    def extra_attacks(self, evals: Any = None) -> list["AttackSpec"]:
+        """Attacks evaluated besides PGD-Linf/PGD-L2 on the task loss (segmentation: SegPGD). ``evals`` is
+        the run's ``EvalArgs`` (radii the user asked for)."""
         return []
+
+    def loss_mask(self, batch: dict) -> Optional[Tensor]:
+        """Which output positions count in per-position losses such as TRADES' KL: ``(B, ...)`` bool shaped
+        like the logits without the class dim, or ``None`` for all (segmentation: not ``ignore_index``)."""
+        return None
 
     def extra_evaluation(self, model: nn.Module, accelerator: Any, run: Any) -> dict:
         """Task-specific evaluation after training (text: TextAttack recipes); merged into

@@ -118,8 +118,8 @@ class SegmentationTask(Task):
     # train_eps 8/255 is the L-inf budget of segmentation AT papers (Xu et al. 2021, Gu et al. 2022).
     defaults = {
         "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
-        "epochs": 10, "batch_size": 16, "eval_batch_size": 32, "train_eps": "8/255", "train_alpha": "2/255",
-        "train_eps_l2": "0.5", "train_alpha_l2": "0.125",
+        "epochs": 10, "batch_size": 16, "eval_batch_size": 32, "train_eps": "8/255",
+        "train_eps_l2": "0.5",
         "cpu_max_train_samples": 256, "cpu_max_eval_samples": 32,
     }
 
@@ -240,6 +240,10 @@ class SegmentationTask(Task):
         labels = batch["labels"]
         total = F.cross_entropy(logits.float(), labels, ignore_index=self.args.ignore_index, reduction="sum")
         return total / (labels != self.args.ignore_index).sum().clamp_min(1)
+
+    def loss_mask(self, batch: dict) -> Tensor:
+        """``(B, H, W)`` bool: the pixels that count (not ``ignore_index``), for TRADES' per-pixel KL."""
+        return batch["labels"] != self.args.ignore_index
 
     # ---------------------------------------------------------------------------------------- metrics
 

@@ -47,3 +47,16 @@ def test_resolve_method_defaults_and_unused_flags():
         resolve_method("pgd-at", MethodArgs(train_eps="8"), task, {"train_eps"})
     with pytest.raises(UsageError, match="choose one of"):
         resolve_method("sgd-at", MethodArgs(), task, set())
+
+
+def test_trades_kl_ignores_masked_positions():
+    from common.methods import _kl
+
+    torch.manual_seed(0)
+    adv, clean = torch.randn(2, 3, 4, 4), torch.softmax(torch.randn(2, 3, 4, 4), 1)
+    mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    mask[:, :2] = True
+    full = _kl(adv, clean)
+    masked = _kl(adv, clean, mask)
+    assert torch.allclose(masked, _kl(adv[:, :, :2], clean[:, :, :2]))
+    assert not torch.allclose(full, masked)
