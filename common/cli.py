@@ -20,14 +20,16 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def main_guard(main: Callable[[], Any]) -> None:
-    """Run ``main``; user mistakes (``UsageError``) become one line and exit 2, not a traceback."""
+def main_guard(main: Callable[[], Any], resumable: bool = False) -> None:
+    """Run ``main``; user mistakes (``UsageError``) become one line and exit 2, not a traceback.
+    Ctrl-C exits 130 quietly (``resumable``: with a hint that ``--resume`` continues)."""
     try:
         main()
     except UsageError as err:
         fail(str(err))
     except KeyboardInterrupt:
-        print("interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        hint = "; rerun with --resume to continue from the last checkpoint" if resumable else ""
+        print(f"interrupted{hint}", file=sys.stderr)
         raise SystemExit(130)
 
 

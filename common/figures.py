@@ -199,7 +199,6 @@ def fig_sharpness(runs: list[Run], sharp_key: str, extra: dict) -> Optional[byte
     cols = robust_columns(runs)
     if not with_sharp or not cols:
         return None
-    headline = runs[0].headline
     methods = list(OrderedDict((r.method, None) for r in sorted(with_sharp, key=setting_order)))
     values = [r.sharpness[sharp_key] for r in with_sharp]
     log_x = min(values) > 0 and max(values) / min(values) > 50  # spans decades: log axis
@@ -213,8 +212,7 @@ def fig_sharpness(runs: list[Run], sharp_key: str, extra: dict) -> Optional[byte
                             textcoords="offset points")
         if log_x:
             ax.set_xscale("log")
-        ax.set(xlabel=f"sharpness {sharp_key}", ylabel=column_title(key),
-               title=column_title(key))
+        ax.set(xlabel=f"sharpness {sharp_key}", ylabel=column_title(key), title=column_title(key))
         ax.grid(alpha=0.3)
         _method_legend(ax, methods, extra)
     fig.suptitle("Weight-space sharpness vs input-space robustness (one point per run)", y=1.0)

@@ -407,6 +407,10 @@ def summary_rows(runs: list[Run], settings: list[Setting]) -> tuple[list[str], l
 
 def _csv_bytes(header: list[str], rows: list[dict]) -> bytes:
     buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
 
 
 # ------------------------------------------------------------------------------------------------ output

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from common.cli import main_guard
+
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ("clean_vs_robust.png", "robust_vs_eps.png", "sweep_rho_eps.png", "cost.png", "sharpness_vs_robust.png")
 
@@ -23,6 +25,13 @@ def _script():
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def _guarded_main(*argv: str) -> int:
+    """The exit status of scripts/report.py's main run as its command line runs it (through main_guard)."""
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(lambda: _script().main(list(argv)))
+    return exit_.value.code
 
 
 def fake_results(task: str, method: str, seed: int, clean: float, robust_drop: float, *, rho=None, eps=None,
@@ -178,7 +187,7 @@ def test_bad_input_in_process(tmp_path, capsys, setup, message):
     elif setup == "foreign":
         (runs / "results.json").write_text(json.dumps({"accuracy": 0.9}))
     target = str(runs / "nope") if setup == "missing" else str(runs)
-    assert _script().main([target, "--out", str(tmp_path / "rep")]) == 2
+    assert _guarded_main(target, "--out", str(tmp_path / "rep")) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "rep").exists()
@@ -187,6 +196,6 @@ def test_bad_input_in_process(tmp_path, capsys, setup, message):
 def test_unknown_sharpness_key(tmp_path, capsys):
     runs = tmp_path / "runs"
     write_sweep(runs)
-    assert _script().main([str(runs), "--sharpness", "sam@9", "--out", str(tmp_path / "rep")]) == 2
+    assert _guarded_main(str(runs), "--sharpness", "sam@9", "--out", str(tmp_path / "rep")) == 2
     assert "available: sam@0.05, sam@0.1, asam@0.5" in capsys.readouterr().err
     assert not (tmp_path / "rep").exists()
