@@ -55,35 +55,18 @@ TASK_GRIDS: dict[str, dict] = {
 DEFAULT_METHODS = ("erm", "sam", "pgd-at")
 MAX_RHO = 10.0  # scripts/run.py's own bound (common/config.py)
 
-# Used only while common.methods is missing or broken: which MethodArgs flags each method reads.
-_FALLBACK_FLAGS = {
-    "erm": set(), "sam": {"rho", "sam_sync"}, "asam": {"rho", "sam_sync", "asam_eta"},
-    "pgd-at": {"train_eps", "train_alpha", "train_steps", "train_norm"},
-    "fgsm-at": {"train_eps", "train_alpha", "train_norm"},
-    "trades": {"train_eps", "train_alpha", "train_steps", "train_norm", "trades_beta"},
-    "sam-at": {"rho", "sam_sync", "train_eps", "train_alpha", "train_steps", "train_norm"},
-}
-_METHOD_FLAGS = {"rho", "asam_eta", "sam_sync", "train_eps", "train_alpha", "train_steps", "train_norm",
-                 "trades_beta"}
-
-
 def method_flags() -> dict[str, set[str]]:
-    """``{method: MethodArgs fields it reads}`` from the engine's registry (the fallback list before it
-    exists)."""
-    try:
-        from common.methods import METHODS
-    except ImportError:
-        return {k: set(v) for k, v in _FALLBACK_FLAGS.items()}
+    """``{method: MethodArgs fields it reads}``, from the engine's registry."""
+    from common.methods import METHODS
+
     return {name: set(m.flags) for name, m in METHODS.items()}
 
 
 def _method_arg_names() -> set[str]:
-    try:
-        from dataclasses import fields
+    from dataclasses import fields
 
-        from common.config import MethodArgs
-    except ImportError:
-        return set(_METHOD_FLAGS)
+    from common.config import MethodArgs
+
     return {f.name for f in fields(MethodArgs)}
 
 
