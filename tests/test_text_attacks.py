@@ -6,8 +6,8 @@ import time
 
 import pytest
 import torch
-
 from text_helpers import tiny_checkpoint, tiny_dataset
+
 from text import data as text_data
 from text import models as text_models
 from text import textattack_eval as te

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from text_helpers import tiny_checkpoint, tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from text_helpers import run_args, tiny_checkpoint, tiny_dataset
 
 from common.attacks import eval_mode, pgd
 from common.errors import UsageError
 from common.methods import METHODS, ResolvedMethod, StepContext, train_step
-from text_helpers import run_args, tiny_checkpoint, tiny_dataset
 from text.task import TextArgs, TextTask, embedding_scale
 
 

@@ -73,8 +73,7 @@ def tiny_checkpoint(folder: Path, num_labels: int = 2, classifier: bool = True) 
 
 
 def run_args(**overrides):
-    """RunArgs with the text task's defaults filled as the engine would (CPU)."""
+    """``RunArgs`` for ``--task text`` (only what ``TextTask.build`` reads matters here)."""
     from common.config import RunArgs
 
-    run = RunArgs(task="text", **overrides)
-    return run
+    return RunArgs(task="text", **overrides)

@@ -33,7 +33,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 from urllib.parse import urlparse
 
 import numpy as np
