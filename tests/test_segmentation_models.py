@@ -115,5 +115,5 @@ def test_flags_have_help_and_do_not_collide_with_common_ones():
     assert SegmentationTask(seg).extra_attacks() == []
     defaults = SegmentationTask.defaults
     for key in ("optimizer", "lr", "weight_decay", "lr_scheduler", "warmup_ratio", "epochs", "batch_size",
-                "eval_batch_size", "train_eps", "train_alpha", "cpu_max_train_samples", "cpu_max_eval_samples"):
+                "eval_batch_size", "train_eps", "cpu_max_train_samples", "cpu_max_eval_samples"):
         assert key in defaults, key
