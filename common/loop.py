@@ -18,6 +18,7 @@ import math
 import shutil
 import signal
 import time
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -112,9 +113,9 @@ class PassCounter:
     through it (``loss.backward()`` and the attacks' ``autograd.grad`` alike).
     """
 
-    def __init__(self, model: nn.Module):
-        self.forward = 0
-        self.backward = 0
+    def __init__(self, model: nn.Module, forward: int = 0, backward: int = 0):
+        self.forward = forward  # resumed runs start from the checkpoint's counts
+        self.backward = backward
         self.active = True
         self._handle = model.register_forward_hook(self._hook)
 
@@ -134,6 +135,17 @@ class PassCounter:
         self._handle.remove()
 
 
+@dataclass
+class TrainState:
+    """What a checkpoint records besides Accelerate's state (``trainer_state.json``)."""
+
+    step: int = 0
+    train_wall_s: float = 0.0
+    forward_passes: int = 0
+    backward_passes: int = 0
+    train_examples: int = 0
+
+
 # ----------------------------------------------------------------------------------------- checkpoints
 
 
@@ -146,11 +158,11 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
-def save_checkpoint(accelerator: Any, output_dir: Path, state: dict) -> None:
-    path = output_dir / CHECKPOINTS / f"step_{state['step']}"
+def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState) -> None:
+    path = output_dir / CHECKPOINTS / f"step_{state.step}"
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
-        write_json_atomic(path / STATE_FILE, state)
+        write_json_atomic(path / STATE_FILE, asdict(state))
         for old in list_checkpoints(output_dir)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -234,23 +246,19 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
     model = data.model
     counter = PassCounter(model)
     optimizer = make_optimizer(model, run)
-
-    k = run.gradient_accumulation_steps
     batches_per_epoch = math.ceil(len(train_set) / (run.batch_size * accelerator.num_processes))
-    steps_per_epoch = math.ceil(batches_per_epoch / k)
+    steps_per_epoch = math.ceil(batches_per_epoch / run.gradient_accumulation_steps)
     total_steps = run.max_steps or max(1, math.ceil(run.epochs * steps_per_epoch))
     scheduler = make_scheduler(optimizer, run, total_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler)
-    steps_per_epoch = math.ceil(len(train_loader) / k)
 
-    step, elapsed, forward0, backward0, examples = 0, 0.0, 0, 0, 0
+    state = TrainState()
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        saved = json.loads((resume_from / STATE_FILE).read_text())
-        step, elapsed = saved["step"], saved["train_wall_s"]
-        forward0, backward0, examples = saved["forward_passes"], saved["backward_passes"], saved["train_examples"]
-        logger.info("resumed from %s at step %d", resume_from, step)
+        state = TrainState(**json.loads((resume_from / STATE_FILE).read_text()))
+        logger.info("resumed from %s at step %d", resume_from, state.step)
+    counter.forward, counter.backward = state.forward_passes, state.backward_passes
 
     if trackers:
         flat = {f"{group}/{k_}": (v if isinstance(v, (int, float, str, bool)) else str(v))
@@ -259,50 +267,8 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
 
     ctx = StepContext(accelerator=accelerator, model=model, optimizer=optimizer, task=task, method=method,
                       max_grad_norm=run.max_grad_norm)
-    state = lambda: {"step": step, "train_wall_s": elapsed + time.perf_counter() - started,  # noqa: E731
-                     "forward_passes": forward0 + counter.forward, "backward_passes": backward0 + counter.backward,
-                     "train_examples": examples}
-    stop = StopRequest()
-    model.train()
-    started = time.perf_counter()
-    progress = tqdm(total=total_steps, initial=step, desc=f"train {method.method.name}",
-                    disable=not accelerator.is_local_main_process)
-    running_loss, logged_steps = 0.0, 0
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        train_loader.set_epoch(epoch)
-        _set_dataset_epoch(train_set, epoch)
-        skip = (step % steps_per_epoch) * k
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        group: list[dict] = []
-        for batch in loader:
-            group.append(batch)
-            if len(group) < k:
-                continue
-            step, running_loss, logged_steps = _one_step(ctx, group, scheduler, step, running_loss, logged_steps)
-            examples += sum(_batch_size(b) for b in group) * accelerator.num_processes
-            group = []
-            progress.update(1)
-            if step % run.logging_steps == 0 and logged_steps:
-                _log(accelerator, progress, running_loss / logged_steps, scheduler, step)
-                running_loss, logged_steps = 0.0, 0
-            if run.checkpoint_every and step % run.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(accelerator, output_dir, state())
-            if _stop_requested(accelerator, stop) and step < total_steps:
-                save_checkpoint(accelerator, output_dir, state())
-                progress.close()
-                logger.warning("stopped by signal %s at step %d; rerun with --resume to continue", stop.signal,
-                               step)
-                raise Preempted(143)
-            if step >= total_steps:
-                break
-        if group and step < total_steps:  # the epoch's last, shorter accumulation group
-            step, running_loss, logged_steps = _one_step(ctx, group, scheduler, step, running_loss, logged_steps)
-            examples += sum(_batch_size(b) for b in group) * accelerator.num_processes
-            progress.update(1)
-    progress.close()
-    final_state = state()
-    save_checkpoint(accelerator, output_dir, final_state)
+    state = train(ctx, train_loader, train_set, scheduler, run, total_steps, state, counter)
+    save_checkpoint(accelerator, output_dir, state)
     counter.close()
 
     unwrapped = accelerator.unwrap_model(model)
@@ -327,12 +293,12 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
         **evaluation,
         "sharpness": sharpness,
         "cost": {
-            "train_wall_s": round(final_state["train_wall_s"], 3),
+            "train_wall_s": round(state.train_wall_s, 3),
             "eval_wall_s": round(eval_wall, 3),
-            "optimizer_steps": step,
-            "forward_passes": final_state["forward_passes"],
-            "backward_passes": final_state["backward_passes"],
-            "train_examples": final_state["train_examples"],
+            "optimizer_steps": state.step,
+            "forward_passes": state.forward_passes,
+            "backward_passes": state.backward_passes,
+            "train_examples": state.train_examples,
         },
         "device": _device_name(accelerator),
         "num_processes": accelerator.num_processes,
@@ -341,7 +307,7 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if trackers:
-        accelerator.log(_flat_metrics(results), step=step)
+        accelerator.log(_flat_metrics(results), step=state.step)
         accelerator.end_training()
     if accelerator.is_main_process:
         write_json_atomic(results_path, results)
@@ -376,14 +342,64 @@ def measure_sharpness(model: nn.Module, task: Task, eval_set: Any, collate_fn: A
     return report
 
 
-def _one_step(ctx: StepContext, group: list[dict], scheduler: Any, step: int, running_loss: float,
-              logged_steps: int) -> tuple[int, float, int]:
-    result = train_step(ctx, group)
-    if not result.skipped:
-        scheduler.step()
-    if not math.isfinite(result.loss):
-        logger.warning("non-finite training loss at step %d", step + 1)
-    return step + 1, running_loss + result.loss, logged_steps + 1
+def train(ctx: StepContext, train_loader: Any, train_set: Any, scheduler: Any, run: RunArgs, total_steps: int,
+          state: TrainState, counter: PassCounter) -> TrainState:
+    """Optimizer steps from ``state.step`` to ``total_steps``, each over ``gradient_accumulation_steps``
+    micro-batches (the epoch's last group may be shorter), with logging, periodic checkpoints and a
+    checkpoint-and-exit on SIGTERM. Returns the final state."""
+    accelerator, output_dir, k = ctx.accelerator, Path(run.output_dir), run.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(train_loader) / k)
+    stop = StopRequest()
+    started, wall0 = time.perf_counter(), state.train_wall_s
+    progress = tqdm(total=total_steps, initial=state.step, desc=f"train {ctx.method.method.name}",
+                    disable=not accelerator.is_local_main_process)
+    losses: list[float] = []
+
+    def snapshot() -> TrainState:
+        state.train_wall_s = wall0 + time.perf_counter() - started
+        state.forward_passes, state.backward_passes = counter.forward, counter.backward
+        return state
+
+    def optimizer_step(group: list[dict]) -> None:
+        result = train_step(ctx, group)
+        if not result.skipped:
+            scheduler.step()
+        if not math.isfinite(result.loss):
+            logger.warning("non-finite training loss at step %d", state.step + 1)
+        state.step += 1
+        state.train_examples += sum(_batch_size(b) for b in group) * accelerator.num_processes
+        losses.append(result.loss)
+        progress.update(1)
+        if state.step % run.logging_steps == 0:
+            _log(accelerator, progress, sum(losses) / len(losses), scheduler, state.step)
+            losses.clear()
+        if state.step < total_steps and run.checkpoint_every and state.step % run.checkpoint_every == 0:
+            save_checkpoint(accelerator, output_dir, snapshot())
+        if state.step < total_steps and _stop_requested(accelerator, stop):
+            save_checkpoint(accelerator, output_dir, snapshot())
+            progress.close()
+            logger.warning("stopped by signal %s at step %d; rerun with --resume to continue", stop.signal,
+                           state.step)
+            raise Preempted(143)
+
+    ctx.model.train()
+    while state.step < total_steps:
+        epoch = state.step // steps_per_epoch
+        train_loader.set_epoch(epoch)
+        _set_dataset_epoch(train_set, epoch)
+        skip = (state.step % steps_per_epoch) * k
+        group: list[dict] = []
+        for batch in accelerator.skip_first_batches(train_loader, skip) if skip else train_loader:
+            group.append(batch)
+            if len(group) == k:
+                optimizer_step(group)
+                group = []
+                if state.step >= total_steps:
+                    break
+        if group and state.step < total_steps:  # the epoch's last, shorter accumulation group
+            optimizer_step(group)
+    progress.close()
+    return snapshot()
 
 
 def _set_dataset_epoch(dataset: Any, epoch: int) -> None:
