@@ -7,8 +7,8 @@ class indices in ``[0, num_classes)`` or ``ignore_index``. Geometry (the same fo
 * eval: resize to ``S × S`` (bilinear for the image, nearest for the mask), so every pixel is scored;
 * train: the same resize, then a random scale in ``[scale_min, scale_max]``, a random ``S × S`` crop
   (padding with black pixels labelled ``ignore_index`` where the scaled image is smaller) and a random
-  horizontal flip. The randomness comes from torch's global RNG, which the engine seeds (and DataLoader
-  workers reseed per worker).
+  horizontal flip, seeded per ``(seed, epoch, index)`` (``common.data.example_generator``) so that a
+  resumed run sees the same pixels.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from common.data import example_generator, find_column, pick_split
 from common.errors import UsageError
 
 from . import canvas
@@ -83,19 +84,11 @@ def load_splits(dataset: Optional[str], config: Optional[str], train_split: str,
     if isinstance(loaded, datasets.Dataset):
         raise UsageError(f"--dataset {dataset}: holds a single Dataset; segmentation needs a DatasetDict with "
                          f"a train and an eval split")
-    splits = list(loaded.keys())
-    if train_split not in loaded:
-        raise UsageError(f"--train_split {train_split!r} not in the dataset; its splits: {', '.join(splits)}")
-    if eval_split is None:
-        eval_split = next((s for s in ("test", "validation") if s in loaded), None)
-        if eval_split is None:
-            raise UsageError(f"the dataset has neither a 'test' nor a 'validation' split; pass --eval_split "
-                             f"(one of: {', '.join(splits)})")
-    elif eval_split not in loaded:
-        raise UsageError(f"--eval_split {eval_split!r} not in the dataset; its splits: {', '.join(splits)}")
+    train_split = pick_split(loaded, train_split, ("train",), "--train_split")
+    eval_split = pick_split(loaded, eval_split, ("test", "validation"), "--eval_split")
     train, evaluation = loaded[train_split], loaded[eval_split]
-    image_col = find_column(train.column_names, image_column, IMAGE_COLUMNS, "--image_column", "image")
-    mask_col = find_column(train.column_names, mask_column, MASK_COLUMNS, "--label_column", "mask")
+    image_col = find_column(train.column_names, image_column, IMAGE_COLUMNS, "image", "--image_column")
+    mask_col = find_column(train.column_names, mask_column, MASK_COLUMNS, "mask", "--label_column")
     if image_col == mask_col:
         raise UsageError(f"the image and mask columns are both {image_col!r}; name them with --image_column "
                          f"and --label_column")
@@ -106,20 +99,6 @@ def load_splits(dataset: Optional[str], config: Optional[str], train_split: str,
     return SegmentationSplits(name=name, train=train.select_columns(keep), eval=evaluation.select_columns(keep),
                               eval_split=eval_split, image_column=image_col, mask_column=mask_col,
                               id2label=id2label)
-
-
-def find_column(columns: Sequence[str], given: Optional[str], candidates: Sequence[str], flag: str,
-                what: str) -> str:
-    """``given`` if it is a column, else the first of ``candidates`` present; ``UsageError`` otherwise."""
-    if given is not None:
-        if given not in columns:
-            raise UsageError(f"{flag} {given!r} is not a column; columns: {', '.join(columns)}")
-        return given
-    for name in candidates:
-        if name in columns:
-            return name
-    raise UsageError(f"no {what} column found (looked for {', '.join(candidates)}); name it with {flag} "
-                     f"(columns: {', '.join(columns)})")
 
 
 def _first_line(err: BaseException) -> str:
@@ -237,9 +216,10 @@ def resize_pair(image: Tensor, mask: Tensor, height: int, width: int) -> tuple[T
 
 
 def random_scale_crop_flip(image: Tensor, mask: Tensor, size: int, scale: tuple[float, float], hflip: bool,
-                           ignore_index: int) -> tuple[Tensor, Tensor]:
+                           ignore_index: int, generator: Optional[torch.Generator] = None
+                           ) -> tuple[Tensor, Tensor]:
     """Joint augmentation of a ``(3, S, S)`` image and ``(S, S)`` mask; returns the same shapes."""
-    factor = scale[0] + (scale[1] - scale[0]) * float(torch.rand(()))
+    factor = scale[0] + (scale[1] - scale[0]) * float(torch.rand((), generator=generator))
     scaled = max(1, round(size * factor))
     image, mask = resize_pair(image, mask, scaled, scaled)
     if scaled < size:  # pad to S: black pixels, ignored by loss and metrics
@@ -247,10 +227,10 @@ def random_scale_crop_flip(image: Tensor, mask: Tensor, size: int, scale: tuple[
         image = F.pad(image, (0, pad, 0, pad), value=0.0)
         mask = F.pad(mask, (0, pad, 0, pad), value=ignore_index)
         scaled = size
-    top, left = (int(torch.randint(0, scaled - size + 1, ())) for _ in range(2))
+    top, left = (int(torch.randint(0, scaled - size + 1, (), generator=generator)) for _ in range(2))
     image = image[:, top:top + size, left:left + size]
     mask = mask[top:top + size, left:left + size]
-    if hflip and bool(torch.rand(()) < 0.5):
+    if hflip and bool(torch.rand((), generator=generator) < 0.5):
         image, mask = image.flip(-1), mask.flip(-1)
     return image.contiguous(), mask.contiguous()
 
@@ -283,8 +263,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __init__(self, data: Any, image_column: str, mask_column: str, *, num_classes: int, ignore_index: int,
                  size: int, train: bool, scale: tuple[float, float] = (1.0, 1.0), hflip: bool = False,
-                 reduce: bool = False, split: str = "train"):
+                 reduce: bool = False, split: str = "train", seed: int = 0):
         self.data = data
+        self.seed, self.epoch = seed, 0
         self.image_column, self.mask_column = image_column, mask_column
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.size, self.train, self.scale, self.hflip, self.reduce = size, train, scale, hflip, reduce
@@ -292,6 +273,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.data)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the training loop at each epoch start: new augmentations every epoch."""
+        self.epoch = epoch
 
     def select(self, indices: Sequence[int]) -> "SegmentationDataset":
         """The examples at ``indices`` with the same transform (the engine subsets with ``select``)."""
@@ -310,7 +295,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image, mask = resize_pair(image, mask, self.size, self.size)
         if self.train:
             image, mask = random_scale_crop_flip(image, mask, self.size, self.scale, self.hflip,
-                                                 self.ignore_index)
+                                                 self.ignore_index,
+                                                 example_generator(self.seed, self.epoch, int(index)))
         return {"pixel_values": image, "labels": mask}
 
 

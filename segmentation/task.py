@@ -209,7 +209,7 @@ class SegmentationTask(Task):
 
         common = dict(num_classes=num_classes, ignore_index=a.ignore_index, size=size, reduce=a.reduce_labels)
         train = data.SegmentationDataset(splits.train, splits.image_column, splits.mask_column, train=True,
-                                         scale=(a.scale_min, a.scale_max), hflip=a.hflip, split=run.train_split,
+                                         scale=(a.scale_min, a.scale_max), hflip=a.hflip, split=run.train_split, seed=run.seed,
                                          **common)
         evaluation = data.SegmentationDataset(splits.eval, splits.image_column, splits.mask_column, train=False,
                                               split=splits.eval_split, **common)

@@ -98,9 +98,9 @@ def test_bad_masks_and_columns_are_one_line_errors(tmp_path):
 
     with pytest.raises(UsageError, match="--ignore_index 1 is a class index"):
         build(save("ok", images, masks), ignore_index=1)
-    with pytest.raises(UsageError, match=r"--image_column 'photo' is not a column; columns: image, mask"):
+    with pytest.raises(UsageError, match=r"--image_column: no column 'photo'; the dataset has: image, mask"):
         build(tmp_path / "ok", image_column="photo")
-    with pytest.raises(UsageError, match="--eval_split 'val' not in the dataset; its splits: train, test"):
+    with pytest.raises(UsageError, match="--eval_split: split 'val' not in the dataset; choose one of: train, test"):
         SegmentationTask(SegmentationArgs(**TINY_MODEL)).build(
             RunArgs(task="segmentation", dataset=str(tmp_path / "ok"), eval_split="val"), None)
     with pytest.raises(UsageError, match="could not load it from the Hugging Face hub"):

@@ -151,3 +151,11 @@ def test_embedded_default_minilm_and_rotten_tomatoes_load_offline():
     enc = loaded.tokenizer(dsd["test"]["text"][:2], padding=True, return_tensors="pt")
     with torch.no_grad():
         assert loaded.model(**enc).logits.shape == (2, 2)
+
+
+def test_unreachable_hub_model_is_one_line_usage_error():
+    from text import models
+
+    with pytest.raises(UsageError, match="cannot be loaded") as err:
+        models.load_classifier("no-such-org/no-such-model", ["neg", "pos"])
+    assert "\n" not in str(err.value)

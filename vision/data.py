@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from common.data import example_generator
 from common.errors import UsageError
 
 FASHION_MNIST_DIR = Path(os.environ.get("SAMAT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -83,36 +84,6 @@ def load_dataset_dict(name: str, config: Optional[str] = None):
                          f"folder or a loadable hub dataset: {why}") from None
 
 
-def pick_split(dataset, wanted: Optional[str], fallbacks: tuple[str, ...], flag: str) -> str:
-    names = list(dataset.keys())
-    if wanted is not None:
-        if wanted not in names:
-            raise UsageError(f"{flag}: split {wanted!r} not in the dataset; choose one of: {', '.join(names)}")
-        return wanted
-    for name in fallbacks:
-        if name in names:
-            return name
-    raise UsageError(f"{flag}: the dataset has no {' or '.join(fallbacks)} split; choose one of: {', '.join(names)}")
-
-
-def find_column(features: dict, wanted: Optional[str], candidates: tuple[str, ...], kind: str, flag: str,
-                feature_type: Optional[type] = None) -> str:
-    """The named column, or the first candidate name present, or the first column of ``feature_type``."""
-    names = list(features)
-    if wanted is not None:
-        if wanted not in names:
-            raise UsageError(f"{flag}: no column {wanted!r}; the dataset has: {', '.join(names)}")
-        return wanted
-    for name in candidates:
-        if name in names:
-            return name
-    if feature_type is not None:
-        for name, feature in features.items():
-            if isinstance(feature, feature_type):
-                return name
-    raise UsageError(f"cannot find the {kind} column among {', '.join(names)}; name it with {flag}")
-
-
 def to_chw_float(image: Any) -> Tensor:
     """A PIL image or array ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` -> float ``(C, H, W)`` in ``[0, 1]``."""
     if hasattr(image, "convert"):  # PIL
@@ -147,9 +118,7 @@ class ImageClassification(torch.utils.data.Dataset):
     """Items ``{"pixel_values": (C, S, S) float in [0, 1], "labels": int64}`` from a ``datasets.Dataset``.
 
     Augmentation (``augment``): random crop with 4-pixel zero padding (1/8 of the side for larger images)
-    and horizontal flip. Its randomness is a function of ``(seed, epoch, index)``, not of the global RNG:
-    Accelerate's loader fetches one batch ahead, so global-RNG augmentation would interleave differently
-    after a resume; this way a resumed run sees the very same images, with any number of workers.
+    and horizontal flip, seeded per ``(seed, epoch, index)`` (``common.data.example_generator``).
     """
 
     def __init__(self, hf_dataset, image_column: str, label_column: str, channels: int,
@@ -177,14 +146,8 @@ class ImageClassification(torch.utils.data.Dataset):
             x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", align_corners=False,
                               antialias=True)[0].clamp(0, 1)
         if self.augment:
-            generator = torch.Generator().manual_seed(example_seed(self.seed, self.epoch, int(index)))
-            x = random_crop_flip(x, generator)
+            x = random_crop_flip(x, example_generator(self.seed, self.epoch, int(index)))
         return {"pixel_values": x, "labels": torch.tensor(int(row[self.label_column]), dtype=torch.long)}
-
-
-def example_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed for one example's augmentation in one epoch (a fixed mix, stable across processes)."""
-    return (seed * 1_000_003 + epoch * 998_244_353 + index * 2_654_435_761) % (2 ** 63 - 1)
 
 
 def random_crop_flip(x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.data import find_column, pick_split
 from common.errors import UsageError
 from common.metrics import accuracy_from_stats, accuracy_stats
 from common.task import AttackSurface, Task, TaskData
@@ -64,13 +65,14 @@ class VisionTask(Task):
         import datasets
 
         dataset = vdata.load_dataset_dict(dataset_name, run.dataset_config)
-        train_split = vdata.pick_split(dataset, run.train_split, ("train",), "--train_split")
-        eval_split = vdata.pick_split(dataset, run.eval_split, ("test", "validation", "valid"), "--eval_split")
+        train_split = pick_split(dataset, run.train_split, ("train",), "--train_split")
+        eval_split = pick_split(dataset, run.eval_split, ("test", "validation", "valid"), "--eval_split")
         features = dataset[train_split].features
-        image_col = vdata.find_column(features, args.image_column, vdata.IMAGE_COLUMNS, "image",
-                                      "--image_column", datasets.Image)
-        label_col = vdata.find_column(features, run.label_column, vdata.LABEL_COLUMNS, "label",
-                                      "--label_column", datasets.ClassLabel)
+        of_type = lambda kind: [n for n, f in features.items() if isinstance(f, kind)]  # noqa: E731
+        image_col = find_column(features, args.image_column, vdata.IMAGE_COLUMNS, "image", "--image_column",
+                                of_type(datasets.Image))
+        label_col = find_column(features, run.label_column, vdata.LABEL_COLUMNS, "label", "--label_column",
+                                of_type(datasets.ClassLabel))
         label_feature = features[label_col]
         if isinstance(label_feature, datasets.ClassLabel):
             class_names = list(label_feature.names)

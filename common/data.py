@@ -1,0 +1,50 @@
+"""Data helpers every task shares: splits, columns, and augmentation randomness that survives a resume."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .errors import UsageError
+
+
+def pick_split(splits: Sequence[str], wanted: Optional[str], fallbacks: Sequence[str], flag: str) -> str:
+    """``wanted`` if the dataset has it, else the first of ``fallbacks`` it has; ``UsageError`` listing the
+    dataset's splits otherwise."""
+    names = list(splits)
+    if wanted is not None:
+        if wanted not in names:
+            raise UsageError(f"{flag}: split {wanted!r} not in the dataset; choose one of: {', '.join(names)}")
+        return wanted
+    for name in fallbacks:
+        if name in names:
+            return name
+    raise UsageError(f"{flag}: the dataset has no {' or '.join(fallbacks)} split; choose one of: "
+                     f"{', '.join(names)}")
+
+
+def find_column(columns: Sequence[str], wanted: Optional[str], candidates: Sequence[str], what: str,
+                flag: str, typed: Sequence[str] = ()) -> str:
+    """The column named by ``flag`` (``wanted``), else the first of ``candidates`` present, else the first
+    of ``typed`` (columns found by feature type); ``UsageError`` listing the columns otherwise."""
+    names = list(columns)
+    if wanted is not None:
+        if wanted not in names:
+            raise UsageError(f"{flag}: no column {wanted!r}; the dataset has: {', '.join(names)}")
+        return wanted
+    for name in [*candidates, *typed]:
+        if name in names:
+            return name
+    raise UsageError(f"cannot find the {what} column among {', '.join(names)}; name it with {flag}")
+
+
+def example_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A generator for one example's augmentation in one epoch.
+
+    Augmentation must not draw from the global RNG: Accelerate's loader fetches one batch ahead, so after a
+    resume the draws would interleave differently with the training step's (attacks, dropout). Seeding per
+    ``(seed, epoch, index)`` gives a resumed run the very same images, with any number of workers.
+    """
+    mixed = (seed * 1_000_003 + epoch * 998_244_353 + index * 2_654_435_761) % (2 ** 63 - 1)
+    return torch.Generator().manual_seed(mixed)

@@ -1,0 +1,46 @@
+"""Augmentation depends on (seed, epoch, index) only, never on the global RNG (exact resume needs it)."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import torch
+
+from segmentation.data import SegmentationDataset
+from vision.data import ImageClassification
+
+
+def _images(n=4, size=16):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 255, (n, size, size), dtype=np.uint8)
+
+
+def _vision():
+    features = datasets.Features({"image": datasets.Array2D((16, 16), "uint8"), "label": datasets.Value("int64")})
+    data = datasets.Dataset.from_dict({"image": _images(), "label": [0, 1, 0, 1]}, features=features)
+    return ImageClassification(data.with_format("numpy"), "image", "label", channels=1, size=None, augment=True,
+                               seed=5)
+
+
+def _segmentation():
+    images = _images()
+    features = datasets.Features({"image": datasets.Array3D((16, 16, 3), "uint8"),
+                                  "mask": datasets.Array2D((16, 16), "uint8")})
+    data = datasets.Dataset.from_dict({"image": np.repeat(images[..., None], 3, -1),
+                                       "mask": (images > 128).astype(np.uint8)}, features=features)
+    return SegmentationDataset(data.with_format("numpy"), "image", "mask", num_classes=2, ignore_index=255,
+                               size=16, train=True, scale=(0.5, 1.5), hflip=True, seed=5)
+
+
+def test_same_seed_epoch_index_same_example_whatever_the_global_rng():
+    for make in (_vision, _segmentation):
+        dataset = make()
+        torch.manual_seed(0)
+        first = [dataset[i]["pixel_values"] for i in range(4)]
+        torch.manual_seed(123)
+        torch.rand(1000)
+        again = [dataset[i]["pixel_values"] for i in range(4)]
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+        dataset.set_epoch(1)
+        changed = [dataset[i]["pixel_values"] for i in range(4)]
+        assert any(not torch.equal(a, b) for a, b in zip(first, changed))
