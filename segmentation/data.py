@@ -143,6 +143,8 @@ def to_image_tensor(image: Any, where: str) -> Tensor:
     tensor = torch.from_numpy(np.array(array)).permute(2, 0, 1)  # a copy: arrow buffers are read-only
     if tensor.dtype == torch.uint8:
         return tensor.float() / 255.0
+    if not tensor.is_floating_point() and tensor.numel() and 0 <= tensor.min() and tensor.max() <= 255:
+        return tensor.float() / 255.0  # integer pixels (e.g. arrow's int64) on the 8-bit scale
     tensor = tensor.float()
     if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
         raise UsageError(f"{where}: float image values in [{tensor.min():.3g}, {tensor.max():.3g}]; expected "
