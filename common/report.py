@@ -11,9 +11,7 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .errors import UsageError
+from .results import write_bytes_atomic
 
 # Rows of every table and figure go in this order (ERM, then SAM, then the AT family); other methods last.
 METHOD_ORDER = ("erm", "sam", "asam", "pgd-at", "fgsm-at", "trades", "sam-at")
@@ -443,13 +442,5 @@ def build_report(paths: Sequence[str], sharpness_key: Optional[str] = None) -> d
 
 def write_report(out: Path, files: dict[str, bytes]) -> None:
     """Write ``files`` into ``out`` (created if missing), each atomically: a reader never sees half a file."""
-    out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, out / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes_atomic(out / name, data)

@@ -24,19 +24,27 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON so that readers see the old file or the whole new one, never half of it."""
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` so that readers see the old file or the whole new one, never half of it
+    (a temp file in the same folder, then ``os.replace``). The file gets the usual 0644-less-umask mode."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (see :func:`write_bytes_atomic`)."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
 def format_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

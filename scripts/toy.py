@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
-import os
 import platform
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +29,7 @@ if str(ROOT) not in sys.path:  # `python scripts/toy.py` without `pip install -e
     sys.path.insert(0, str(ROOT))
 
 from common.errors import UsageError  # noqa: E402
+from common.results import write_bytes_atomic, write_json_atomic  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,19 +126,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, Any, 
     return a, cfg, lists
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same folder and ``os.replace``, so no reader sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _table(summary: list[dict], eval_keys: list[str]) -> str:
     """Plain-text table: one line per (model, method, value), mean ± std over seeds."""
     head = ["model", "method", "rho", "eps", "clean", *[f"rob@{k}" for k in eval_keys], "robust_share",
@@ -198,7 +183,9 @@ def _plot(summary: list[dict], method: str, xkey: str, xlabel: str, eval_keys: l
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    write_bytes_atomic(path, buf.getvalue())
     plt.close(fig)
 
 
@@ -227,12 +214,12 @@ def run(a: argparse.Namespace, cfg: Any, lists: dict[str, list]) -> dict[str, An
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _atomic_write(out / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
+    write_json_atomic(out / "results.json", results)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(summary[0]))
     writer.writeheader()
     writer.writerows(summary)
-    _atomic_write(out / "results.csv", lambda f: f.write(buf.getvalue().encode()))
+    write_bytes_atomic(out / "results.csv", buf.getvalue().encode())
     _plot(summary, "sam", "rho", "SAM rho", eval_keys, cfg.probe_rho, out / "toy_sam_rho.png")
     _plot(summary, "at", "eps", "AT eps", eval_keys, cfg.probe_rho, out / "toy_at_eps.png")
     print(_table(summary, eval_keys))
