@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -12,6 +13,28 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 from .errors import UsageError
+
+
+class OneLineErrors:
+    """Parser mixin: argparse errors become ``UsageError`` (one ``error:`` line and exit 2 under
+    :func:`main_guard`) instead of a usage dump."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        raise UsageError(message)
+
+
+class ArgumentParser(OneLineErrors, argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with one-line errors."""
+
+
+def hf_argument_parser(dataclass_types: list, **kwargs: Any):
+    """``transformers.HfArgumentParser`` over ``dataclass_types`` with one-line errors."""
+    from transformers import HfArgumentParser
+
+    class Parser(OneLineErrors, HfArgumentParser):
+        pass
+
+    return Parser(dataclass_types, **kwargs)
 
 
 def fail(message: str) -> NoReturn:

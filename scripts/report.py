@@ -26,18 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python scripts/report.py` without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
-from common.cli import main_guard  # noqa: E402
-from common.errors import UsageError  # noqa: E402
+from common.cli import ArgumentParser, main_guard  # noqa: E402
 from common.report import build_report, write_report  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]  # one line instead of argparse's usage dump
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", help="Runs folders (searched recursively) or results.json files.")
     p.add_argument("--out", default=None,
                    help="Folder for report.md, the CSVs and figures. Default: <first path>/report.")

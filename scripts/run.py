@@ -22,22 +22,17 @@ from common.errors import UsageError  # noqa: E402
 
 
 def _parser(task_args_cls):
-    from transformers import HfArgumentParser
-
+    from common.cli import hf_argument_parser
     from common.config import EvalArgs, MethodArgs, RunArgs
     from common.methods import METHODS
     from common.registry import TASKS
 
-    class Parser(HfArgumentParser):
-        def error(self, message: str):  # one line instead of argparse's usage dump
-            raise UsageError(message)
-
     epilog = ("tasks: " + ", ".join(TASKS) + ". methods: "
               + "; ".join(f"{m.name} ({m.summary})" for m in METHODS.values())
               + ". Task-specific flags: `--task <task> --help`. Eps values accept fractions such as 8/255.")
-    parser = Parser([RunArgs, MethodArgs, EvalArgs, task_args_cls], description=__doc__.split("\n\n")[0],
-                    epilog=epilog, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    return parser
+    return hf_argument_parser([RunArgs, MethodArgs, EvalArgs, task_args_cls],
+                              description=__doc__.split("\n\n")[0], epilog=epilog,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def _config_to_argv(values: dict) -> list[str]:

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python scripts/sweep.py` without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
+from common.cli import ArgumentParser  # noqa: E402
 from common.errors import UsageError  # noqa: E402
 
 RUN_PY = ROOT / "scripts" / "run.py"
@@ -261,13 +262,8 @@ def execute(jobs: list[Job], runner: Callable[[list[str]], int], keep_going: boo
     return 1 if failed else 0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                 usage="%(prog)s [options] [-- run.py flags]")
     p.add_argument("--task", default="vision", help=f"Task: {', '.join(TASK_GRIDS)}.")
     p.add_argument("--model", default=None, help="--model for every run (default: the task's default).")

@@ -28,19 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python scripts/toy.py` without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
+from common.cli import ArgumentParser  # noqa: E402
 from common.errors import UsageError  # noqa: E402
 from common.results import write_bytes_atomic, write_json_atomic  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one-line ``UsageError``s (exit 2 from ``main``), not usage dumps."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output_dir", default="runs/toy", help="Folder for results.json, results.csv and PNGs.")
     p.add_argument("--models", nargs="+", default=["linear", "mlp"], help="Classifiers: linear and/or mlp.")
     p.add_argument("--rho", nargs="+", default=["0.05", "0.1", "0.2", "0.5", "1", "2"],
