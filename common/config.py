@@ -16,13 +16,12 @@ from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from typing import Optional
 
+from .attacks import NORMS
 from .errors import UsageError
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-NORMS = ("linf", "l2")
 SAM_SYNC = ("local", "global")
-SAM_ACCUMULATION = ("full-batch",)
 
 
 @dataclass
