@@ -80,3 +80,15 @@ def test_download_recipes_fail_at_once_with_one_line(recipe, resource):
         te.check_recipes([recipe])
     assert time.perf_counter() - started < 10
     assert resource in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sentence_pair_attack(setup, tmp_path):
+    dsd = text_data.load_raw(str(tiny_dataset(tmp_path / "pairs", pairs=True)))
+    cols = text_data.resolve_columns(dsd, "test", None, None, None)
+    examples = text_data.to_examples(dsd["test"], cols)
+    loaded = setup["loaded"]
+    summaries, records = te.attack_model(loaded.model, loaded.tokenizer, examples, ["deepwordbug"], 4)
+    s = summaries["deepwordbug"]
+    assert s["successful"] + s["failed"] + s["skipped"] == 4
+    assert s["accuracy_under_attack"] <= s["original_accuracy"]
+    assert all("\n" in r["original_text"] for r in records["deepwordbug"])  # both sentences, one per line
