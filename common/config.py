@@ -128,7 +128,9 @@ class MethodArgs:
         default=None,
         metadata={"help": "AT PGD step size (default eps/4, i.e. 2/255 at 8/255; text: eps/2; fgsm-at: 1.25*eps)."},
     )
-    train_steps: int = field(default=10, metadata={"help": "AT PGD steps (Madry et al.: 10 for CIFAR)."})
+    train_steps: Optional[int] = field(
+        default=None, metadata={"help": "AT PGD steps (task default; images: 10 as Madry et al.)."}
+    )
     train_norm: Optional[str] = field(
         default=None, metadata={"help": "AT threat model: linf or l2 (task default: linf for pixels)."}
     )
@@ -146,9 +148,10 @@ class EvalArgs:
         default=None, metadata={"help": "L2 PGD radii, e.g. 0.25 0.5 (task default); 'none' to skip."}
     )
     eval_steps: int = field(default=10, metadata={"help": "PGD steps for evaluation."})
-    sharpness_examples: int = field(
-        default=256,
-        metadata={"help": "Measure weight-space sharpness on the first N evaluation examples (0 skips it)."},
+    sharpness_examples: Optional[int] = field(
+        default=None,
+        metadata={"help": "Measure weight-space sharpness on the first N evaluation examples (0 skips it). "
+                  "Default: 256 on a GPU, the task's CPU default on CPU."},
     )
     sharpness_rho: list[str] = field(
         default_factory=lambda: ["0.05", "0.1"],

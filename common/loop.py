@@ -46,7 +46,7 @@ KEEP_CHECKPOINTS = 2
 # ---------------------------------------------------------------------------------------------- setup
 
 
-def fill_defaults(run: RunArgs, task: Task, on_gpu: bool) -> None:
+def fill_defaults(run: RunArgs, evals: EvalArgs, task: Task, on_gpu: bool) -> None:
     """Fill RunArgs fields left at None from the task's defaults (``Task.defaults``).
 
     ``max_train_samples``/``max_eval_samples`` at None mean "all on a GPU, the task's CPU subset on CPU";
@@ -64,6 +64,8 @@ def fill_defaults(run: RunArgs, task: Task, on_gpu: bool) -> None:
             setattr(run, name, 0 if on_gpu else cpu_default)
             if not on_gpu and cpu_default:
                 logger.info("no GPU: --%s defaults to %d (pass --%s 0 for all)", name, cpu_default, name)
+    if evals.sharpness_examples is None:
+        evals.sharpness_examples = 256 if on_gpu else d.get("cpu_sharpness_examples", 256)
 
 
 def attack_specs(task: Task, evals: EvalArgs) -> list[AttackSpec]:
@@ -231,7 +233,7 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
         return results
     resume_from = prepare_output_dir(run, output_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()
-    fill_defaults(run, task, on_gpu=accelerator.device.type != "cpu")
+    fill_defaults(run, evals, task, on_gpu=accelerator.device.type != "cpu")
     set_seed(run.seed)
 
     with accelerator.main_process_first():
@@ -434,6 +436,9 @@ def _flat_metrics(results: dict) -> dict[str, float]:
     for attack, by_eps in results["metrics"]["robust"].items():
         for label, metrics in by_eps.items():
             out[f"eval/{attack}/{label}"] = metrics[results["headline_metric"]]
+    for recipe, m in (results["metrics"].get("textattack") or {}).items():
+        if isinstance(m, dict) and isinstance(m.get("accuracy_under_attack"), float):
+            out[f"eval/textattack/{recipe}"] = m["accuracy_under_attack"]
     return out
 
 

@@ -122,7 +122,7 @@ def resolve_method(name: str, args: MethodArgs, task: Task, explicit: set[str]) 
     if method.objective != "clean":
         eps_text = args.train_eps or defaults.get(f"train_eps_{norm}") or defaults["train_eps"]
         resolved.eps = parse_eps(eps_text, pixel_space=task.pixel_space and norm == "linf", flag="--train_eps")
-        resolved.steps = 1 if method.objective == "fgsm" else args.train_steps
+        resolved.steps = 1 if method.objective == "fgsm" else (args.train_steps or defaults.get("train_steps", 10))
         if args.train_alpha:
             resolved.alpha = parse_eps(args.train_alpha, pixel_space=task.pixel_space and norm == "linf",
                                        flag="--train_alpha")

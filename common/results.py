@@ -74,6 +74,13 @@ def metrics_table(results: dict) -> str:
                f"train {cost.get('train_wall_s', 0):.1f}s, eval {cost.get('eval_wall_s', 0):.1f}s, "
                f"{cost.get('forward_passes', '?')} forward / {cost.get('backward_passes', '?')} backward passes; "
                f"sanity checks {'passed' if results.get('sanity', {}).get('passed') else 'FAILED'}")
+    recipes = metrics.get("textattack") or {}
+    if recipes:
+        keys = ("num_examples", "original_accuracy", "accuracy_under_attack", "attack_success_rate",
+                "avg_perturbed_word_pct", "avg_queries")
+        rows = [(recipe, *(m.get(k, "-") for k in keys)) for recipe, m in recipes.items() if isinstance(m, dict)]
+        table += "\n\n" + format_table(["TextAttack recipe", "examples", "clean acc", "acc under attack",
+                                          "success rate", "perturbed words %", "queries"], rows)
     sharp = results.get("sharpness") or {}
     if sharp.get("sam"):
         parts = [f"{form} rho {rho}: {v['sharpness']:.4f}" for form in ("sam", "asam")

@@ -95,7 +95,8 @@ class Task(abc.ABC):
     Args: ClassVar[type]
     # Defaults for RunArgs/MethodArgs fields left at None, e.g. {"optimizer": "sgd", "lr": 0.1, ...}.
     # Keys: optimizer, lr, weight_decay, lr_scheduler, warmup_ratio, epochs, batch_size, eval_batch_size,
-    # train_eps, train_alpha, cpu_max_train_samples, cpu_max_eval_samples.
+    # train_eps (and train_eps_linf / train_eps_l2), train_norm, train_steps, train_alpha_ratio,
+    # cpu_max_train_samples, cpu_max_eval_samples, cpu_sharpness_examples.
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, args: Any):
@@ -142,7 +143,7 @@ class Task(abc.ABC):
 
     def extra_evaluation(self, model: nn.Module, accelerator: Any, run: Any) -> dict:
         """Task-specific evaluation after training (text: TextAttack recipes); merged into
-        ``results["metrics"]``. ``model`` is unwrapped and in eval mode."""
+        ``results["metrics"]``. ``model`` is unwrapped and in train mode: put it in eval mode (and back)."""
         return {}
 
     def save_model(self, model: nn.Module, path: str) -> None:

