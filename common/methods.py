@@ -56,6 +56,7 @@ class Method:
 _SAM_FLAGS = frozenset({"rho", "sam_sync"})
 _ASAM_FLAGS = _SAM_FLAGS | {"asam_eta"}
 _AT_FLAGS = frozenset({"train_eps", "train_alpha", "train_steps", "train_norm"})
+_MIXED_AT_FLAGS = _AT_FLAGS | {"at_clean_weight"}
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -63,11 +64,11 @@ METHODS: dict[str, Method] = {
         Method("erm", "clean", "plain", "plain training (empirical risk minimisation)"),
         Method("sam", "clean", "sam", "Sharpness-Aware Minimization", _SAM_FLAGS),
         Method("asam", "clean", "asam", "Adaptive SAM (scale-invariant ball)", _ASAM_FLAGS),
-        Method("pgd-at", "pgd", "plain", "PGD adversarial training (Madry)", _AT_FLAGS),
+        Method("pgd-at", "pgd", "plain", "PGD adversarial training (Madry)", _MIXED_AT_FLAGS),
         Method("fgsm-at", "fgsm", "plain", "fast FGSM adversarial training with random start",
-               _AT_FLAGS - {"train_steps"}),
+               _MIXED_AT_FLAGS - {"train_steps"}),
         Method("trades", "trades", "plain", "TRADES", _AT_FLAGS | {"trades_beta"}),
-        Method("sam-at", "pgd", "sam", "SAM update on the PGD adversarial loss", _AT_FLAGS | _SAM_FLAGS),
+        Method("sam-at", "pgd", "sam", "SAM update on the PGD adversarial loss", _MIXED_AT_FLAGS | _SAM_FLAGS),
     ]
 }
 
@@ -87,6 +88,7 @@ class ResolvedMethod:
     steps: int = 0
     norm: str = "linf"
     trades_beta: float = 6.0
+    clean_weight: float = 0.0
 
     def describe(self) -> dict:
         """Only the hyper-parameters the method uses (for results.json and tables)."""
@@ -99,6 +101,8 @@ class ResolvedMethod:
             out.update(eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm)
         if self.method.objective == "trades":
             out["trades_beta"] = self.trades_beta
+        elif self.method.objective != "clean":
+            out["at_clean_weight"] = self.clean_weight
         return out
 
 
@@ -116,7 +120,7 @@ def resolve_method(name: str, args: MethodArgs, task: Task, explicit: set[str]) 
     defaults = task.defaults
     norm = args.train_norm or defaults.get("train_norm", "linf")
     resolved = ResolvedMethod(method=method, sam_sync=args.sam_sync, eta=args.asam_eta,
-                              trades_beta=args.trades_beta, norm=norm)
+                              trades_beta=args.trades_beta, norm=norm, clean_weight=args.at_clean_weight)
     if method.update in ("sam", "asam"):
         resolved.rho = DEFAULT_RHO[method.update] if args.rho is None else args.rho
     if method.objective != "clean":
@@ -175,6 +179,14 @@ def _kl(logits_adv: Tensor, probs_clean: Tensor, mask: Optional[Tensor] = None) 
     return (kl * mask).sum() / mask.sum().clamp_min(1)
 
 
+def _clean_and_adversarial_logits(ctx: StepContext, batch: dict, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits at ``x`` and at ``x + delta`` from one forward over a doubled batch: DDP allows one forward
+    per backward, and it halves kernel launches. (BatchNorm then sees clean and adversarial inputs together.)"""
+    doubled = {k: torch.cat([v, v]) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    surface = ctx.task.surface(ctx.model, doubled)
+    return surface.forward(torch.cat([torch.zeros_like(delta), delta])).chunk(2)
+
+
 class CleanObjective:
     def prepare(self, ctx: StepContext, batch: dict) -> None:
         return None
@@ -184,22 +196,23 @@ class CleanObjective:
 
 
 class AdversarialObjective:
-    """PGD-K (``random_init``) or FGSM-RS (``steps == 1``) adversarial training on the task loss."""
+    """PGD-K (``random_init``) or FGSM-RS (``steps == 1``) adversarial training on the task loss, optionally
+    mixed with the clean loss (``--at_clean_weight``)."""
 
     def prepare(self, ctx: StepContext, batch: dict) -> Tensor:
         return _attack_delta(ctx, batch, lambda logits, step: ctx.task.loss(logits, batch))
 
     def loss(self, ctx: StepContext, batch: dict, delta: Tensor) -> Tensor:
-        surface = ctx.task.surface(ctx.model, batch)
-        return ctx.task.loss(surface.forward(delta), batch)
+        w = ctx.method.clean_weight
+        if w == 0:
+            surface = ctx.task.surface(ctx.model, batch)
+            return ctx.task.loss(surface.forward(delta), batch)
+        clean, adv = _clean_and_adversarial_logits(ctx, batch, delta)
+        return (1 - w) * ctx.task.loss(adv, batch) + w * ctx.task.loss(clean, batch)
 
 
 class TradesObjective:
-    """TRADES: CE(f(x), y) + beta · KL(f(x) || f(x + delta)).
-
-    The clean and adversarial halves run in one forward over a doubled batch: DDP allows one forward per
-    backward, and it halves kernel launches. (BatchNorm then sees clean and adversarial inputs together.)
-    """
+    """TRADES: CE(f(x), y) + beta · KL(f(x) || f(x + delta)), both halves from one forward."""
 
     def prepare(self, ctx: StepContext, batch: dict) -> Tensor:
         model = ctx.unwrapped
@@ -214,10 +227,7 @@ class TradesObjective:
                              init=init)
 
     def loss(self, ctx: StepContext, batch: dict, delta: Tensor) -> Tensor:
-        doubled = {k: torch.cat([v, v]) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        surface = ctx.task.surface(ctx.model, doubled)
-        logits = surface.forward(torch.cat([torch.zeros_like(delta), delta]))
-        clean, adv = logits.chunk(2)
+        clean, adv = _clean_and_adversarial_logits(ctx, batch, delta)
         kl = _kl(adv, F.softmax(clean.float(), 1), ctx.task.loss_mask(batch))
         return ctx.task.loss(clean, batch) + ctx.method.trades_beta * kl
 

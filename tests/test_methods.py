@@ -60,3 +60,20 @@ def test_trades_kl_ignores_masked_positions():
     masked = _kl(adv, clean, mask)
     assert torch.allclose(masked, _kl(adv[:, :, :2], clean[:, :, :2]))
     assert not torch.allclose(full, masked)
+
+
+def test_at_clean_weight_mixes_clean_and_adversarial_loss(accelerator):
+    from common.methods import OBJECTIVES
+
+    torch.manual_seed(0)
+    model, batch = tiny_cnn(), image_batch(n=8)
+    model.eval()  # BatchNorm on running stats: the doubled batch then equals two separate forwards
+    ctx = context(accelerator, model, resolved("pgd-at", clean_weight=0.25, steps=2))
+    delta = OBJECTIVES["pgd"].prepare(ctx, batch)
+    task = vision_task()
+    clean = task.loss(model(batch["pixel_values"]), batch)
+    adv = task.loss(model(batch["pixel_values"] + delta), batch)
+    mixed = OBJECTIVES["pgd"].loss(ctx, batch, delta)
+    torch.testing.assert_close(mixed, 0.75 * adv + 0.25 * clean, rtol=1e-5, atol=1e-6)
+    with pytest.raises(UsageError, match="--at_clean_weight does not apply to --method trades"):
+        resolve_method("trades", MethodArgs(at_clean_weight=0.5), task, {"at_clean_weight"})
