@@ -21,6 +21,7 @@ from typing import Any, Optional
 import datasets
 from datasets import ClassLabel, Dataset, DatasetDict
 
+from common.data import find_column
 from common.errors import UsageError
 
 from . import resources
@@ -130,18 +131,6 @@ class Columns:
     label_to_id: Optional[dict[str, int]] = None
 
 
-def _pick(columns: list[str], wanted: Optional[str], candidates: tuple[str, ...], flag: str) -> str:
-    if wanted is not None:
-        if wanted not in columns:
-            raise UsageError(f"{flag}: column {wanted!r} is not in the dataset; columns: {', '.join(columns)}")
-        return wanted
-    for name in candidates:
-        if name in columns:
-            return name
-    raise UsageError(f"{flag}: none of the usual columns ({', '.join(candidates)}) is in the dataset; name "
-                     f"one of: {', '.join(columns)}")
-
-
 def resolve_columns(dsd: DatasetDict, split: str, text_column: Optional[str], text_pair_column: Optional[str],
                     label_column: Optional[str]) -> Columns:
     """Find (or check) the text, pair and label columns on ``dsd[split]`` and the label names.
@@ -150,11 +139,11 @@ def resolve_columns(dsd: DatasetDict, split: str, text_column: Optional[str], te
     """
     ds = dsd[split]
     columns = list(ds.column_names)
-    label = _pick(columns, label_column, LABEL_COLUMNS, "--label_column")
-    text = _pick([c for c in columns if c != label], text_column, TEXT_COLUMNS, "--text_column")
+    label = find_column(columns, label_column, LABEL_COLUMNS, "label", "--label_column")
+    text = find_column([c for c in columns if c != label], text_column, TEXT_COLUMNS, "text", "--text_column")
     pair = text_pair_column
     if pair is not None:
-        _pick(columns, pair, (), "--text_pair_column")
+        find_column(columns, pair, (), "text pair", "--text_pair_column")
     elif text_column is None and PAIR_COLUMNS.get(text) in columns:
         pair = PAIR_COLUMNS[text]
     feature = ds.features[label]
