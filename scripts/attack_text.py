@@ -107,19 +107,16 @@ def _csv_text(rows: list[dict]) -> str:
 def main() -> None:
     setup_logging()
     probe_hub()
-    from transformers import HfArgumentParser
-
+    from common.cli import hf_argument_parser
+    from common.data import pick_split
     from common.results import format_table, write_json_atomic
     from text import data as text_data
     from text import models as text_models
     from text.task import ATTACK_EXAMPLES_SEED
     from text.textattack_eval import SUMMARY_COLUMNS, attack_model, check_recipes
 
-    class Parser(HfArgumentParser):
-        def error(self, message: str):
-            raise UsageError(message)
-
-    (args,) = Parser([AttackArgs], description=__doc__.split("\n\n")[0]).parse_args_into_dataclasses()
+    parser = hf_argument_parser([AttackArgs], description=__doc__.split("\n\n")[0])
+    (args,) = parser.parse_args_into_dataclasses()
     if args.num_examples < 1:
         raise UsageError(f"--num_examples: {args.num_examples} must be >= 1")
     if args.batch_size < 1:
@@ -139,8 +136,7 @@ def main() -> None:
         names = [str(c) for c in args.checkpoints]
     spec = data_spec(args, [run_info(f) for f in folders])
     dsd = text_data.load_raw(spec["dataset"], spec["dataset_config"])
-    split = spec["split"] or text_data.default_eval_split(dsd)
-    text_data.check_split(dsd, split, "--split")
+    split = pick_split(dsd, spec["split"], ("test", "validation"), "--split")
     columns = text_data.resolve_columns(dsd, split, spec["text_column"], spec["text_pair_column"],
                                         spec["label_column"])
     text_data.check_labels(dsd, split, columns)

@@ -175,19 +175,6 @@ def check_labels(dsd: DatasetDict, split: str, columns: Columns) -> None:
                          "choose another split with --eval_split")
 
 
-def check_split(dsd: DatasetDict, split: str, flag: str) -> None:
-    if split not in dsd:
-        raise UsageError(f"{flag}: split {split!r} is not in the dataset; splits: {', '.join(dsd)}")
-
-
-def default_eval_split(dsd: DatasetDict) -> str:
-    """``test`` if present, else ``validation``; ``UsageError`` if neither."""
-    for split in ("test", "validation"):
-        if split in dsd:
-            return split
-    raise UsageError(f"--eval_split: the dataset has no test or validation split; splits: {', '.join(dsd)}")
-
-
 def to_examples(ds: Dataset, columns: Columns) -> Dataset:
     """The split as three plain columns ``text``, ``text_pair`` (``None`` for single sentences) and
     ``label`` (int in ``[0, K)``): the form TextAttack examples and the tokeniser both take."""

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.data import pick_split
 from common.errors import UsageError
 from common.results import write_json_atomic
 from common.task import AttackSurface, Task, TaskData
@@ -159,9 +160,8 @@ class TextTask(Task):
             check_recipes(recipes)
 
         dsd = text_data.load_raw(run.dataset, run.dataset_config)
-        text_data.check_split(dsd, run.train_split, "--train_split")
-        eval_split = run.eval_split or text_data.default_eval_split(dsd)
-        text_data.check_split(dsd, eval_split, "--eval_split")
+        pick_split(dsd, run.train_split, ("train",), "--train_split")
+        eval_split = pick_split(dsd, run.eval_split, ("test", "validation"), "--eval_split")
         columns = text_data.resolve_columns(dsd, run.train_split, args.text_column, args.text_pair_column,
                                             run.label_column)
         if columns.pair is None and args.text_pair_column is None:
