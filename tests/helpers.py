@@ -46,3 +46,18 @@ def context(accelerator, model, method: ResolvedMethod, lr: float = 0.1, momentu
     model, optimizer = accelerator.prepare(model, optimizer)
     return StepContext(accelerator=accelerator, model=model, optimizer=optimizer, task=vision_task(),
                        method=method, max_grad_norm=max_grad_norm)
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as module ``<name>_script`` (registered in ``sys.modules``, where
+    dataclasses look their module up)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

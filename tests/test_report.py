@@ -5,13 +5,13 @@ written."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 from common.cli import main_guard
 
@@ -20,11 +20,7 @@ FIGURES = ("clean_vs_robust.png", "robust_vs_eps.png", "sweep_rho_eps.png", "cos
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("report_script", ROOT / "scripts" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("report")
 
 
 def _guarded_main(*argv: str) -> int:

@@ -4,7 +4,6 @@ the exact linear worst case matches PGD, and the CLI writes its outputs or fails
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 
 from common import toy
 
@@ -117,11 +117,7 @@ def test_cli_writes_results_csv_and_figures(tmp_path):
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("toy_script", ROOT / "scripts" / "toy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("toy")
 
 
 def test_cli_bad_value_is_a_one_line_error(tmp_path):
