@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from common.data import pick_split
 from common.errors import UsageError
+from common.metrics import accuracy_from_stats, accuracy_stats
 from common.results import write_json_atomic
 from common.task import AttackSurface, Task, TaskData
 
@@ -235,13 +236,10 @@ class TextTask(Task):
         return F.cross_entropy(logits.float(), batch["labels"])
 
     def example_stats(self, logits: Tensor, batch: dict) -> Tensor:
-        """``(B, 2)``: [correct (0/1), 1]."""
-        correct = (logits.argmax(dim=1) == batch["labels"]).float()
-        return torch.stack([correct, torch.ones_like(correct)], dim=1)
+        return accuracy_stats(logits, batch["labels"])
 
     def compute_metrics(self, summed_stats: Tensor) -> dict[str, float]:
-        correct, count = summed_stats.tolist()
-        return {"accuracy": correct / max(count, 1.0), "examples": count}
+        return accuracy_from_stats(summed_stats)
 
     # ----------------------------------------------------------------------------------------- after
 
