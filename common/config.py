@@ -135,10 +135,10 @@ class MethodArgs:
         default=None, metadata={"help": "AT threat model: linf or l2 (task default: linf for pixels)."}
     )
     trades_beta: float = field(default=6.0, metadata={"help": "TRADES robustness weight beta."})
-    at_clean_weight: float = field(
-        default=0.0,
+    at_clean_weight: Optional[float] = field(
+        default=None,
         metadata={"help": "pgd-at/fgsm-at/sam-at: train on (1-w)*adversarial + w*clean loss (Goodfellow et al. "
-                  "used 0.5); 0 is Madry's pure adversarial loss."},
+                  "used 0.5); 0 is Madry's pure adversarial loss (task default: 0 for images, 0.5 for text)."},
     )
 
 
@@ -231,7 +231,7 @@ def validate(run: RunArgs, method: MethodArgs, evals: EvalArgs) -> None:
                                                                      evals.sharpness_asam_rho)):
         for value in values:
             parse_eps(value, pixel_space=False, flag=flag)
-    if not 0 <= method.at_clean_weight <= 1:
+    if method.at_clean_weight is not None and not 0 <= method.at_clean_weight <= 1:
         raise UsageError(f"--at_clean_weight: {method.at_clean_weight!r} must be in [0, 1]")
     if run.warmup_ratio is not None and not 0 <= run.warmup_ratio < 1:
         raise UsageError(f"--warmup_ratio: {run.warmup_ratio!r} must be in [0, 1)")

@@ -120,9 +120,12 @@ def resolve_method(name: str, args: MethodArgs, task: Task, explicit: set[str]) 
     defaults = task.defaults
     norm = args.train_norm or defaults.get("train_norm", "linf")
     resolved = ResolvedMethod(method=method, sam_sync=args.sam_sync, eta=args.asam_eta,
-                              trades_beta=args.trades_beta, norm=norm, clean_weight=args.at_clean_weight)
+                              trades_beta=args.trades_beta, norm=norm)
     if method.update in ("sam", "asam"):
         resolved.rho = DEFAULT_RHO[method.update] if args.rho is None else args.rho
+    if "at_clean_weight" in method.flags:
+        resolved.clean_weight = (defaults.get("at_clean_weight", 0.0) if args.at_clean_weight is None
+                                 else args.at_clean_weight)
     if method.objective != "clean":
         eps_text = args.train_eps or defaults.get(f"train_eps_{norm}") or defaults["train_eps"]
         resolved.eps = parse_eps(eps_text, pixel_space=task.pixel_space and norm == "linf", flag="--train_eps")

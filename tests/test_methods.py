@@ -49,6 +49,22 @@ def test_resolve_method_defaults_and_unused_flags():
         resolve_method("sgd-at", MethodArgs(), task, set())
 
 
+def test_at_clean_weight_defaults_per_task_and_explicit_value_wins():
+    from text.task import TextTask
+
+    text = TextTask()
+    assert resolve_method("pgd-at", MethodArgs(), vision_task(), set()).clean_weight == 0  # Madry
+    text_weight = TextTask.defaults["at_clean_weight"]
+    assert 0 < text_weight < 1  # the text recipe mixes clean and adversarial loss
+    for name in ("pgd-at", "fgsm-at", "sam-at"):
+        assert resolve_method(name, MethodArgs(), text, set()).clean_weight == text_weight
+    explicit = resolve_method("pgd-at", MethodArgs(at_clean_weight=0.0), text, {"at_clean_weight"})
+    assert explicit.clean_weight == 0
+    # methods without the flag never mix, whatever the task default
+    assert resolve_method("trades", MethodArgs(), text, set()).clean_weight == 0
+    assert resolve_method("sam", MethodArgs(), text, set()).clean_weight == 0
+
+
 def test_trades_kl_ignores_masked_positions():
     from common.methods import _kl
 
