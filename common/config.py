@@ -103,6 +103,12 @@ class RunArgs:
     )
     logging_steps: int = field(default=10, metadata={"help": "Log loss and LR every N optimizer steps."})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    cpu_threads: Optional[int] = field(
+        default=None,
+        metadata={"help": "Torch CPU threads. Default: on a single-process CPU run, every core this process may "
+                  "use (accelerate launch sets OMP_NUM_THREADS=1, which would leave the other cores idle); "
+                  "otherwise the launcher's setting."},
+    )
     config: Optional[str] = field(
         default=None, metadata={"help": "YAML/JSON file of flag values; flags on the command line win."}
     )
@@ -212,7 +218,8 @@ def validate(run: RunArgs, method: MethodArgs, evals: EvalArgs) -> None:
                 "--max_steps": run.max_steps, "--lr": run.lr, "--epochs": run.epochs,
                 "--gradient_accumulation_steps": run.gradient_accumulation_steps,
                 "--train_steps": method.train_steps, "--eval_steps": evals.eval_steps,
-                "--sharpness_steps": evals.sharpness_steps, "--logging_steps": run.logging_steps}
+                "--sharpness_steps": evals.sharpness_steps, "--logging_steps": run.logging_steps,
+                "--cpu_threads": run.cpu_threads}
     for flag, value in positive.items():
         if value is not None and not value > 0:
             raise UsageError(f"{flag}: {value!r} must be > 0")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -44,6 +45,18 @@ KEEP_CHECKPOINTS = 2
 
 
 # ---------------------------------------------------------------------------------------------- setup
+
+
+def set_cpu_threads(requested: Optional[int], accelerator: Any) -> int:
+    """Set torch's intra-op CPU threads to ``requested``, or, when ``None`` on a single-process CPU run, to
+    every core this process may use: ``accelerate launch`` without a config exports OMP_NUM_THREADS=1, which
+    halved training speed on the 2-core machine. Returns the thread count in force."""
+    if requested is None and accelerator.device.type == "cpu" and accelerator.num_processes == 1:
+        requested = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if requested is not None and requested != torch.get_num_threads():
+        logger.info("torch CPU threads: %d (was %d; --cpu_threads to choose)", requested, torch.get_num_threads())
+        torch.set_num_threads(requested)
+    return torch.get_num_threads()
 
 
 def fill_defaults(run: RunArgs, evals: EvalArgs, task: Task, on_gpu: bool) -> None:
@@ -224,6 +237,7 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
         step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    set_cpu_threads(run.cpu_threads, accelerator)
     specs = attack_specs(task, evals)  # parse eval eps first: a bad radius fails before any work
     results_path = output_dir / "results.json"
     if run.resume and results_path.exists() and not run.overwrite:
@@ -304,6 +318,7 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
         },
         "device": _device_name(accelerator),
         "num_processes": accelerator.num_processes,
+        "cpu_threads": torch.get_num_threads(),
         "mixed_precision": accelerator.mixed_precision,
         "versions": versions(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -93,3 +95,22 @@ def test_at_clean_weight_mixes_clean_and_adversarial_loss(accelerator):
     torch.testing.assert_close(mixed, 0.75 * adv + 0.25 * clean, rtol=1e-5, atol=1e-6)
     with pytest.raises(UsageError, match="--at_clean_weight does not apply to --method trades"):
         resolve_method("trades", MethodArgs(at_clean_weight=0.5), task, {"at_clean_weight"})
+
+
+def test_set_cpu_threads_uses_every_core_only_for_a_single_cpu_process(accelerator):  # (state for logging)
+    from types import SimpleNamespace
+
+    from common.loop import set_cpu_threads
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        torch.set_num_threads(1)
+        assert set_cpu_threads(None, SimpleNamespace(device=torch.device("cpu"), num_processes=2)) == 1
+        assert set_cpu_threads(None, SimpleNamespace(device=torch.device("cpu"), num_processes=1)) == cores
+        torch.set_num_threads(1)
+        assert set_cpu_threads(None, SimpleNamespace(device=torch.device("cuda"), num_processes=1)) == 1
+        # an explicit --cpu_threads wins everywhere
+        assert set_cpu_threads(3, SimpleNamespace(device=torch.device("cuda"), num_processes=4)) == 3
+    finally:
+        torch.set_num_threads(before)

@@ -21,18 +21,21 @@ FAST = ["--model", "small_cnn", "--width", "8", "--max_train_samples", "256", "-
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def run(*args: str, launcher: tuple[str, ...] = (sys.executable,), timeout: int = 300):
+def run(*args: str, launcher: tuple[str, ...] = (sys.executable,), timeout: int = 300, env: dict = ENV):
     return subprocess.run([*launcher, str(ROOT / "scripts" / "run.py"), *args], capture_output=True, text=True,
-                          env=ENV, timeout=timeout, cwd=ROOT)
+                          env=env, timeout=timeout, cwd=ROOT)
 
 
 def test_accelerate_launch_writes_results_and_checkpoint(tmp_path):
     out = tmp_path / "sam"
     accelerate = str(Path(sys.executable).with_name("accelerate"))
+    # OMP_NUM_THREADS=1 is what accelerate launch exports when nothing says otherwise
     proc = run("--task", "vision", "--method", "sam", "--max_steps", "3", "--output_dir", str(out), *FAST,
-               "--log_with", "tensorboard", launcher=(accelerate, "launch", "--num_processes", "1", "--cpu"))
+               "--log_with", "tensorboard", launcher=(accelerate, "launch", "--num_processes", "1", "--cpu"),
+               env={**ENV, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
+    assert results["cpu_threads"] == len(os.sched_getaffinity(0))  # a single CPU process uses every core
     assert results["method"] == "sam" and results["cost"]["optimizer_steps"] == 3
     # SAM: two forward and two backward passes per step
     assert results["cost"]["forward_passes"] == 6 and results["cost"]["backward_passes"] == 6
