@@ -122,28 +122,39 @@ def make_scheduler(optimizer: torch.optim.Optimizer, run: RunArgs, total_steps: 
 
 
 class PassCounter:
-    """Counts forward calls of a model and backward passes through its output (training cost).
+    """Counts forward calls of a model and backward passes through its output (training cost), both as calls
+    and as examples (rows of the logits): a doubled clean+adversarial batch (TRADES, ``--at_clean_weight``) is
+    one call but twice the examples.
 
     A forward hook counts calls; a tensor hook on the output's logits counts every gradient that flows back
     through it (``loss.backward()`` and the attacks' ``autograd.grad`` alike).
     """
 
-    def __init__(self, model: nn.Module, forward: int = 0, backward: int = 0):
+    def __init__(self, model: nn.Module, forward: int = 0, backward: int = 0, forward_examples: int = 0,
+                 backward_examples: int = 0):
         self.forward = forward  # resumed runs start from the checkpoint's counts
         self.backward = backward
+        self.forward_examples = forward_examples
+        self.backward_examples = backward_examples
         self.active = True
         self._handle = model.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if not self.active:
             return
-        self.forward += 1
         logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
+        rows = int(logits.shape[0]) if isinstance(logits, Tensor) and logits.dim() > 0 else 0
+        self.forward += 1
+        self.forward_examples += rows
         if isinstance(logits, Tensor) and logits.requires_grad:
-            logits.register_hook(self._count_backward)
+            logits.register_hook(lambda grad: self._count_backward(rows))
 
-    def _count_backward(self, grad: Tensor) -> None:
+    def _count_backward(self, rows: int) -> None:
         self.backward += 1
+        self.backward_examples += rows
+
+    def counts(self) -> tuple[int, int, int, int]:
+        return self.forward, self.backward, self.forward_examples, self.backward_examples
 
     def close(self) -> None:
         self.active = False
@@ -158,6 +169,8 @@ class TrainState:
     train_wall_s: float = 0.0
     forward_passes: int = 0
     backward_passes: int = 0
+    forward_examples: int = 0   # examples through the forward pass (a doubled batch counts twice)
+    backward_examples: int = 0
     train_examples: int = 0
 
 
@@ -274,7 +287,9 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
         accelerator.load_state(str(resume_from))
         state = TrainState(**json.loads((resume_from / STATE_FILE).read_text()))
         logger.info("resumed from %s at step %d", resume_from, state.step)
-    counter.forward, counter.backward = state.forward_passes, state.backward_passes
+    (counter.forward, counter.backward, counter.forward_examples,
+     counter.backward_examples) = (state.forward_passes, state.backward_passes, state.forward_examples,
+                                   state.backward_examples)
 
     if trackers:
         flat = {f"{group}/{k_}": (v if isinstance(v, (int, float, str, bool)) else str(v))
@@ -314,6 +329,8 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
             "optimizer_steps": state.step,
             "forward_passes": state.forward_passes,
             "backward_passes": state.backward_passes,
+            "forward_examples": state.forward_examples,
+            "backward_examples": state.backward_examples,
             "train_examples": state.train_examples,
         },
         "device": _device_name(accelerator),
@@ -374,7 +391,8 @@ def train(ctx: StepContext, train_loader: Any, train_set: Any, scheduler: Any, r
 
     def snapshot() -> TrainState:
         state.train_wall_s = wall0 + time.perf_counter() - started
-        state.forward_passes, state.backward_passes = counter.forward, counter.backward
+        (state.forward_passes, state.backward_passes, state.forward_examples,
+         state.backward_examples) = counter.counts()
         return state
 
     def optimizer_step(group: list[dict]) -> None:

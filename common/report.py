@@ -27,7 +27,7 @@ METHOD_ORDER = ("erm", "sam", "asam", "pgd-at", "fgsm-at", "trades", "sam-at")
 TEXTATTACK_FIELDS = ("accuracy_under_attack", "attack_success_rate", "avg_perturbed_word_pct", "avg_queries",
                      "num_examples")
 COST_FIELDS = ("train_wall_s", "eval_wall_s", "optimizer_steps", "forward_passes", "backward_passes",
-               "train_examples")
+               "forward_examples", "backward_examples", "train_examples")
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -52,15 +52,26 @@ class Run:
     cost: dict[str, float]
     sharpness: dict[str, float]
     raw: dict = field(repr=False)
+    # The method's other hyper-parameters (method_resolved without method/rho/eps), e.g. at_clean_weight.
+    hyper: dict[str, Any] = field(default_factory=dict)
+    # Those of ``hyper`` that differ between runs of the same method/rho/eps, as " k=v ..." (set by group()).
+    variant: str = ""
 
     @property
     def setting(self) -> str:
+        """Method, rho and eps: ``sam rho=0.05``, ``pgd-at eps=8/255``."""
         parts = [self.method]
         if self.rho is not None:
             parts.append(f"rho={self.rho:g}")
         if self.eps_label is not None:
             parts.append(f"eps={self.eps_label}")
         return " ".join(parts)
+
+    @property
+    def label(self) -> str:
+        """The setting the report groups by: ``setting`` plus whatever else tells its runs apart, e.g.
+        ``pgd-at eps=0.02 at_clean_weight=0.5`` next to ``... at_clean_weight=0``."""
+        return self.setting + self.variant
 
 
 def eps_value(label: str) -> float:
@@ -159,7 +170,8 @@ def load_run(path: Path) -> Run:
     return Run(path=path.parent, task=raw["task"], method=raw["method"], headline=headline,
                seed=seed if isinstance(seed, int) else None, rho=float(rho) if rho is not None else None,
                eps_label=eps_label, eps=eps, clean=float(clean), robust=robust, textattack=textattack,
-               cost=cost, sharpness=sharpness, raw=raw)
+               cost=cost, sharpness=sharpness, raw=raw,
+               hyper={k: v for k, v in resolved.items() if k not in ("method", "rho", "eps")})
 
 
 def load_runs(paths: Sequence[str]) -> list[Run]:
@@ -246,12 +258,27 @@ class Setting:
         return stat([get(r) for r in self.runs])
 
 
+def _hyper_text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def group(runs: Sequence[Run]) -> list[Setting]:
+    """Runs grouped into settings (seeds of one configuration). Runs of one method/rho/eps that differ in
+    another hyper-parameter (``--at_clean_weight``, ``--train_steps``, ...) are different settings, named by
+    what differs (``Run.variant``, set here), never averaged together as if they were seeds."""
+    same_base: "OrderedDict[str, list[Run]]" = OrderedDict()
+    for r in runs:
+        same_base.setdefault(r.setting, []).append(r)
+    for members in same_base.values():
+        keys = sorted({k for r in members for k in r.hyper})
+        varying = [k for k in keys if len({_hyper_text(r.hyper.get(k)) for r in members}) > 1]
+        for r in members:
+            r.variant = "".join(f" {k}={_hyper_text(r.hyper.get(k))}" for k in varying)
     settings: "OrderedDict[str, Setting]" = OrderedDict()
-    for r in sorted(runs, key=setting_order):
-        if r.setting not in settings:
-            settings[r.setting] = Setting(r.setting, r.method, r.rho, r.eps_label, r.eps, [])
-        settings[r.setting].runs.append(r)
+    for r in sorted(runs, key=lambda r: (*setting_order(r), r.variant)):
+        if r.label not in settings:
+            settings[r.label] = Setting(r.label, r.method, r.rho, r.eps_label, r.eps, [])
+        settings[r.label].runs.append(r)
     return list(settings.values())
 
 
@@ -302,20 +329,24 @@ def build_markdown(runs: list[Run], settings: list[Setting], figures: list[tuple
     erm = next((s for s in settings if s.method == "erm"), None)
     erm_time = erm.of(lambda r: r.cost.get("train_wall_s")).mean if erm else math.nan
     erm_fwd = erm.of(lambda r: r.cost.get("forward_passes")).mean if erm else math.nan
+    erm_rows = erm.of(lambda r: r.cost.get("forward_examples")).mean if erm else math.nan
     out += ["## Cost", "",
             "Wall times depend on the machine (see each run's `device`); the pass counts do not. "
-            "`× ERM` compares means with the ERM setting of this report.", ""]
+            "`× ERM` compares means with the ERM setting of this report. Forward examples count a doubled "
+            "clean+adversarial batch (TRADES, `--at_clean_weight`) twice; forward passes count it once.", ""]
     rows = []
     for s in settings:
         t = s.of(lambda r: r.cost.get("train_wall_s"))
         f = s.of(lambda r: r.cost.get("forward_passes"))
+        fe = s.of(lambda r: r.cost.get("forward_examples"))
         rows.append([s.name, t.text("{:.1f}"), s.of(lambda r: r.cost.get("eval_wall_s")).text("{:.1f}"),
                      s.of(lambda r: r.cost.get("optimizer_steps")).text("{:.0f}"), f.text("{:.0f}"),
                      s.of(lambda r: r.cost.get("backward_passes")).text("{:.0f}"),
                      f"{t.mean / erm_time:.2f}" if erm_time and t.n and math.isfinite(erm_time) else "–",
-                     f"{f.mean / erm_fwd:.2f}" if erm_fwd and f.n and math.isfinite(erm_fwd) else "–"])
+                     f"{f.mean / erm_fwd:.2f}" if erm_fwd and f.n and math.isfinite(erm_fwd) else "–",
+                     f"{fe.mean / erm_rows:.2f}" if erm_rows and fe.n and math.isfinite(erm_rows) else "–"])
     out += [_md_table(["setting", "train s", "eval s", "steps", "forward passes", "backward passes",
-                       "train time × ERM", "forward passes × ERM"], rows), ""]
+                       "train time × ERM", "forward passes × ERM", "forward examples × ERM"], rows), ""]
 
     sharp_cols = sharpness_columns(runs)
     if sharp_cols:
@@ -364,7 +395,7 @@ def csv_rows(runs: list[Run]) -> tuple[list[str], list[dict]]:
               "sanity_passed", "device", "num_processes", "mixed_precision", "finished_at"]
     rows = []
     for r in runs:
-        row = {"run_dir": str(r.path), "task": r.task, "method": r.method, "setting": r.setting, "seed": r.seed,
+        row = {"run_dir": str(r.path), "task": r.task, "method": r.method, "setting": r.label, "seed": r.seed,
                "rho": r.rho, "train_eps": r.eps_label, f"clean_{headline}": r.clean,
                "sanity_passed": _get(r.raw, "sanity", "passed"), "device": r.raw.get("device"),
                "num_processes": r.raw.get("num_processes"), "mixed_precision": r.raw.get("mixed_precision"),

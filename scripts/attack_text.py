@@ -149,7 +149,7 @@ def main() -> None:
         summaries, records = attack_model(loaded.model, loaded.tokenizer, examples, args.recipes,
                                           args.num_examples, max_length=spec["max_length"],
                                           batch_size=args.batch_size, query_budget=args.query_budget,
-                                          seed=args.seed)
+                                          seed=args.seed, progress_label=f"{name} / ")
         for recipe in args.recipes:
             summary_rows.append({"model": name, "recipe": recipe, **summaries[recipe],
                                  "checkpoint": str(loaded.source)})

@@ -55,7 +55,8 @@ def fake_results(task: str, method: str, seed: int, clean: float, robust_drop: f
                       "method": {"rho": rho, "train_eps": None}, "eval": {}, "task": {}},
            "method_resolved": resolved, "metrics": metrics,
            "cost": {"train_wall_s": 10.0 * fwd / 100 + seed, "eval_wall_s": 2.0, "optimizer_steps": 50,
-                    "forward_passes": fwd, "backward_passes": fwd, "train_examples": 3200},
+                    "forward_passes": fwd, "backward_passes": fwd, "forward_examples": 32 * fwd,
+                    "backward_examples": 32 * fwd, "train_examples": 3200},
            "device": "cpu", "num_processes": 1, "mixed_precision": "no", "versions": {"python": "3.11"},
            "sanity": {"passed": True, "checks": [{"name": "pgd-linf_le_clean", "passed": True}]},
            "finished_at": "2026-11-25T18:00:00+00:00"}
@@ -103,7 +104,7 @@ def test_report_builds_tables_csv_and_every_figure(tmp_path):
     assert "sam@0.05" in md and "asam@0.5" in md
     # cost: SAM's forward passes are 2x ERM's, AT's 11x
     cost_row = next(line for line in md.splitlines() if line.startswith("| pgd-at eps=2/255 |") and "1100" in line)
-    assert cost_row.rstrip(" |").endswith("11.00")
+    assert cost_row.rstrip(" |").endswith("| 11.00 | 11.00")  # passes and examples × ERM
     assert "sam-rho0.2-s0" in md  # listed as unfinished
     for name in FIGURES:
         assert f"]({name})" in md
@@ -150,6 +151,25 @@ def test_without_sharpness_or_erm_still_builds(tmp_path):
     out = runs / "report"
     assert not (out / "sharpness_vs_robust.png").exists() and (out / "sweep_rho_eps.png").exists()
     assert "0.9000 |" in (out / "report.md").read_text()  # one seed: no ± std
+
+
+def test_runs_differing_in_another_hyper_parameter_are_separate_settings(tmp_path):
+    """Two pgd-at runs at one eps and seed, one with a clean term, are two settings, not two 'seeds'."""
+    runs = tmp_path / "runs"
+    for weight, clean in ((0.0, 0.80), (0.5, 0.90)):
+        for seed in (0, 1):
+            data = fake_results("text", "pgd-at", seed, clean, 0.1, eps=0.02)
+            data["method_resolved"]["at_clean_weight"] = weight
+            d = runs / f"w{weight}-s{seed}"
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps(data))
+    assert _script().main([str(runs), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| pgd-at eps=0.02 at_clean_weight=0 | 2 (0, 1) | 0.8000 ± 0.0000 |" in text
+    assert "| pgd-at eps=0.02 at_clean_weight=0.5 | 2 (0, 1) | 0.9000 ± 0.0000 |" in text
+    with open(tmp_path / "report" / "results.csv") as f:
+        settings = {row["setting"] for row in csv.DictReader(f)}
+    assert settings == {"pgd-at eps=0.02 at_clean_weight=0", "pgd-at eps=0.02 at_clean_weight=0.5"}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -49,12 +49,14 @@ def test_accelerate_launch_writes_results_and_checkpoint(tmp_path):
     assert "| clean" in proc.stdout
 
 
-def test_pgd_at_counts_attack_passes(tmp_path):
-    proc = run("--method", "pgd-at", "--train_steps", "3", "--max_steps", "2", "--output_dir",
-               str(tmp_path / "at"), *FAST)
+def test_pgd_at_counts_attack_passes_and_examples(tmp_path):
+    proc = run("--method", "pgd-at", "--train_steps", "3", "--max_steps", "2", "--at_clean_weight", "0.5",
+               "--output_dir", str(tmp_path / "at"), *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cost = json.loads((tmp_path / "at" / "results.json").read_text())["cost"]
     assert cost["forward_passes"] == 2 * (3 + 1) and cost["backward_passes"] == 2 * (3 + 1)
+    # 3 attack passes of 32 examples, then one doubled clean+adversarial batch of 64, per step
+    assert cost["forward_examples"] == cost["backward_examples"] == 2 * (3 * 32 + 64)
 
 
 def _weights(path: Path) -> dict:
@@ -93,7 +95,8 @@ def test_resume_after_preemption_ends_identical(tmp_path):
     ra = json.loads((tmp_path / "full" / "results.json").read_text())
     rb = json.loads((out / "results.json").read_text())
     assert ra["metrics"] == rb["metrics"]
-    assert ra["cost"]["forward_passes"] == rb["cost"]["forward_passes"]
+    for key in ("forward_passes", "backward_passes", "forward_examples", "backward_examples"):
+        assert ra["cost"][key] == rb["cost"][key], key
 
     again = run(*args, "--output_dir", str(out), "--resume")  # finished: prints, changes nothing
     assert again.returncode == 0 and "is finished" in again.stdout

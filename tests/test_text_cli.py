@@ -91,7 +91,9 @@ def test_attack_text_side_by_side(trained, monkeypatch, capsys):
     argv = ["--checkpoints", str(trained["run"]), str(trained["tiny"]), "--recipes", "deepwordbug", "pruthi",
             "--num_examples", "3", "--output_dir", str(report)]
     assert _attack_text(argv, monkeypatch) == 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
+    assert "attack tiny / pruthi" in captured.err  # a progress bar per model x recipe
     assert table.count("| sam ") == 2 and table.count("| tiny ") == 2
     summary = json.loads((report / "summary.json").read_text())
     assert [(r["model"], r["recipe"]) for r in summary["rows"]] == [

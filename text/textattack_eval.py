@@ -405,17 +405,19 @@ def _kind(result: Any) -> str:
     return "maximized"
 
 
-def attack_examples(attack: Any, examples: Sequence[dict], indices: Sequence[int], seed: int) -> list[dict]:
+def attack_examples(attack: Any, examples: Sequence[dict], indices: Sequence[int], seed: int,
+                    desc: Optional[str] = None) -> list[dict]:
     """Attack ``examples[i]`` for ``i`` in ``indices``; one record per example.
 
     Each example is a dict with ``text``, ``text_pair`` (or ``None``) and ``label``. The RNGs are reseeded
     with ``seed + i`` before example ``i``, so a record does not depend on which process attacked it, nor on
-    the order, nor on the model wrapper.
+    the order, nor on the model wrapper. ``desc`` labels a progress bar (none without it).
     """
     from textattack.shared.utils import set_seed
+    from tqdm.auto import tqdm
 
     records = []
-    for i in indices:
+    for i in tqdm(indices, desc=desc, disable=desc is None, leave=False, unit="sentence"):
         ex = examples[i]
         item = ex["text"] if ex.get("text_pair") is None else OrderedDict(text=ex["text"], text_pair=ex["text_pair"])
         set_seed(seed + int(i))
@@ -482,14 +484,16 @@ def format_summaries(summaries: dict[str, dict], row_label: str = "recipe") -> s
 
 def attack_model(model: nn.Module, tokenizer: Any, examples: Any, recipes: Sequence[str], num_examples: int, *,
                  max_length: int = 128, batch_size: int = 64, query_budget: Optional[int] = None, seed: int = 0,
-                 accelerator: Any = None, wrapper: Any = None, model_batch_size: Optional[int] = None
+                 accelerator: Any = None, wrapper: Any = None, model_batch_size: Optional[int] = None,
+                 progress: bool = True, progress_label: str = ""
                  ) -> tuple[dict[str, dict], dict[str, list[dict]]]:
     """Run each recipe on the first ``num_examples`` of ``examples`` (rows with text/text_pair/label).
 
     With an ``accelerator`` of several processes, the examples are split between processes and the records
     gathered, so every process returns the full result. ``wrapper`` replaces our :class:`BatchedModelWrapper`
     (the benchmark passes TextAttack's stock one); ``model_batch_size`` is how many texts TextAttack's goal
-    function hands the wrapper per call (default ``8 * batch_size``). Returns
+    function hands the wrapper per call (default ``8 * batch_size``); ``progress`` shows a progress bar per
+    recipe (on the main process), labelled ``progress_label`` + recipe. Returns
     ``({recipe: summary}, {recipe: records})``.
     """
     check_recipes(recipes)
@@ -497,8 +501,11 @@ def attack_model(model: nn.Module, tokenizer: Any, examples: Any, recipes: Seque
     rows = [examples[i] for i in range(n)]
     if wrapper is None:
         wrapper = BatchedModelWrapper(model, tokenizer, max_length=max_length, batch_size=batch_size)
+    if accelerator is not None and not accelerator.is_main_process:
+        progress = False
     summaries, all_records = {}, {}
     for name in recipes:
+        desc = f"attack {progress_label}{name}" if progress else None
         attack = build_attack(name, wrapper, query_budget=query_budget,
                               model_batch_size=model_batch_size or 8 * batch_size)
         started = time.perf_counter()
@@ -506,10 +513,10 @@ def attack_model(model: nn.Module, tokenizer: Any, examples: Any, recipes: Seque
             from accelerate.utils import gather_object
 
             with accelerator.split_between_processes(list(range(n))) as mine:
-                records = attack_examples(attack, rows, mine, seed)
+                records = attack_examples(attack, rows, mine, seed, desc=desc)
             records = sorted(gather_object(records), key=lambda r: r["index"])
         else:
-            records = attack_examples(attack, rows, range(n), seed)
+            records = attack_examples(attack, rows, range(n), seed, desc=desc)
         summaries[name] = summarize(records, time.perf_counter() - started)
         all_records[name] = records
     return summaries, all_records
