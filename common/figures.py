@@ -60,7 +60,7 @@ def _png(fig) -> bytes:
 
 def _hyper(r: Run) -> str:
     parts = ([f"ρ{r.rho:g}"] if r.rho is not None else []) + ([f"ε{r.eps_label}"] if r.eps_label else [])
-    return " ".join(parts)
+    return " ".join(parts) + r.variant
 
 
 def _method_legend(ax, methods: Sequence[str], extra: dict) -> None:
@@ -129,17 +129,19 @@ def fig_sweep(runs: list[Run], settings: list[Setting], extra: dict) -> bytes:
     fig, axes = plt.subplots(len(metrics), 2, figsize=(11, 2.8 * len(metrics)), squeeze=False)
     erm = next((s for s in settings if s.method == "erm"), None)
     for col, (axis_name, xname) in enumerate((("rho", "SAM rho"), ("eps", "AT train eps"))):
-        # A line: the settings of one method that share the *other* hyper-parameter.
+        # A line: the settings of one method that share the *other* hyper-parameter and any further ones
+        # that tell settings apart (Setting.variant, e.g. at_clean_weight=0.5).
         lines: "OrderedDict[tuple, list[Setting]]" = OrderedDict()
         for s in settings:
             x = s.rho if axis_name == "rho" else s.eps
             if x is None or s.method == "erm":
                 continue
             other = s.eps_label if axis_name == "rho" else (f"{s.rho:g}" if s.rho is not None else None)
-            lines.setdefault((s.method, other), []).append(s)
+            lines.setdefault((s.method, other, s.variant), []).append(s)
         for row, (mname, get) in enumerate(metrics):
             ax = axes[row][col]
-            for (method, other), members in lines.items():
+            drawn: dict[str, int] = {}
+            for (method, other, variant), members in lines.items():
                 members = sorted(members, key=lambda s: (s.rho if axis_name == "rho" else s.eps) or 0.0)
                 pts = [((s.rho if axis_name == "rho" else s.eps), s.of(get)) for s in members]
                 if erm is not None and other is None:
@@ -149,8 +151,12 @@ def fig_sweep(runs: list[Run], settings: list[Setting], extra: dict) -> bytes:
                     continue
                 colour, marker = _style(method, extra)
                 label = method + ("" if other is None else f" ({'eps' if axis_name == 'rho' else 'rho'}={other})")
+                label += variant
+                # lines of one method share its colour: tell them apart by dash pattern
+                nth = drawn.setdefault(method, 0)
+                drawn[method] += 1
                 ax.errorbar([x for x, _ in pts], [st.mean for _, st in pts], [st.std or 0 for _, st in pts],
-                            color=colour, marker=marker, capsize=3, label=label)
+                            color=colour, marker=marker, capsize=3, label=label, ls=("-", "--", ":", "-.")[nth % 4])
             if erm is not None and not lines:
                 st = erm.of(get)
                 if st.n:

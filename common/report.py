@@ -253,6 +253,7 @@ class Setting:
     eps_label: Optional[str]
     eps: Optional[float]
     runs: list[Run]
+    variant: str = ""  # Run.variant of its runs: the other hyper-parameters that tell it apart
 
     def of(self, get: Callable[[Run], Optional[float]]) -> Stat:
         return stat([get(r) for r in self.runs])
@@ -277,7 +278,7 @@ def group(runs: Sequence[Run]) -> list[Setting]:
     settings: "OrderedDict[str, Setting]" = OrderedDict()
     for r in sorted(runs, key=lambda r: (*setting_order(r), r.variant)):
         if r.label not in settings:
-            settings[r.label] = Setting(r.label, r.method, r.rho, r.eps_label, r.eps, [])
+            settings[r.label] = Setting(r.label, r.method, r.rho, r.eps_label, r.eps, [], r.variant)
         settings[r.label].runs.append(r)
     return list(settings.values())
 
