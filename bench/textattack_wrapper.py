@@ -14,7 +14,6 @@ identical.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,13 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import main_guard, probe_hub, setup_logging  # noqa: E402
+from common.cli import ArgumentParser, main_guard, probe_hub, setup_logging  # noqa: E402
 
 
 def main() -> None:
     setup_logging()
     probe_hub()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=None,
                         help="Run folder or classifier folder (default: the embedded MiniLM, new seeded head).")
     parser.add_argument("--recipe", default="deepwordbug", help="TextAttack recipe (an offline one here).")
@@ -47,10 +46,7 @@ def main() -> None:
     from text.textattack_eval import attack_model, check_recipes
 
     check_recipes([args.recipe])
-    folder = None
-    if args.checkpoint:
-        folder = Path(args.checkpoint)
-        folder = folder / "model" if (folder / "model" / "config.json").exists() else folder
+    folder = text_models.model_folder(args.checkpoint, "--checkpoint") if args.checkpoint else None
     torch.manual_seed(0)  # the new head of the default model
     loaded = text_models.load_classifier(str(folder) if folder else None, ["neg", "pos"], 128)
     dsd = text_data.load_raw(None)

@@ -127,15 +127,14 @@ class PassCounter:
     one call but twice the examples.
 
     A forward hook counts calls; a tensor hook on the output's logits counts every gradient that flows back
-    through it (``loss.backward()`` and the attacks' ``autograd.grad`` alike).
+    through it (``loss.backward()`` and the attacks' ``autograd.grad`` alike). The counts carry
+    :class:`TrainState`'s field names, so a checkpoint saves and restores them with :meth:`copy_counts`.
     """
 
-    def __init__(self, model: nn.Module, forward: int = 0, backward: int = 0, forward_examples: int = 0,
-                 backward_examples: int = 0):
-        self.forward = forward  # resumed runs start from the checkpoint's counts
-        self.backward = backward
-        self.forward_examples = forward_examples
-        self.backward_examples = backward_examples
+    FIELDS = ("forward_passes", "backward_passes", "forward_examples", "backward_examples")
+
+    def __init__(self, model: nn.Module):
+        self.forward_passes = self.backward_passes = self.forward_examples = self.backward_examples = 0
         self.active = True
         self._handle = model.register_forward_hook(self._hook)
 
@@ -144,17 +143,20 @@ class PassCounter:
             return
         logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
         rows = int(logits.shape[0]) if isinstance(logits, Tensor) and logits.dim() > 0 else 0
-        self.forward += 1
+        self.forward_passes += 1
         self.forward_examples += rows
         if isinstance(logits, Tensor) and logits.requires_grad:
             logits.register_hook(lambda grad: self._count_backward(rows))
 
     def _count_backward(self, rows: int) -> None:
-        self.backward += 1
+        self.backward_passes += 1
         self.backward_examples += rows
 
-    def counts(self) -> tuple[int, int, int, int]:
-        return self.forward, self.backward, self.forward_examples, self.backward_examples
+    @classmethod
+    def copy_counts(cls, source: Any, target: Any) -> None:
+        """Copy the four counts from ``source`` to ``target`` (a counter or a :class:`TrainState`)."""
+        for name in cls.FIELDS:
+            setattr(target, name, getattr(source, name))
 
     def close(self) -> None:
         self.active = False
@@ -287,9 +289,7 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
         accelerator.load_state(str(resume_from))
         state = TrainState(**json.loads((resume_from / STATE_FILE).read_text()))
         logger.info("resumed from %s at step %d", resume_from, state.step)
-    (counter.forward, counter.backward, counter.forward_examples,
-     counter.backward_examples) = (state.forward_passes, state.backward_passes, state.forward_examples,
-                                   state.backward_examples)
+    PassCounter.copy_counts(state, counter)  # a resumed run continues the checkpoint's counts
 
     if trackers:
         flat = {f"{group}/{k_}": (v if isinstance(v, (int, float, str, bool)) else str(v))
@@ -391,8 +391,7 @@ def train(ctx: StepContext, train_loader: Any, train_set: Any, scheduler: Any, r
 
     def snapshot() -> TrainState:
         state.train_wall_s = wall0 + time.perf_counter() - started
-        (state.forward_passes, state.backward_passes, state.forward_examples,
-         state.backward_examples) = counter.counts()
+        PassCounter.copy_counts(counter, state)
         return state
 
     def optimizer_step(group: list[dict]) -> None:

@@ -96,7 +96,7 @@ class Task(abc.ABC):
     # Defaults for RunArgs/MethodArgs fields left at None, e.g. {"optimizer": "sgd", "lr": 0.1, ...}.
     # Keys: optimizer, lr, weight_decay, lr_scheduler, warmup_ratio, epochs, batch_size, eval_batch_size,
     # train_eps (and train_eps_linf / train_eps_l2), train_norm, train_steps, train_alpha_ratio,
-    # cpu_max_train_samples, cpu_max_eval_samples, cpu_sharpness_examples.
+    # at_clean_weight, cpu_max_train_samples, cpu_max_eval_samples, cpu_sharpness_examples.
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, args: Any):

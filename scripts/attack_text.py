@@ -56,18 +56,6 @@ class AttackArgs:
     seed: int = field(default=0, metadata={"help": "Seed of the recipes' random choices (per sentence)."})
 
 
-def model_folder(path: str) -> Path:
-    """The ``from_pretrained`` folder of a checkpoint argument (a run folder's ``model/`` or itself)."""
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"--checkpoints: {path!r} does not exist")
-    if (p / "config.json").exists():
-        return p
-    if (p / "model" / "config.json").exists():
-        return p / "model"
-    raise UsageError(f"--checkpoints: {path!r} holds no classifier (no config.json in it or in its model/)")
-
-
 def run_info(folder: Path) -> dict:
     from text.task import INFO_FILE
 
@@ -130,7 +118,7 @@ def main() -> None:
     if existing and not args.overwrite:
         raise UsageError(f"--output_dir {out} already holds {', '.join(existing)}; pass --overwrite or choose "
                          "another --output_dir")
-    folders = [model_folder(c) for c in args.checkpoints]
+    folders = [text_models.model_folder(c, "--checkpoints") for c in args.checkpoints]
     names = [Path(c).name if Path(c).name != "model" else Path(c).parent.name for c in args.checkpoints]
     if len(set(names)) != len(names):
         names = [str(c) for c in args.checkpoints]

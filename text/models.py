@@ -37,6 +37,19 @@ def _minilm_folder() -> str:
 BUILTIN_MODELS = {DEFAULT_MODEL: _minilm_folder}
 
 
+def model_folder(path: str, flag: str) -> Path:
+    """The ``from_pretrained`` folder of a checkpoint argument: a run folder's ``model/`` or the folder itself.
+    ``UsageError`` naming ``flag`` if it does not exist or holds no model."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{flag}: {path!r} does not exist")
+    if (p / "config.json").exists():
+        return p
+    if (p / "model" / "config.json").exists():
+        return p / "model"
+    raise UsageError(f"{flag}: {path!r} holds no classifier (no config.json in it or in its model/)")
+
+
 def resolve_model(name: Optional[str]) -> str:
     """A hub id or folder for ``name`` (``None`` -> the embedded MiniLM folder)."""
     name = name or DEFAULT_MODEL
