@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import main_guard  # noqa: E402
-from common.errors import UsageError  # noqa: E402
-from common.methods import METHODS, ResolvedMethod, StepContext, train_step  # noqa: E402
-from common.results import format_table, versions, write_json_atomic  # noqa: E402
+from samat.common.cli import main_guard  # noqa: E402
+from samat.common.errors import UsageError  # noqa: E402
+from samat.common.methods import METHODS, ResolvedMethod, StepContext, train_step  # noqa: E402
+from samat.common.files import write_json_atomic  # noqa: E402
+from samat.common.results import versions  # noqa: E402
+from samat.common.tables import format_table  # noqa: E402
 
 
 def handwritten_sam_step(model, optimizer, batch, rho: float) -> None:
@@ -73,8 +72,8 @@ def main() -> None:
 
     from accelerate import Accelerator
 
-    from vision.models import build_model
-    from vision.task import VisionArgs, VisionTask
+    from samat.vision.models import build_model
+    from samat.vision.task import VisionArgs, VisionTask
 
     accelerator = Accelerator()
     device = accelerator.device

@@ -15,13 +15,12 @@ identical.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import ArgumentParser, main_guard, probe_hub, setup_logging  # noqa: E402
+from samat.common.cli import ArgumentParser, main_guard, setup_logging  # noqa: E402
+from samat.common.offline import probe_hub  # noqa: E402
 
 
 def main() -> None:
@@ -39,11 +38,11 @@ def main() -> None:
 
     import torch
 
-    from text import data as text_data
-    from text import models as text_models
-    from text import resources
-    from text.task import ATTACK_EXAMPLES_SEED
-    from text.textattack_eval import attack_model, check_recipes
+    from samat.text import data as text_data
+    from samat.text import models as text_models
+    from samat.text import resources
+    from samat.text.task import ATTACK_EXAMPLES_SEED
+    from samat.text.textattack_eval import attack_model, check_recipes
 
     check_recipes([args.recipe])
     folder = text_models.model_folder(args.checkpoint, "--checkpoint") if args.checkpoint else None

@@ -1,14 +1,11 @@
-"""Command-line plumbing shared by ``scripts/*.py``: one-line errors, hub probe, config files."""
+"""Command-line plumbing shared by ``scripts/*.py``: one-line errors, logging, config files."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
-import socket
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
@@ -61,36 +58,6 @@ def setup_logging() -> None:
                         level=logging.INFO)
     for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def probe_hub(timeout: float = 2.0) -> None:
-    """Set ``HF_HUB_OFFLINE=1`` when the Hugging Face hub cannot be reached within ``timeout`` seconds.
-
-    Without it every hub lookup of an id that is not cached retries for ~20 s before failing; with it the
-    failure is immediate and becomes a one-line error. Skipped when the user already set ``HF_HUB_OFFLINE``
-    (either way) or ``SAMAT_NO_HUB_PROBE=1``. Must run before transformers/datasets are imported.
-    """
-    if "HF_HUB_OFFLINE" in os.environ or os.environ.get("SAMAT_NO_HUB_PROBE") == "1":
-        return
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    host, _, port = endpoint.partition(":")
-    reached = []
-
-    def connect() -> None:
-        try:
-            socket.create_connection((host, int(port or 443)), timeout=timeout).close()
-            reached.append(True)
-        except OSError:
-            pass
-
-    # A thread bounds DNS resolution too, which create_connection's timeout does not cover.
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not reached:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
-        logging.getLogger("samat").info("Hugging Face hub unreachable: running offline (HF_HUB_OFFLINE=1)")
 
 
 def read_config_file(path: str) -> dict[str, Any]:

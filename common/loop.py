@@ -34,7 +34,8 @@ from .config import EvalArgs, RunArgs, parse_eps_list
 from .errors import UsageError
 from .evaluate import evaluate_all
 from .methods import ResolvedMethod, StepContext, train_step
-from .results import metrics_table, versions, write_json_atomic
+from .files import write_json_atomic
+from .results import metrics_table, versions
 from .task import AttackSpec, Task
 
 logger = get_logger("samat")

@@ -10,9 +10,9 @@ import importlib
 from .errors import lookup
 
 TASKS: dict[str, str] = {
-    "vision": "vision.task:VisionTask",
-    "text": "text.task:TextTask",
-    "segmentation": "segmentation.task:SegmentationTask",
+    "vision": "samat.vision.task:VisionTask",
+    "text": "samat.text.task:TextTask",
+    "segmentation": "samat.segmentation.task:SegmentationTask",
 }
 
 

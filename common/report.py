@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .errors import UsageError
-from .results import write_bytes_atomic
+from .files import write_bytes_atomic
 
 # Rows of every table and figure go in this order (ERM, then SAM, then the AT family); other methods last.
 METHOD_ORDER = ("erm", "sam", "asam", "pgd-at", "fgsm-at", "trades", "sam-at")

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 import platform
-import tempfile
 from importlib import metadata
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+
+from .tables import format_table
 
 PACKAGES = ("samat", "torch", "transformers", "accelerate", "datasets", "timm", "segmentation-models-pytorch",
             "textattack")
@@ -22,42 +19,6 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` so that readers see the old file or the whole new one, never half of it
-    (a temp file in the same folder, then ``os.replace``). The file gets the usual 0644-less-umask mode."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (see :func:`write_bytes_atomic`)."""
-    write_bytes_atomic(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
-
-
-def format_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A GitHub-markdown table (also readable in a terminal)."""
-    def cell(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    rows = [[cell(v) for v in row] for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
-              for i, h in enumerate(header)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line([str(h) for h in header]), sep, *(line(r) for r in rows)])
 
 
 def metrics_table(results: dict) -> str:

@@ -20,15 +20,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common.cli import main_guard, probe_hub, setup_logging  # noqa: E402
-from common.errors import UsageError  # noqa: E402
+from samat.common.cli import main_guard, setup_logging  # noqa: E402
+from samat.common.offline import probe_hub  # noqa: E402
+from samat.common.errors import UsageError  # noqa: E402
 
 
 @dataclass
@@ -57,7 +56,7 @@ class AttackArgs:
 
 
 def run_info(folder: Path) -> dict:
-    from text.task import INFO_FILE
+    from samat.text.task import INFO_FILE
 
     info = folder / INFO_FILE
     return json.loads(info.read_text()) if info.exists() else {}
@@ -95,13 +94,14 @@ def _csv_text(rows: list[dict]) -> str:
 def main() -> None:
     setup_logging()
     probe_hub()
-    from common.cli import hf_argument_parser
-    from common.data import pick_split
-    from common.results import format_table, write_json_atomic
-    from text import data as text_data
-    from text import models as text_models
-    from text.task import ATTACK_EXAMPLES_SEED
-    from text.textattack_eval import SUMMARY_COLUMNS, attack_model, check_recipes
+    from samat.common.cli import hf_argument_parser
+    from samat.common.data import pick_split
+    from samat.common.files import write_json_atomic
+    from samat.common.tables import format_table
+    from samat.text import data as text_data
+    from samat.text import models as text_models
+    from samat.text.task import ATTACK_EXAMPLES_SEED
+    from samat.text.textattack_eval import SUMMARY_COLUMNS, attack_model, check_recipes
 
     parser = hf_argument_parser([AttackArgs], description=__doc__.split("\n\n")[0])
     (args,) = parser.parse_args_into_dataclasses()

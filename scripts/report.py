@@ -18,16 +18,11 @@ The work is done in ``common/report.py`` (loading, tables, CSVs) and ``common/fi
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python scripts/report.py` without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
-
-from common.cli import ArgumentParser, main_guard  # noqa: E402
-from common.report import build_report, write_report  # noqa: E402
+from samat.common.cli import ArgumentParser, main_guard  # noqa: E402
+from samat.common.report import build_report, write_report  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

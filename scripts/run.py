@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common.cli import main_guard, probe_hub, read_config_file, setup_logging  # noqa: E402
-from common.errors import UsageError  # noqa: E402
+from samat.common.cli import main_guard, read_config_file, setup_logging  # noqa: E402
+from samat.common.offline import probe_hub  # noqa: E402
+from samat.common.errors import UsageError  # noqa: E402
 
 
 def _parser(task_args_cls):
-    from common.cli import hf_argument_parser
-    from common.config import EvalArgs, MethodArgs, RunArgs
-    from common.methods import METHODS
-    from common.registry import TASKS
+    from samat.common.cli import hf_argument_parser
+    from samat.common.config import EvalArgs, MethodArgs, RunArgs
+    from samat.common.methods import METHODS
+    from samat.common.registry import TASKS
 
     epilog = ("tasks: " + ", ".join(TASKS) + ". methods: "
               + "; ".join(f"{m.name} ({m.summary})" for m in METHODS.values())
@@ -50,9 +49,9 @@ def _config_to_argv(values: dict) -> list[str]:
 def main() -> None:
     setup_logging()
     probe_hub()
-    from common.config import non_default_fields, validate
-    from common.errors import lookup
-    from common.registry import TASKS, task_class
+    from samat.common.config import non_default_fields, validate
+    from samat.common.errors import lookup
+    from samat.common.registry import TASKS, task_class
 
     # Stage 1: which task (its flags join the parser) and which config file.
     pre = argparse.ArgumentParser(add_help=False)
@@ -74,7 +73,7 @@ def main() -> None:
                          f"scripts/run.py --task {task_name} --help)")
 
     validate(run, method_args, eval_args)
-    from common.methods import resolve_method
+    from samat.common.methods import resolve_method
 
     task = task_cls(task_args)
     method = resolve_method(run.method, method_args, task, set(non_default_fields(method_args)))
@@ -83,7 +82,7 @@ def main() -> None:
     config_record = {"run": vars(run), "method": vars(method_args), "eval": vars(eval_args),
                      "task": vars(task_args)}
 
-    from common.loop import run_experiment
+    from samat.common.loop import run_experiment
 
     run_experiment(run, method, eval_args, task, config_record)
 

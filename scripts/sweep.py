@@ -30,14 +30,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python scripts/sweep.py` without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
+from samat.common.cli import ArgumentParser  # noqa: E402
+from samat.common.errors import UsageError  # noqa: E402
 
-from common.cli import ArgumentParser  # noqa: E402
-from common.errors import UsageError  # noqa: E402
-
-RUN_PY = ROOT / "scripts" / "run.py"
+RUN_PY = Path(__file__).resolve().with_name("run.py")
 
 # The paper's grid (Zhang et al. 2024): SAM rho 0.05-0.5 and AT L-inf radii 1-8/255 for images. Text radii
 # are relative to the mean token-embedding norm (text/task.py); the L-inf ladder keeps the images' 1:2:4:8
@@ -58,7 +54,7 @@ MAX_RHO = 10.0  # scripts/run.py's own bound (common/config.py)
 
 def method_flags() -> dict[str, set[str]]:
     """``{method: MethodArgs fields it reads}``, from the engine's registry."""
-    from common.methods import METHODS
+    from samat.common.methods import METHODS
 
     return {name: set(m.flags) for name, m in METHODS.items()}
 
@@ -66,7 +62,7 @@ def method_flags() -> dict[str, set[str]]:
 def _method_arg_names() -> set[str]:
     from dataclasses import fields
 
-    from common.config import MethodArgs
+    from samat.common.config import MethodArgs
 
     return {f.name for f in fields(MethodArgs)}
 
@@ -101,7 +97,7 @@ def parse_rho(text: str) -> float:
 
 
 def parse_train_eps(text: str, pixel_space: bool) -> float:
-    from common.config import parse_eps
+    from samat.common.config import parse_eps
 
     value = parse_eps(text, pixel_space=pixel_space, flag="--train_eps")
     if value == 0:

@@ -24,13 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python scripts/toy.py` without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
-
-from common.cli import ArgumentParser  # noqa: E402
-from common.errors import UsageError  # noqa: E402
-from common.results import write_bytes_atomic, write_json_atomic  # noqa: E402
+from samat.common.cli import ArgumentParser  # noqa: E402
+from samat.common.errors import UsageError  # noqa: E402
+from samat.common.files import write_bytes_atomic, write_json_atomic  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +82,7 @@ def _number(flag: str, text: str, *, integer: bool = False, low: Optional[float]
 
 def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, Any, dict[str, list]]:
     """Flags → (namespace, ToyConfig, lists). Every bad value is a ``UsageError``."""
-    from common.toy import MODELS, ToyConfig
+    from samat.common.toy import MODELS, ToyConfig
 
     a = build_parser().parse_args(argv)
     for m in a.models:
@@ -187,7 +183,7 @@ def run(a: argparse.Namespace, cfg: Any, lists: dict[str, list]) -> dict[str, An
     """Train every (model, setting, seed), write the outputs, return the results dict."""
     import torch
 
-    from common.toy import aggregate, bayes_robust_share, eps_key, grid, run_one
+    from samat.common.toy import aggregate, bayes_robust_share, eps_key, grid, run_one
 
     # The matrices are tiny: one thread is faster than several, and far faster on a shared, busy CPU.
     torch.set_num_threads(1)

@@ -18,67 +18,28 @@ The result is a ``datasets.DatasetDict`` with ``image`` (RGB) and ``mask`` (L, c
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from common.errors import UsageError
+from samat.common.errors import UsageError
+from samat.common.files import building_dir
+from samat.common.offline import FASHION_MNIST_CLASSES, cache_dir, fashion_mnist_arrays
 
 logger = logging.getLogger(__name__)
 
 NAME = "fashion-canvas"
 VERSION = 1  # bump when the generator changes: it is part of the cache key
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
-FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                   "Bag", "Ankle boot")
+FASHION_CLASSES = FASHION_MNIST_CLASSES
 CLASS_NAMES = ("background", *FASHION_CLASSES)
 FOREGROUND_LEVEL = 0.2    # grey level (of 1) from which an item pixel is labelled as the item
 ITEMS_PER_CANVAS = (1, 4)  # inclusive
 ITEM_SIDE = (20, 36)       # px, inclusive; Fashion-MNIST items are 28 px
 MIN_CANVAS = ITEM_SIDE[1]
 ID2LABEL_FILE = "id2label.json"
-
-
-def cache_root() -> Path:
-    """Where built datasets are cached: ``$SAMAT_CACHE`` or ``~/.cache/samat``."""
-    return Path(os.environ.get("SAMAT_CACHE", Path.home() / ".cache" / "samat"))
-
-
-def load_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST ``train`` or ``test``: uint8 images ``(N, 28, 28)`` and int64 labels ``(N,)`` in 0..9.
-
-    Read from the Debian package's IDX files (``$FASHION_MNIST_DIR`` overrides the folder); where they are
-    absent, from the Hugging Face hub twin.
-    """
-    folder = Path(os.environ.get("FASHION_MNIST_DIR", FASHION_MNIST_DIR))
-    prefix = "train" if split == "train" else "t10k"
-    images_path = folder / f"{prefix}-images-idx3-ubyte.gz"
-    labels_path = folder / f"{prefix}-labels-idx1-ubyte.gz"
-    if images_path.is_file() and labels_path.is_file():
-        with gzip.open(images_path) as f:
-            images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-        with gzip.open(labels_path) as f:
-            labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
-        return images, labels
-    try:
-        import datasets
-
-        hub = datasets.load_dataset(FASHION_MNIST_HUB, split=split)
-    except Exception as err:  # offline, or the hub refused: say what to install instead
-        raise UsageError(
-            f"the embedded dataset needs Fashion-MNIST: found no IDX files in {folder} (apt-get install "
-            f"dataset-fashion-mnist, or set FASHION_MNIST_DIR) and the hub copy failed "
-            f"({type(err).__name__}); or pass --dataset <hub id | save_to_disk folder>") from None
-    images = np.stack([np.asarray(im, dtype=np.uint8) for im in hub["image"]])
-    return images, np.asarray(hub["label"], dtype=np.int64)
 
 
 def _resize_item(item: np.ndarray, side: int) -> np.ndarray:
@@ -128,7 +89,7 @@ def render_canvases(images: np.ndarray, labels: np.ndarray, count: int, size: in
 
 
 def cache_path(size: int, train_size: int, test_size: int, seed: int) -> Path:
-    return cache_root() / f"{NAME}-v{VERSION}-{size}px-{train_size}-{test_size}-s{seed}"
+    return cache_dir() / f"{NAME}-v{VERSION}-{size}px-{train_size}-{test_size}-s{seed}"
 
 
 def build_fashion_canvas(size: int = 64, train_size: int = 10000, test_size: int = 2000, seed: int = 0,
@@ -155,22 +116,12 @@ def build_fashion_canvas(size: int = 64, train_size: int = 10000, test_size: int
     # One child seed per split: the test canvases do not change when --canvas_train_size does.
     for (split, count), split_seed in zip((("train", train_size), ("test", test_size)),
                                           np.random.SeedSequence(seed).spawn(2)):
-        images, labels = load_fashion_mnist(split)
+        images, labels = fashion_mnist_arrays(split)
         canvases, masks = render_canvases(images, labels, count, size, np.random.default_rng(split_seed))
         info = datasets.DatasetInfo(description=__doc__.strip().splitlines()[0], features=features)
         splits[split] = datasets.Dataset.from_dict(
             {"image": list(canvases), "mask": list(masks)}, features=features, info=info)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with building_dir(folder) as tmp:
         datasets.DatasetDict(splits).save_to_disk(str(tmp))
-        # The file is written last: its presence marks a complete build.
         (tmp / ID2LABEL_FILE).write_text(json.dumps({str(i): n for i, n in enumerate(CLASS_NAMES)}, indent=1))
-        if folder.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.data import example_generator, find_column, pick_split
-from common.errors import UsageError
+from samat.common.data import example_generator, find_column, pick_split
+from samat.common.errors import UsageError
 
 from . import canvas
 

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.config import parse_eps_list
-from common.errors import UsageError
-from common.task import AttackSpec, AttackSurface, Task, TaskData
+from samat.common.config import parse_eps_list
+from samat.common.errors import UsageError
+from samat.common.task import AttackSpec, AttackSurface, Task, TaskData
 
 from . import data, metrics, models
 

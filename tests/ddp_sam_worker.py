@@ -8,12 +8,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accelerate import Accelerator  # noqa: E402
 
-from common.methods import StepContext, train_step  # noqa: E402
+from samat.common.methods import StepContext, train_step  # noqa: E402
 from helpers import image_batch, resolved, tiny_mlp, vision_task  # noqa: E402
 
 

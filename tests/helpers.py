@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.methods import METHODS, ResolvedMethod, StepContext
-from vision.models import Normalized, SmallCNN
-from vision.task import VisionArgs, VisionTask
+from samat.common.methods import METHODS, ResolvedMethod, StepContext
+from samat.vision.models import Normalized, SmallCNN
+from samat.vision.task import VisionArgs, VisionTask
 
 
 def tiny_mlp(in_features: int = 3 * 8 * 8, classes: int = 4, seed: int = 0) -> nn.Module:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import RunArgs
-from common.methods import METHODS, ResolvedMethod
-from segmentation.task import SegmentationArgs, SegmentationTask
+from samat.common.config import RunArgs
+from samat.common.methods import METHODS, ResolvedMethod
+from samat.segmentation.task import SegmentationArgs, SegmentationTask
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.attacks import eval_mode, pgd
-from common.task import AttackSurface
+from samat.common.attacks import eval_mode, pgd
+from samat.common.task import AttackSurface
 from helpers import image_batch, tiny_cnn, tiny_mlp
 
 

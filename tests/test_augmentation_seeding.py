@@ -6,8 +6,8 @@ import datasets
 import numpy as np
 import torch
 
-from segmentation.data import SegmentationDataset
-from vision.data import ImageClassification
+from samat.segmentation.data import SegmentationDataset
+from samat.vision.data import ImageClassification
 
 
 def _images(n=4, size=16):

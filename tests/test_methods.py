@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from common.config import MethodArgs
-from common.errors import UsageError
-from common.methods import METHODS, resolve_method, train_step
+from samat.common.config import MethodArgs
+from samat.common.errors import UsageError
+from samat.common.methods import METHODS, resolve_method, train_step
 from helpers import context, image_batch, resolved, tiny_cnn, vision_task
 
 
@@ -52,7 +52,7 @@ def test_resolve_method_defaults_and_unused_flags():
 
 
 def test_at_clean_weight_defaults_per_task_and_explicit_value_wins():
-    from text.task import TextTask
+    from samat.text.task import TextTask
 
     text = TextTask()
     assert resolve_method("pgd-at", MethodArgs(), vision_task(), set()).clean_weight == 0  # Madry
@@ -68,7 +68,7 @@ def test_at_clean_weight_defaults_per_task_and_explicit_value_wins():
 
 
 def test_trades_kl_ignores_masked_positions():
-    from common.methods import _kl
+    from samat.common.methods import _kl
 
     torch.manual_seed(0)
     adv, clean = torch.randn(2, 3, 4, 4), torch.softmax(torch.randn(2, 3, 4, 4), 1)
@@ -81,7 +81,7 @@ def test_trades_kl_ignores_masked_positions():
 
 
 def test_at_clean_weight_mixes_clean_and_adversarial_loss(accelerator):
-    from common.methods import OBJECTIVES
+    from samat.common.methods import OBJECTIVES
 
     torch.manual_seed(0)
     model, batch = tiny_cnn(), image_batch(n=8)
@@ -100,7 +100,7 @@ def test_at_clean_weight_mixes_clean_and_adversarial_loss(accelerator):
 def test_set_cpu_threads_uses_every_core_only_for_a_single_cpu_process(accelerator):  # (state for logging)
     from types import SimpleNamespace
 
-    from common.loop import set_cpu_threads
+    from samat.common.loop import set_cpu_threads
 
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import load_script
 
-from common.cli import main_guard
+from samat.common.cli import main_guard
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ("clean_vs_robust.png", "robust_vs_eps.png", "sweep_rho_eps.png", "cost.png", "sharpness_vs_robust.png")
@@ -170,7 +170,7 @@ def test_runs_differing_in_another_hyper_parameter_are_separate_settings(tmp_pat
     with open(tmp_path / "report" / "results.csv") as f:
         settings = {row["setting"] for row in csv.DictReader(f)}
     assert settings == {"pgd-at eps=0.02 at_clean_weight=0", "pgd-at eps=0.02 at_clean_weight=0.5"}
-    from common.report import group, load_runs
+    from samat.common.report import group, load_runs
 
     # the figures draw one line per variant (dash pattern) instead of joining the two settings
     assert [s.variant for s in group(load_runs([str(runs)]))] == [" at_clean_weight=0", " at_clean_weight=0.5"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.methods import train_step
-from common.sam import SAM, frozen_batchnorm_stats
+from samat.common.methods import train_step
+from samat.common.sam import SAM, frozen_batchnorm_stats
 from helpers import context, image_batch, resolved, tiny_cnn, tiny_mlp
 
 
@@ -86,7 +86,7 @@ def test_sam_step_matches_independent_reference(accelerator, method):
         # sam-at = SAM on the loss at fixed adversarial inputs made at w: check against the reference on x_adv.
         ctx = context(accelerator, model, resolved("sam-at", rho=0.1, steps=2), lr=0.5)
         torch.manual_seed(3)
-        from common.methods import OBJECTIVES
+        from samat.common.methods import OBJECTIVES
 
         delta = OBJECTIVES["pgd"].prepare(ctx, batch)
         adv_batch = {**batch, "pixel_values": batch["pixel_values"] + delta}
@@ -153,7 +153,7 @@ def test_bf16_and_fp32_sam_steps_agree():
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from common.methods import StepContext
+    from samat.common.methods import StepContext
     from helpers import vision_task
 
     batch = image_batch()
@@ -215,7 +215,7 @@ class _ScaledOptimizer:
 
 
 def test_fp16_loss_scaling_unscaled_by_hand_and_overflow_skips():
-    from common.methods import StepContext
+    from samat.common.methods import StepContext
     from helpers import vision_task
 
     batch = image_batch()

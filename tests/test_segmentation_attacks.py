@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from common.attacks import eval_mode, pgd
-from common.evaluate import evaluate_all
-from common.methods import METHODS, StepContext, train_step
+from samat.common.attacks import eval_mode, pgd
+from samat.common.evaluate import evaluate_all
+from samat.common.methods import METHODS, StepContext, train_step
 from segmentation_helpers import (batches, one_thread, resolved_for, save_shapes,  # noqa: F401 (fixture)
                                   tiny_task, train_briefly)
 
@@ -75,8 +75,8 @@ def test_pgd_and_segpgd_stay_in_their_ball_and_lower_miou(trained):
 
 
 def test_engine_evaluation_reports_segpgd_with_sane_numbers(trained, accelerator):
-    from common.config import EvalArgs
-    from common.loop import attack_specs
+    from samat.common.config import EvalArgs
+    from samat.common.loop import attack_specs
 
     task, built, _ = trained
     loader = torch.utils.data.DataLoader(built.eval_dataset, batch_size=16, collate_fn=built.collate_fn)

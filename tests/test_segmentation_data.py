@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import RunArgs
-from common.errors import UsageError
-from segmentation import canvas, data
-from segmentation.task import SegmentationArgs, SegmentationTask
+from samat.common.config import RunArgs
+from samat.common import offline
+from samat.common.errors import UsageError
+from samat.segmentation import canvas, data
+from samat.segmentation.task import SegmentationArgs, SegmentationTask
 from segmentation_helpers import TINY_MODEL, one_thread, save_shapes, shapes, tiny_task  # noqa: F401 (fixture)
 
 needs_fashion_mnist = pytest.mark.skipif(
-    not (Path(canvas.FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz").is_file(),
+    not (offline.fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").is_file(),
     reason="Debian package dataset-fashion-mnist not installed")
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segmentation.metrics import confusion_counts, segmentation_metrics
-from segmentation.task import SegmentationArgs, SegmentationTask, segpgd_objective
+from samat.segmentation.metrics import confusion_counts, segmentation_metrics
+from samat.segmentation.task import SegmentationArgs, SegmentationTask, segpgd_objective
 
 IGNORE = 255
 

@@ -8,10 +8,10 @@ from dataclasses import fields
 import pytest
 import torch
 
-from common.config import RunArgs
-from common.errors import UsageError
-from segmentation import models
-from segmentation.task import SegmentationArgs, SegmentationTask
+from samat.common.config import RunArgs
+from samat.common.errors import UsageError
+from samat.segmentation import models
+from samat.segmentation.task import SegmentationArgs, SegmentationTask
 from segmentation_helpers import one_thread, save_shapes, tiny_task  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -105,7 +105,7 @@ def test_transformers_segformer_through_the_same_task(tmp_path):
 def test_flags_have_help_and_do_not_collide_with_common_ones():
     from transformers import HfArgumentParser
 
-    from common.config import EvalArgs, MethodArgs
+    from samat.common.config import EvalArgs, MethodArgs
 
     assert all(f.metadata.get("help") for f in fields(SegmentationArgs))
     parser = HfArgumentParser([RunArgs, MethodArgs, EvalArgs, SegmentationArgs])  # raises on a clash

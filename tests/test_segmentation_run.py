@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segmentation import canvas, models
+from samat.common import offline
+from samat.segmentation import canvas, models
 from segmentation_helpers import shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
 
 
-@pytest.mark.skipif(not (Path(canvas.FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz").is_file(),
+@pytest.mark.skipif(not (offline.fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").is_file(),
                     reason="Debian package dataset-fashion-mnist not installed")
 def test_sam_on_the_embedded_default_end_to_end(tmp_path):
     out = tmp_path / "sam"

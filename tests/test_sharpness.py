@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.sharpness import collect_batches, estimate_sharpness, sharpness_report
+from samat.common.sharpness import collect_batches, estimate_sharpness, sharpness_report
 
 
 class RegressionTask:

@@ -8,9 +8,9 @@ import pytest
 import torch
 from text_helpers import tiny_checkpoint, tiny_dataset
 
-from text import data as text_data
-from text import models as text_models
-from text import textattack_eval as te
+from samat.text import data as text_data
+from samat.text import models as text_models
+from samat.text import textattack_eval as te
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ def _attack_text(argv: list[str], monkeypatch) -> int:
 def test_textattack_imports_offline_and_keeps_our_loggers(tmp_path):
     """With no NLTK data on the path, the import neither hangs nor crashes, and textattack's dictConfig
     does not silence loggers that existed before it."""
-    code = ("import logging; lg = logging.getLogger('samat.probe'); from text import resources; "
+    code = ("import logging; lg = logging.getLogger('samat.probe'); from samat.text import resources; "
             "ta = resources.import_textattack(); print(ta.__name__, lg.disabled)")
     proc = _python(["-c", code], env={"NLTK_DATA": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-2000:]

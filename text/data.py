@@ -21,8 +21,8 @@ from typing import Any, Optional
 import datasets
 from datasets import ClassLabel, Dataset, DatasetDict
 
-from common.data import find_column
-from common.errors import UsageError
+from samat.common.data import find_column
+from samat.common.errors import UsageError
 
 from . import resources
 

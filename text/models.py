@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from common.errors import UsageError
+from samat.common.errors import UsageError
 
 from . import resources
 

@@ -27,18 +27,18 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlparse
 
 import numpy as np
 
-from common.errors import UsageError
+from samat.common.errors import UsageError
+from samat.common.offline import (cache_dir, cache_lock, host_reachable, hub_offline_if_unreachable,  # noqa: F401
+                                  hub_reachable)
 
 logger = logging.getLogger(__name__)
 
@@ -54,68 +54,6 @@ TEXTATTACK_S3_HOST = "textattack.s3.amazonaws.com"
 
 class MissingResource(UsageError):
     """A resource that cannot be found locally nor fetched here (one line: which one and how to get it)."""
-
-
-def cache_dir() -> Path:
-    """The project's cache folder: ``$SAMAT_CACHE`` or ``~/.cache/samat`` (created)."""
-    path = Path(os.environ.get("SAMAT_CACHE", Path.home() / ".cache" / "samat")).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-@contextlib.contextmanager
-def cache_lock(name: str) -> Iterator[None]:
-    """Serialise building one cache entry across processes (``accelerate launch`` starts several)."""
-    import filelock
-
-    with filelock.FileLock(str(cache_dir() / f".{name}.lock")):
-        yield
-
-
-@functools.lru_cache(maxsize=None)
-def host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds (cached per process).
-
-    Offline, DNS fails at once, so this costs nothing; it spares the 25 s of retries that ``transformers``,
-    ``datasets`` and ``nltk`` spend per missing file."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def hub_host() -> str:
-    """Host name of the Hugging Face hub endpoint in use (honours ``HF_ENDPOINT``)."""
-    from huggingface_hub import constants
-
-    return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-
-
-def hub_reachable() -> bool:
-    """Whether the Hugging Face hub can be reached (``HF_HUB_OFFLINE=1`` counts as no)."""
-    from huggingface_hub import constants
-
-    return not constants.HF_HUB_OFFLINE and host_reachable(hub_host())
-
-
-@contextlib.contextmanager
-def hub_offline_if_unreachable() -> Iterator[bool]:
-    """Within the block, make ``datasets``/``huggingface_hub`` use only their local cache when the hub cannot
-    be reached (instead of retrying each file for ~25 s). Yields whether the hub is reachable."""
-    reachable = hub_reachable()
-    if reachable:
-        yield True
-        return
-    import datasets
-    from huggingface_hub import constants
-
-    saved = (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
-    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
-    try:
-        yield False
-    finally:
-        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
 def _run_fetch(cmd: list[str], what: str, timeout: float = 900) -> None:

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.data import pick_split
-from common.errors import UsageError
-from common.metrics import accuracy_from_stats, accuracy_stats
-from common.results import write_json_atomic
-from common.task import AttackSurface, Task, TaskData
+from samat.common.data import pick_split
+from samat.common.errors import UsageError
+from samat.common.metrics import accuracy_from_stats, accuracy_stats
+from samat.common.files import write_json_atomic
+from samat.common.task import AttackSurface, Task, TaskData
 
 from . import data as text_data
 from . import models as text_models

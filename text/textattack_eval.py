@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.attacks import eval_mode
-from common.errors import UsageError, unknown_choice
+from samat.common.attacks import eval_mode
+from samat.common.errors import UsageError, unknown_choice
 
 from . import resources
 
@@ -476,7 +476,7 @@ SUMMARY_COLUMNS = ("num_examples", "original_accuracy", "accuracy_under_attack",
 
 def format_summaries(summaries: dict[str, dict], row_label: str = "recipe") -> str:
     """A markdown table: one row per recipe (or ``"model / recipe"`` key)."""
-    from common.results import format_table
+    from samat.common.tables import format_table
 
     rows = [[name, *(s.get(c, "") for c in SUMMARY_COLUMNS)] for name, s in summaries.items()]
     return format_table([row_label, *SUMMARY_COLUMNS], rows)

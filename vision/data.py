@@ -8,7 +8,6 @@ the image and label columns are found by name or feature type, or named by flags
 
 from __future__ import annotations
 
-import gzip
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -18,49 +17,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.data import example_generator
-from common.errors import UsageError
+from samat.common.data import example_generator
+from samat.common import offline
+from samat.common.errors import UsageError
+from samat.common.files import building_dir
 
-FASHION_MNIST_DIR = Path(os.environ.get("SAMAT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot"]
-CACHE_DIR = Path(os.environ.get("SAMAT_CACHE", Path.home() / ".cache" / "samat"))
 BUILTIN_DATASETS = ("fashion_mnist",)
 IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST format) as uint8: images ``(N, 28, 28)``, labels ``(N,)``."""
-    raw = gzip.open(path).read()
-    ndim = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def fashion_mnist(root: Path = FASHION_MNIST_DIR):
-    """Fashion-MNIST (60,000 train + 10,000 test, 28×28 grey) as a ``DatasetDict`` read from Debian's files,
-    cached under ``$SAMAT_CACHE`` (``~/.cache/samat``) after the first build."""
+def fashion_mnist():
+    """Fashion-MNIST (60,000 train + 10,000 test, 28×28 grey) as a ``DatasetDict`` with the hub's columns
+    (``image``, ``label``), built from :func:`samat.common.offline.fashion_mnist_arrays` and cached under
+    ``$SAMAT_CACHE`` after the first build."""
     import datasets
 
-    cache = CACHE_DIR / "fashion_mnist"
+    cache = offline.cache_dir() / "fashion_mnist"
     if (cache / "dataset_dict.json").exists():
         return datasets.load_from_disk(str(cache))
-    files = {split: (root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz")
-             for split, prefix in (("train", "train"), ("test", "t10k"))}
-    missing = [str(p) for pair in files.values() for p in pair if not p.exists()]
-    if missing:
-        raise UsageError(f"--dataset fashion_mnist needs Debian's dataset-fashion-mnist ({missing[0]} missing): "
-                         "apt-get install dataset-fashion-mnist, or pass a hub id such as "
-                         "zalando-datasets/fashion_mnist")
     features = datasets.Features({"image": datasets.Array2D((28, 28), "uint8"),
-                                  "label": datasets.ClassLabel(names=FASHION_MNIST_CLASSES)})
-    splits = {split: datasets.Dataset.from_dict({"image": read_idx(img), "label": read_idx(lab)},
-                                                features=features)
-              for split, (img, lab) in files.items()}
+                                  "label": datasets.ClassLabel(names=list(offline.FASHION_MNIST_CLASSES))})
+    splits = {}
+    for split in ("train", "test"):
+        images, labels = offline.fashion_mnist_arrays(split)
+        splits[split] = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
     dataset = datasets.DatasetDict(splits)
     try:
-        dataset.save_to_disk(str(cache))
+        with building_dir(cache) as tmp:
+            dataset.save_to_disk(str(tmp))
     except OSError:
         pass  # a read-only home just means no cache
     return dataset

@@ -8,10 +8,10 @@ from typing import Any, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.data import find_column, pick_split
-from common.errors import UsageError
-from common.metrics import accuracy_from_stats, accuracy_stats
-from common.task import AttackSurface, Task, TaskData
+from samat.common.data import find_column, pick_split
+from samat.common.errors import UsageError
+from samat.common.metrics import accuracy_from_stats, accuracy_stats
+from samat.common.task import AttackSurface, Task, TaskData
 
 from . import data as vdata
 from .models import build_model, model_channels
