@@ -2,8 +2,10 @@
 
 ``RunArgs`` (what to train, how long, where), ``MethodArgs`` (SAM / adversarial-training knobs) and
 ``EvalArgs`` (the robustness evaluation) are shared by every task; each task adds its own args dataclass
-(``vision.task.VisionArgs`` ...). Fields left at ``None`` take the task's default (``Task.defaults``), so
-"SGD lr 0.1 for a ResNet" and "AdamW lr 3e-5 for BERT" both come from the paper's recipes without flags.
+(``vision.task.VisionArgs`` ...). Fields left at ``None`` take the task's recipe, a typed
+:class:`TaskDefaults` (``Task.defaults``), resolved once by :func:`resolve_defaults` before anything touches the
+output folder, so "SGD lr 0.1 for a ResNet" and "AdamW lr 5e-5 for BERT" both come from the papers' recipes
+without flags, and a misspelled default is an error at import rather than a silent fallback.
 
 Precision (fp32/bf16/fp16) and the number of processes are not flags here: they belong to
 ``accelerate config`` / ``accelerate launch --mixed_precision ... --num_processes ...``.
@@ -173,6 +175,62 @@ class EvalArgs:
         metadata={"help": "Radii of the adaptive (ASAM-form) sharpness probe, in units of |w| + 0.01."},
     )
     sharpness_steps: int = field(default=5, metadata={"help": "Projected ascent steps of the sharpness probe."})
+
+
+@dataclass(frozen=True)
+class TaskDefaults:
+    """A task's training and evaluation recipe: the values of flags the user left at ``None``.
+
+    ``cpu_*`` fields are the subset sizes used when no GPU is present (a GPU uses the full data); 0 means all.
+    """
+
+    optimizer: str
+    lr: float
+    weight_decay: float
+    lr_scheduler: str
+    warmup_ratio: float
+    epochs: float
+    batch_size: int
+    eval_batch_size: Optional[int] = None    # None: twice batch_size
+    # Adversarial training: the threat model and its radius per norm (strings, parsed like the flags).
+    train_norm: str = "linf"
+    train_eps_linf: str = "8/255"            # Madry et al.'s CIFAR budget
+    train_eps_l2: str = "0.5"
+    train_steps: int = 10                    # PGD-10
+    train_alpha_ratio: float = 0.25          # step = eps/4: Madry's 2/255 at 8/255
+    at_clean_weight: float = 0.0             # 0: Madry's pure adversarial loss
+    cpu_max_train_samples: int = 0
+    cpu_max_eval_samples: int = 0
+    cpu_sharpness_examples: int = 256
+
+    def __post_init__(self) -> None:  # a task's own recipe is checked like a user's flags
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
+        check_choice("train_norm", self.train_norm, NORMS)
+
+    def train_eps(self, norm: str) -> str:
+        """The default AT radius for threat model ``norm``."""
+        return self.train_eps_linf if norm == "linf" else self.train_eps_l2
+
+
+def resolve_defaults(run: RunArgs, evals: EvalArgs, defaults: TaskDefaults, on_gpu: bool) -> list[str]:
+    """Fill ``run``/``evals`` fields left at ``None`` from ``defaults``, once, in place. Returns notes for the
+    log (which CPU subsets were chosen). ``max_*_samples`` at ``None``: all on a GPU, the CPU subset on CPU."""
+    for name in ("optimizer", "lr", "weight_decay", "lr_scheduler", "warmup_ratio", "epochs", "batch_size"):
+        if getattr(run, name) is None:
+            setattr(run, name, getattr(defaults, name))
+    if run.eval_batch_size is None:
+        run.eval_batch_size = defaults.eval_batch_size or 2 * run.batch_size
+    notes = []
+    for name in ("max_train_samples", "max_eval_samples"):
+        if getattr(run, name) is None:
+            cpu_default = getattr(defaults, f"cpu_{name}")
+            setattr(run, name, 0 if on_gpu else cpu_default)
+            if not on_gpu and cpu_default:
+                notes.append(f"no GPU: --{name} defaults to {cpu_default} (pass --{name} 0 for all)")
+    if evals.sharpness_examples is None:
+        evals.sharpness_examples = 256 if on_gpu else defaults.cpu_sharpness_examples
+    return notes
 
 
 def parse_eps(text: str, *, pixel_space: bool, flag: str) -> float:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from .config import EvalArgs, RunArgs, parse_eps_list
+from .config import EvalArgs, RunArgs, parse_eps_list, resolve_defaults
 from .errors import UsageError
 from .evaluate import evaluate_all
 from .methods import ResolvedMethod, StepContext, train_step
@@ -58,28 +58,6 @@ def set_cpu_threads(requested: Optional[int], accelerator: Any) -> int:
         logger.info("torch CPU threads: %d (was %d; --cpu_threads to choose)", requested, torch.get_num_threads())
         torch.set_num_threads(requested)
     return torch.get_num_threads()
-
-
-def fill_defaults(run: RunArgs, evals: EvalArgs, task: Task, on_gpu: bool) -> None:
-    """Fill RunArgs fields left at None from the task's defaults (``Task.defaults``).
-
-    ``max_train_samples``/``max_eval_samples`` at None mean "all on a GPU, the task's CPU subset on CPU";
-    0 means all.
-    """
-    d = task.defaults
-    for name in ("optimizer", "lr", "weight_decay", "lr_scheduler", "warmup_ratio", "epochs", "batch_size"):
-        if getattr(run, name) is None:
-            setattr(run, name, d[name])
-    if run.eval_batch_size is None:
-        run.eval_batch_size = d.get("eval_batch_size", 2 * run.batch_size)
-    for name in ("max_train_samples", "max_eval_samples"):
-        if getattr(run, name) is None:
-            cpu_default = d.get(f"cpu_{name}", 0)
-            setattr(run, name, 0 if on_gpu else cpu_default)
-            if not on_gpu and cpu_default:
-                logger.info("no GPU: --%s defaults to %d (pass --%s 0 for all)", name, cpu_default, name)
-    if evals.sharpness_examples is None:
-        evals.sharpness_examples = 256 if on_gpu else d.get("cpu_sharpness_examples", 256)
 
 
 def attack_specs(task: Task, evals: EvalArgs) -> list[AttackSpec]:
@@ -263,7 +241,8 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
         return results
     resume_from = prepare_output_dir(run, output_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()
-    fill_defaults(run, evals, task, on_gpu=accelerator.device.type != "cpu")
+    for note in resolve_defaults(run, evals, task.defaults, on_gpu=accelerator.device.type != "cpu"):
+        logger.info(note)
     set_seed(run.seed)
 
     with accelerator.main_process_first():

@@ -118,18 +118,18 @@ def resolve_method(name: str, args: MethodArgs, task: Task, explicit: set[str]) 
         raise UsageError(f"--{unused[0]} does not apply to --method {name} (it uses: "
                          f"{', '.join('--' + f for f in sorted(method.flags)) or 'no method flags'})")
     defaults = task.defaults
-    norm = args.train_norm or defaults.get("train_norm", "linf")
+    norm = args.train_norm or defaults.train_norm
     resolved = ResolvedMethod(method=method, sam_sync=args.sam_sync, eta=args.asam_eta,
                               trades_beta=args.trades_beta, norm=norm)
     if method.update in ("sam", "asam"):
         resolved.rho = DEFAULT_RHO[method.update] if args.rho is None else args.rho
     if "at_clean_weight" in method.flags:
-        resolved.clean_weight = (defaults.get("at_clean_weight", 0.0) if args.at_clean_weight is None
+        resolved.clean_weight = (defaults.at_clean_weight if args.at_clean_weight is None
                                  else args.at_clean_weight)
     if method.objective != "clean":
-        eps_text = args.train_eps or defaults.get(f"train_eps_{norm}") or defaults["train_eps"]
+        eps_text = args.train_eps or defaults.train_eps(norm)
         resolved.eps = parse_eps(eps_text, pixel_space=task.pixel_space and norm == "linf", flag="--train_eps")
-        resolved.steps = 1 if method.objective == "fgsm" else (args.train_steps or defaults.get("train_steps", 10))
+        resolved.steps = 1 if method.objective == "fgsm" else (args.train_steps or defaults.train_steps)
         if args.train_alpha:
             resolved.alpha = parse_eps(args.train_alpha, pixel_space=task.pixel_space and norm == "linf",
                                        flag="--train_alpha")
@@ -137,7 +137,7 @@ def resolve_method(name: str, args: MethodArgs, task: Task, explicit: set[str]) 
             resolved.alpha = 1.25 * resolved.eps  # Wong et al. 2020
         else:
             # Madry's 2/255 steps for an 8/255 ball: alpha = eps/4 unless the task says otherwise.
-            resolved.alpha = defaults.get("train_alpha_ratio", 0.25) * resolved.eps
+            resolved.alpha = defaults.train_alpha_ratio * resolved.eps
     return resolved
 
 

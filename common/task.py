@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # config imports the attacks, which import this module
+    from .config import TaskDefaults
 
 
 @dataclass
@@ -93,14 +96,16 @@ class Task(abc.ABC):
     pixel_space: ClassVar[bool] = True
     # The task's own flags (a dataclass parsed next to RunArgs/MethodArgs/EvalArgs).
     Args: ClassVar[type]
-    # Defaults for RunArgs/MethodArgs fields left at None, e.g. {"optimizer": "sgd", "lr": 0.1, ...}.
-    # Keys: optimizer, lr, weight_decay, lr_scheduler, warmup_ratio, epochs, batch_size, eval_batch_size,
-    # train_eps (and train_eps_linf / train_eps_l2), train_norm, train_steps, train_alpha_ratio,
-    # at_clean_weight, cpu_max_train_samples, cpu_max_eval_samples, cpu_sharpness_examples.
-    defaults: ClassVar[dict[str, Any]] = {}
+    # The task's recipe for flags left at None (optimizer, lr, schedule, AT radii, CPU subsets).
+    defaults: ClassVar[TaskDefaults]
 
     def __init__(self, args: Any):
         self.args = args
+
+    def check_args(self) -> None:
+        """Validate the task's own flags (``self.args``); raise ``UsageError``. Called before the run touches
+        its output folder (so ``--overwrite`` with a bad flag deletes nothing), and again by :meth:`build`
+        for callers that build directly."""
 
     @abc.abstractmethod
     def build(self, run: Any, accelerator: Any) -> TaskData:
@@ -143,7 +148,15 @@ class Task(abc.ABC):
 
     def extra_evaluation(self, model: nn.Module, accelerator: Any, run: Any) -> dict:
         """Task-specific evaluation after training (text: TextAttack recipes); merged into
-        ``results["metrics"]``. ``model`` is unwrapped and in train mode: put it in eval mode (and back)."""
+        ``results["metrics"]``. ``model`` is unwrapped and in train mode: put it in eval mode (and back).
+        A ``"warnings"`` entry (a list of one-line strings) is taken out and shown in the run's summary line
+        and ``results["warnings"]`` (e.g. a segmentation model no better than predicting the majority class)."""
+        return {}
+
+    def extra_columns(self, metrics: dict) -> dict[str, float]:
+        """Flat result columns ``{name: number}`` from this task's part of ``metrics`` (what
+        :meth:`extra_evaluation` added). Stored in ``results["columns"]``; tables, trackers and the report
+        show them without knowing the task."""
         return {}
 
     def save_model(self, model: nn.Module, path: str) -> None:

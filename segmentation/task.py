@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samat.common.config import parse_eps_list
+from samat.common.config import TaskDefaults, parse_eps_list
 from samat.common.errors import UsageError
 from samat.common.task import AttackSpec, AttackSurface, Task, TaskData
 
@@ -116,22 +116,23 @@ class SegmentationTask(Task):
     Args = SegmentationArgs
     # AdamW + cosine: random-init U-Nets converge far faster with Adam than with SGD at equal epochs.
     # train_eps 8/255 is the L-inf budget of segmentation AT papers (Xu et al. 2021, Gu et al. 2022).
-    defaults = {
-        "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
-        "epochs": 10, "batch_size": 16, "eval_batch_size": 32, "train_eps": "8/255",
-        "train_eps_l2": "0.5",
-        "cpu_max_train_samples": 256, "cpu_max_eval_samples": 32,
-    }
+    defaults = TaskDefaults(
+        optimizer="adamw", lr=1e-3, weight_decay=1e-4, lr_scheduler="cosine", warmup_ratio=0.05,
+        epochs=10, batch_size=16, eval_batch_size=32, train_eps_linf="8/255", train_eps_l2="0.5",
+        cpu_max_train_samples=256, cpu_max_eval_samples=32,
+    )
 
     def __init__(self, args: SegmentationArgs):
         super().__init__(args)
         self.num_classes: Optional[int] = None
         self.class_names: Optional[list[str]] = None
         self.image_size: Optional[int] = None
+        self.model_kwargs: dict = {}
 
     # -------------------------------------------------------------------------------------------- build
 
-    def _check_args(self) -> dict:
+    def check_args(self) -> None:
+        """Range checks of the segmentation flags, and ``--model_kwargs`` parsed into ``self.model_kwargs``."""
         a = self.args
         if not 0 < a.scale_min <= a.scale_max:
             raise UsageError(f"--scale_min {a.scale_min} / --scale_max {a.scale_max}: need 0 < min <= max")
@@ -143,8 +144,9 @@ class SegmentationTask(Task):
             raise UsageError(f"--check_samples: {a.check_samples} must be >= 0")
         if a.decoder_channels is not None and any(c < 1 for c in a.decoder_channels):
             raise UsageError(f"--decoder_channels: {a.decoder_channels} must be positive")
+        self.model_kwargs = {}
         if a.model_kwargs is None:
-            return {}
+            return
         try:
             extra = json.loads(a.model_kwargs)
         except json.JSONDecodeError as err:
@@ -152,7 +154,7 @@ class SegmentationTask(Task):
                              f"\"scse\"}}'") from None
         if not isinstance(extra, dict):
             raise UsageError("--model_kwargs: must be a JSON object")
-        return extra
+        self.model_kwargs = extra
 
     def _resolve_classes(self, splits: data.SegmentationSplits) -> tuple[int, list[str]]:
         """Number of classes (flag, else id2label.json, else the masks) and their names."""
@@ -175,7 +177,8 @@ class SegmentationTask(Task):
     def build(self, run: Any, accelerator: Any) -> TaskData:
         """Load (or build) the data, find columns and classes, build the model, check the input size."""
         a = self.args
-        extra = self._check_args()
+        self.check_args()
+        extra = self.model_kwargs
         splits = data.load_splits(run.dataset, run.dataset_config, run.train_split, run.eval_split,
                                   a.image_column, run.label_column, canvas_size=a.canvas_size,
                                   canvas_train_size=a.canvas_train_size, canvas_test_size=a.canvas_test_size,

@@ -56,7 +56,7 @@ def test_at_clean_weight_defaults_per_task_and_explicit_value_wins():
 
     text = TextTask()
     assert resolve_method("pgd-at", MethodArgs(), vision_task(), set()).clean_weight == 0  # Madry
-    text_weight = TextTask.defaults["at_clean_weight"]
+    text_weight = TextTask.defaults.at_clean_weight
     assert 0 < text_weight < 1  # the text recipe mixes clean and adversarial loss
     for name in ("pgd-at", "fgsm-at", "sam-at"):
         assert resolve_method(name, MethodArgs(), text, set()).clean_weight == text_weight

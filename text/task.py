@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from samat.common.config import TaskDefaults
 from samat.common.data import pick_split
 from samat.common.errors import UsageError
 from samat.common.metrics import accuracy_from_stats, accuracy_stats
@@ -102,39 +103,28 @@ class TextTask(Task):
     # L-inf in embedding space is off by default (--eval_linf 0.001 is about as strong as L2 0.02).
     default_eval_linf: ClassVar[tuple[str, ...]] = ()
     default_eval_l2: ClassVar[tuple[str, ...]] = ("0.02", "0.05")
-    defaults: ClassVar[dict[str, Any]] = {
+    defaults: ClassVar[TaskDefaults] = TaskDefaults(
         # BERT fine-tuning recipe (Devlin et al.; Mosbach et al. 2021): AdamW, linear warm-up then decay. The top
         # of the usual 2e-5..5e-5 range: with 3e-5 and the short CPU schedule, SAM had not left the majority
         # class after 96 steps (clean 0.56), while ERM reached 0.78.
-        "optimizer": "adamw",
-        "lr": 5e-5,
-        "weight_decay": 0.01,
-        "lr_scheduler": "linear",
-        "warmup_ratio": 0.1,
-        "epochs": 3,
-        "batch_size": 32,
-        "eval_batch_size": 64,
+        optimizer="adamw", lr=5e-5, weight_decay=0.01, lr_scheduler="linear", warmup_ratio=0.1,
+        epochs=3, batch_size=32, eval_batch_size=64,
         # Embedding-space AT radius per token, relative to the mean token-embedding norm (see the module doc:
         # 2 % keeps clean accuracy at ERM's on the default schedule; 5-10 % drifts to the majority class).
         # L-inf 0.001 per coordinate is about as large as L2 0.02 for D = 384.
-        "train_norm": "l2",
-        "train_eps": "0.02",
-        "train_eps_l2": "0.02",
-        "train_eps_linf": "0.001",
-        "train_alpha_ratio": 0.5,  # steps of eps/2 (FreeLB-style), 2 of them
-        "train_steps": 2,
+        train_norm="l2", train_eps_l2="0.02", train_eps_linf="0.001",
+        train_alpha_ratio=0.5, train_steps=2,  # steps of eps/2 (FreeLB-style), 2 of them
         # Half clean, half adversarial loss (like FreeLB's average along its ascent path): the pure
         # adversarial loss from a fresh head collapsed to the majority class on a short schedule (module doc).
-        "at_clean_weight": 0.5,
+        at_clean_weight=0.5,
         # The sharpness probe costs (1 + 5) forward/backward passes per example and radius: keep it small on
         # CPU so the default run stays near 10 minutes.
-        "cpu_sharpness_examples": 64,
+        cpu_sharpness_examples=64,
         # CPU: a subset so that `scripts/run.py --task text --method sam` (MiniLM, 2 cores) finishes in about
         # 10 minutes on an idle machine: 189 SAM steps at ~1.45 s, PGD at 2 radii on 100 sentences, TextAttack
         # on 30 sentences (see bench/README.md for what a shared machine measured). A GPU uses the full data.
-        "cpu_max_train_samples": 2000,
-        "cpu_max_eval_samples": 100,
-    }
+        cpu_max_train_samples=2000, cpu_max_eval_samples=100,
+    )
 
     def __init__(self, args: Optional[TextArgs] = None):
         super().__init__(args or TextArgs())
@@ -269,6 +259,11 @@ class TextTask(Task):
             logger.info("TextAttack on %d eval sentences:\n%s", n, format_summaries(summaries))
         return {"textattack": summaries}
 
+    def extra_columns(self, metrics: dict) -> dict[str, float]:
+        """``textattack/<recipe>/<field>`` for each recipe's accuracy under attack, success rate, share of
+        perturbed words and queries."""
+        return textattack_columns(metrics.get("textattack") or {})
+
     def save_model(self, model: nn.Module, path: str) -> None:
         """A ``from_pretrained`` folder: model (safetensors + config with label names), tokenizer, and
         ``samat_text.json`` (dataset, split, columns, max length) so ``scripts/attack_text.py`` attacks it on
@@ -277,6 +272,16 @@ class TextTask(Task):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
         write_json_atomic(Path(path) / INFO_FILE, self.info)
+
+
+TEXTATTACK_COLUMNS = ("accuracy_under_attack", "attack_success_rate", "avg_perturbed_word_pct", "avg_queries")
+
+
+def textattack_columns(summaries: dict) -> dict[str, float]:
+    """Flat columns from ``{recipe: summary}`` (see :meth:`TextTask.extra_columns`)."""
+    return {f"textattack/{recipe}/{key}": float(summary[key])
+            for recipe, summary in summaries.items() if isinstance(summary, dict)
+            for key in TEXTATTACK_COLUMNS if isinstance(summary.get(key), (int, float))}
 
 
 def embedding_scale(model: nn.Module) -> float:

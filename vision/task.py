@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from samat.common.config import TaskDefaults
 from samat.common.data import find_column, pick_split
 from samat.common.errors import UsageError
 from samat.common.metrics import accuracy_from_stats, accuracy_stats
@@ -47,21 +48,25 @@ class VisionTask(Task):
     default_dataset = "fashion_mnist"
     # The paper's CIFAR recipe (SGD 0.1, momentum 0.9, wd 5e-4, cosine; PGD-10 eps 8/255 step eps/4 = 2/255),
     # with fewer epochs since Fashion-MNIST converges fast.
-    defaults = {
-        "optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.0,
-        "epochs": 10, "batch_size": 128, "eval_batch_size": 256,
-        "train_eps": "8/255", "train_eps_l2": "0.5",
-        "cpu_max_train_samples": 5000, "cpu_max_eval_samples": 500,
-    }
+    defaults = TaskDefaults(
+        optimizer="sgd", lr=0.1, weight_decay=5e-4, lr_scheduler="cosine", warmup_ratio=0.0,
+        epochs=10, batch_size=128, eval_batch_size=256,
+        train_eps_linf="8/255", train_eps_l2="0.5",
+        cpu_max_train_samples=5000, cpu_max_eval_samples=500,
+    )
+
+    def check_args(self) -> None:
+        args: VisionArgs = self.args
+        if args.image_size is not None and not 4 <= args.image_size <= 1024:
+            raise UsageError(f"--image_size: {args.image_size} must be in [4, 1024]")
+        if args.width is not None and not 1 <= args.width <= 1024:
+            raise UsageError(f"--width: {args.width} must be in [1, 1024]")
 
     def build(self, run: Any, accelerator: Any) -> TaskData:
         args: VisionArgs = self.args
         model_name = run.model or self.default_model
         dataset_name = run.dataset or self.default_dataset
-        if args.image_size is not None and not 4 <= args.image_size <= 1024:
-            raise UsageError(f"--image_size: {args.image_size} must be in [4, 1024]")
-        if args.width is not None and not 1 <= args.width <= 1024:
-            raise UsageError(f"--width: {args.width} must be in [1, 1024]")
+        self.check_args()
         import datasets
 
         dataset = vdata.load_dataset_dict(dataset_name, run.dataset_config)
