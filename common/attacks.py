@@ -7,12 +7,16 @@ spaces is carried by :class:`common.task.AttackSurface`; what is maximised is th
 
 Core step (Madry et al. 2018): ``delta <- project(delta + alpha * direction(grad))`` where ``direction`` is
 ``sign`` for L-inf and ``grad / ||grad||_2`` for L2, and ``project`` clips to the eps-ball and keeps
-``x + delta`` inside ``bounds``.
+``x + delta`` inside ``bounds``. Options of the same loop, for evaluation: APGD's step-size schedule with
+momentum (Croce & Hein 2020), random restarts, and a per-example ``score`` that keeps, per example, the
+worst iterate found (as AutoAttack counts: any misclassifying iterate counts). Training calls it with the
+defaults (one start, fixed steps, last iterate), exactly as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -21,6 +25,9 @@ from torch import Tensor, nn
 from .task import AttackSurface
 
 NORMS = ("linf", "l2")
+SCHEDULES = ("pgd", "apgd")
+APGD_MOMENTUM = 0.75  # weight of the new gradient step; 0.25 stays on the previous move
+APGD_RHO = 0.75  # halve the step where the loss rose in at most this fraction of a window's steps
 _TINY = 1e-12
 
 
@@ -85,52 +92,214 @@ def ascent_direction(grad: Tensor, surface: AttackSurface, norm: str) -> Tensor:
     return grad / _lp_norm(grad, surface.reduce_dims(), "l2").clamp_min(_TINY)
 
 
-def pgd(
+@dataclass
+class AttackResult:
+    """What :func:`run_pgd` found.
+
+    ``delta`` is shaped like ``surface.x``. With a ``score``, ``logits`` are the model's detached logits at
+    ``delta`` and ``score`` their ``(B,)`` score, so the caller need not run the model again; else both None.
+    """
+
+    delta: Tensor
+    logits: Optional[Tensor] = None
+    score: Optional[Tensor] = None
+
+
+def _rows(flags: Tensor, like: Tensor) -> Tensor:
+    """``(B,)`` flags viewed to broadcast over ``like``'s per-example dims."""
+    return flags.view(-1, *([1] * (like.dim() - 1)))
+
+
+class WorstIterate:
+    """Per example, the point with the lowest ``score(logits)`` offered so far: the worst case for the model.
+
+    ``score`` maps logits to ``(B,)``; lower means the attack did better (see
+    :func:`common.attack_losses.example_score`: any misclassifying point beats every correct one).
+    """
+
+    def __init__(self, score: Callable[[Tensor], Tensor]):
+        self.score_fn = score
+        self.delta: Optional[Tensor] = None
+        self.logits: Optional[Tensor] = None
+        self.score: Optional[Tensor] = None
+
+    def offer(self, delta: Tensor, logits: Tensor) -> None:
+        delta, logits = delta.detach(), logits.detach()
+        score = self.score_fn(logits).detach()
+        if self.score is None:
+            self.delta, self.logits, self.score = delta, logits, score
+            return
+        better = score < self.score  # strict: on a tie the earlier point stays
+        self.delta = torch.where(_rows(better, delta), delta, self.delta)
+        self.logits = torch.where(_rows(better, logits), logits, self.logits)
+        self.score = torch.where(better, score, self.score)
+
+
+def _value_and_grad(surface: AttackSurface, objective: Callable[[Tensor, int], Tensor], delta: Tensor,
+                    step: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Objective value (scalar or ``(B,)``) and logits at ``delta``, both detached, and the gradient of the
+    objective's sum with respect to ``delta``."""
+    delta = delta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = surface.forward(delta)
+        value = objective(logits, step)
+        (grad,) = torch.autograd.grad(value.sum() if value.dim() else value, delta)
+    return value.detach(), logits.detach(), grad
+
+
+def _pgd_steps(surface: AttackSurface, objective, delta: Tensor, eps: float, alpha: float, steps: int,
+               norm: str, worst: Optional[WorstIterate]) -> Tensor:
+    """Fixed-step PGD (Madry et al.); every iterate but the last is offered to ``worst`` (the caller
+    evaluates the last)."""
+    for step in range(steps):
+        _, logits, grad = _value_and_grad(surface, objective, delta, step)
+        if worst is not None:
+            worst.offer(delta, logits)
+        with torch.no_grad():
+            delta = project(delta + alpha * ascent_direction(grad, surface, norm), surface, eps, norm)
+    return delta
+
+
+def apgd_checkpoints(steps: int) -> dict[int, int]:
+    """``{iteration: window length}``: where APGD may halve its step size.
+
+    Croce & Hein (2020): ``p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``, in the
+    integer form of their code: the first window is ``0.22 N`` iterations, each next one ``0.03 N`` shorter,
+    never under ``0.06 N``.
+    """
+    window, shrink, shortest = max(int(0.22 * steps), 1), max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
+    out, at = {}, window
+    while at <= steps:
+        out[at] = window
+        window = max(window - shrink, shortest)
+        at += window
+    return out
+
+
+def _apgd_steps(surface: AttackSurface, objective, delta: Tensor, eps: float, steps: int, norm: str,
+                worst: Optional[WorstIterate]) -> Tensor:
+    """APGD (Croce & Hein 2020, Alg. 1): step ``2 eps`` per example, momentum 0.75, and at each checkpoint
+    the step is halved, and the iterate reset to the best point, for examples whose loss rose in fewer than
+    75% of the window's steps or whose best loss has not moved since an unhalved checkpoint.
+
+    ``objective`` must return per-example values ``(B,)``. Returns the best-loss point; every iterate is
+    offered to ``worst``.
+    """
+    loss, logits, grad = _value_and_grad(surface, objective, delta, 0)
+    if loss.shape != delta.shape[:1]:
+        raise ValueError(f"APGD needs a per-example objective of shape {tuple(delta.shape[:1])}, "
+                         f"got {tuple(loss.shape)}")
+    if worst is not None:
+        worst.offer(delta, logits)
+    eta = _rows(torch.full_like(loss, 2.0 * eps), delta)
+    best_loss, best_delta, best_grad = loss, delta, grad
+    previous = delta
+    increases = torch.zeros_like(loss)
+    halved_last = torch.ones_like(loss, dtype=torch.bool)  # the "stalled" rule starts at the 2nd checkpoint
+    best_at_last = best_loss
+    checkpoints = apgd_checkpoints(steps)
+    for i in range(steps):
+        with torch.no_grad():
+            momentum = 1.0 if i == 0 else APGD_MOMENTUM
+            z = project(delta + eta * ascent_direction(grad, surface, norm), surface, eps, norm)
+            # The momentum step mixes the new point with the last move; project again onto ball and box.
+            step = momentum * (z - delta) + (1 - momentum) * (delta - previous)
+            previous, delta = delta, project(delta + step, surface, eps, norm)
+        new_loss, logits, grad = _value_and_grad(surface, objective, delta, i)
+        if worst is not None:
+            worst.offer(delta, logits)
+        increases += (new_loss > loss).float()
+        loss = new_loss
+        improved = loss > best_loss
+        best_loss = torch.where(improved, loss, best_loss)
+        best_delta = torch.where(_rows(improved, delta), delta, best_delta)
+        best_grad = torch.where(_rows(improved, grad), grad, best_grad)
+        if i + 1 in checkpoints:
+            oscillating = increases <= APGD_RHO * checkpoints[i + 1]
+            stalled = ~halved_last & (best_at_last >= best_loss)
+            halve = oscillating | stalled
+            eta = torch.where(_rows(halve, eta), eta / 2, eta)
+            delta = torch.where(_rows(halve, delta), best_delta, delta)
+            grad = torch.where(_rows(halve, grad), best_grad, grad)
+            halved_last, best_at_last, increases = halve, best_loss, torch.zeros_like(loss)
+    return best_delta
+
+
+def _start(surface: AttackSurface, eps: float, norm: str, init: Optional[Tensor], random_init: bool) -> Tensor:
+    if init is not None:
+        return project(init.detach(), surface, eps, norm)
+    if random_init:
+        return random_start(surface, eps, norm)
+    return torch.zeros_like(surface.x)
+
+
+def run_pgd(
     surface: AttackSurface,
     objective: Callable[[Tensor, int], Tensor],
     *,
     eps: float,
-    alpha: float,
     steps: int,
+    alpha: Optional[float] = None,
     norm: str = "linf",
     random_init: bool = True,
     init: Optional[Tensor] = None,
-) -> Tensor:
+    restarts: int = 1,
+    score: Optional[Callable[[Tensor], Tensor]] = None,
+    schedule: str = "pgd",
+) -> AttackResult:
     """Maximise ``objective(surface.forward(delta), step)`` over ``delta`` in the eps-ball.
 
     Args:
         surface: where ``delta`` lives; ``surface.forward(delta)`` returns logits.
-        objective: ``(logits, step) -> scalar`` to maximise, ``step`` in ``[0, steps)``. Sum or mean over the
-            batch: with sign/normalised steps the scale does not matter, but a sum keeps per-example gradients
-            independent of batch size.
+        objective: ``(logits, step) -> value`` to maximise, a scalar or per-example ``(B,)`` (APGD needs
+            ``(B,)``; the gradient is that of the sum). ``step`` counts from 0. With sign/normalised steps the
+            scale does not matter, but a sum keeps per-example gradients independent of batch size.
         eps, alpha: radius and step size in the user's units; both are multiplied by ``surface.eps_scale``.
+            ``alpha`` is needed by ``schedule="pgd"``; APGD sets its own (``2 eps``, then halved).
         steps: number of gradient steps; ``steps=1, alpha=eps`` with ``random_init=False`` is FGSM.
         norm: ``"linf"`` or ``"l2"``.
         random_init: start from a random point of the ball (Madry) instead of 0.
-        init: explicit start (overrides ``random_init``); projected first. TRADES starts near 0.
-
-    Returns:
-        ``delta``, detached, shaped like ``surface.x``, inside the ball and the box, zero where masked.
+        init: explicit start of the first restart (overrides ``random_init``); projected first.
+        restarts: independent runs; every one after the first starts at a random point. Needs ``score``.
+        score: ``logits -> (B,)``, lower = worse for the model. When given, the result is, per example, the
+            iterate of lowest score over all iterates (the last included) of all restarts. When None, the
+            last iterate (PGD) or the best-loss point (APGD): what adversarial training uses.
+        schedule: ``"pgd"`` (fixed step ``alpha``) or ``"apgd"`` (Croce & Hein's step-size schedule with
+            momentum).
 
     The caller chooses the model's mode (``with eval_mode(model)``) — the engine always attacks in eval
     mode. Only ``delta``'s gradient is taken (``torch.autograd.grad``), so parameters' ``.grad`` are untouched.
     """
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
-    eps, alpha = eps * surface.eps_scale, alpha * surface.eps_scale
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    if restarts < 1 or (restarts > 1 and score is None):
+        raise ValueError(f"restarts={restarts}: need >= 1, and a score to choose between restarts")
+    if schedule == "pgd" and alpha is None:
+        raise ValueError("schedule 'pgd' needs a step size alpha")
+    eps = eps * surface.eps_scale
+    worst = WorstIterate(score) if score is not None else None
     if eps == 0 or steps == 0:
-        return torch.zeros_like(surface.x)
-    if init is not None:
-        delta = project(init.detach(), surface, eps, norm)
-    elif random_init:
-        delta = random_start(surface, eps, norm)
-    else:
         delta = torch.zeros_like(surface.x)
-    for step in range(steps):
-        delta.requires_grad_(True)
-        with torch.enable_grad():
-            loss = objective(surface.forward(delta), step)
-            (grad,) = torch.autograd.grad(loss, delta)
-        with torch.no_grad():
-            delta = project(delta + alpha * ascent_direction(grad, surface, norm), surface, eps, norm)
-    return delta.detach()
+        if worst is not None:
+            with torch.no_grad():
+                worst.offer(delta, surface.forward(delta))
+    for restart in range(restarts if eps and steps else 0):
+        delta = _start(surface, eps, norm, init if restart == 0 else None, random_init or restart > 0)
+        if schedule == "apgd":
+            delta = _apgd_steps(surface, objective, delta, eps, steps, norm, worst)
+            continue
+        delta = _pgd_steps(surface, objective, delta, eps, alpha * surface.eps_scale, steps, norm, worst)
+        if worst is not None:
+            with torch.no_grad():
+                worst.offer(delta, surface.forward(delta))
+    if worst is None:
+        return AttackResult(delta.detach())
+    return AttackResult(worst.delta, worst.logits, worst.score)
+
+
+def pgd(surface: AttackSurface, objective: Callable[[Tensor, int], Tensor], **kwargs) -> Tensor:
+    """:func:`run_pgd`'s ``delta``: detached, shaped like ``surface.x``, inside the ball and the box, zero
+    where masked. The training-time entry point (methods, TRADES); keyword arguments as :func:`run_pgd`."""
+    return run_pgd(surface, objective, **kwargs).delta
