@@ -1,9 +1,13 @@
 """Clean and robust evaluation, with AutoAttack-style sanity checks before anything is reported.
 
-Robust metrics come from PGD with ``steps`` steps of size ``2.5 · eps / steps`` (Madry et al.'s rule) from a
-random start, on the same examples as the clean metric. Per-example statistics are gathered with
-``accelerator.gather_for_metrics`` (which drops the duplicates Accelerate pads the last batch with) and
-summed, so metrics are exact under any number of processes.
+Robustness is counted as AutoAttack and RobustBench count it: each attack keeps, per example, the worst point
+it found over all iterates and restarts, and the clean point too, so an example is robust only if it is
+correct clean and under the attack (segmentation: per image, the point with the fewest correct pixels). A
+suite (``--eval_attacks``, see :mod:`common.suites`) adds attacks, and its own entry keeps, per example, the
+worst over every attack of the same norm. The task's PGD uses ``steps`` steps of size ``2.5 · eps / steps``
+(Madry et al.'s rule). Per-example statistics are gathered with ``accelerator.gather_for_metrics`` (which drops
+the duplicates Accelerate pads the last batch with) and summed, so metrics are exact under any number of
+processes.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from typing import Any, Optional
 
 import torch
 from accelerate.logging import get_logger
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .attacks import eval_mode, pgd
+from .attacks import eval_mode
+from .diagnostics import full_set_gaps, masking_diagnostics
+from .suites import Planned, Suite, plan, score_fn, worse
 from .task import AttackSpec, Task
 
 logger = get_logger("samat")
@@ -25,42 +31,59 @@ logger = get_logger("samat")
 SANITY_TOLERANCE = 1e-6
 
 
-def _sum_stats(accelerator: Any, stats: Optional[torch.Tensor], batch_stats: torch.Tensor) -> torch.Tensor:
-    gathered = accelerator.gather_for_metrics(batch_stats.detach().float()).sum(dim=0)
-    return gathered if stats is None else stats + gathered
+class _Sums:
+    """Summed per-example statistics by key, gathered across processes."""
+
+    def __init__(self, accelerator: Any):
+        self.accelerator, self.sums = accelerator, {}
+
+    def add(self, key: Any, batch_stats: Tensor) -> None:
+        gathered = self.accelerator.gather_for_metrics(batch_stats.detach().float()).sum(dim=0)
+        self.sums[key] = gathered if key not in self.sums else self.sums[key] + gathered
 
 
-def evaluate_clean(model: nn.Module, task: Task, dataloader, accelerator: Any) -> tuple[dict, dict]:
-    """Clean metrics and a histogram of predicted classes (for the collapse guard)."""
-    model = accelerator.unwrap_model(model)
-    stats, counts = None, None
-    with eval_mode(model), torch.no_grad():
-        for batch in tqdm(dataloader, desc="eval clean", leave=False,
-                          disable=not accelerator.is_local_main_process):
-            logits = task.forward(model, batch)
-            stats = _sum_stats(accelerator, stats, task.example_stats(logits, batch))
-            preds = task.predictions(logits).flatten()
-            hist = torch.bincount(preds, minlength=logits.shape[1]).float()[None]
-            counts = _sum_stats(accelerator, counts, hist)
-    return task.compute_metrics(stats), {str(i): int(c) for i, c in enumerate(counts.tolist())}
+def _radii(planned: list[Planned], norm: str) -> list[tuple[str, float]]:
+    radii = dict(le for p in planned if p.norm == norm for le in p.eps)
+    return sorted(radii.items(), key=lambda le: le[1])
 
 
-def evaluate_attack(model: nn.Module, task: Task, dataloader, accelerator: Any, spec: AttackSpec,
-                    eps: float, steps: int) -> dict:
-    """Metrics on PGD adversarial inputs at radius ``eps`` (eval mode, task-chosen objective)."""
-    model = accelerator.unwrap_model(model)
-    stats = None
-    alpha = 2.5 * eps / steps
-    with eval_mode(model):
-        for batch in tqdm(dataloader, desc=f"eval {spec.name} {eps:.4g}", leave=False,
-                          disable=not accelerator.is_local_main_process):
-            surface = task.surface(model, batch)
-            delta = pgd(surface, lambda logits, step: spec.objective(logits, batch, step, steps),
-                        eps=eps, alpha=alpha, steps=steps, norm=spec.norm)
-            with torch.no_grad():
-                logits = surface.forward(delta)
-            stats = _sum_stats(accelerator, stats, task.example_stats(logits, batch))
-    return task.compute_metrics(stats)
+def _evaluate_batch(model: nn.Module, task: Task, batch: dict, planned: list[Planned], suite_norms: set[str],
+                    sums: _Sums) -> None:
+    """Clean, eps-0 and every planned attack at every radius on one batch; the suite's worst per norm."""
+    with torch.no_grad():
+        clean_logits = task.forward(model, batch).detach()
+    sums.add("clean", task.example_stats(clean_logits, batch))
+    preds = task.predictions(clean_logits).flatten()
+    sums.add("predicted", torch.bincount(preds, minlength=clean_logits.shape[1]).float()[None])
+    if not planned:
+        return
+    surface = task.surface(model, batch)
+    with torch.no_grad():  # the eps-0 "attack": the surface must reproduce the clean logits
+        sums.add("eps0", task.example_stats(surface.forward(torch.zeros_like(surface.x)), batch))
+    clean = (clean_logits, score_fn(task, batch)(clean_logits))
+    for norm in dict.fromkeys(p.norm for p in planned):
+        for label, eps in _radii(planned, norm):
+            suite_worst = clean
+            for p in planned:
+                if p.norm != norm or label not in dict(p.eps):
+                    continue
+                result = p.run(model, task, batch, eps)
+                logits, score = worse(clean, (result.logits, result.score))
+                sums.add((p.key, label), task.example_stats(logits, batch))
+                suite_worst = worse(suite_worst, (logits, score))
+            if norm in suite_norms:
+                sums.add(("suite", norm, label), task.example_stats(suite_worst[0], batch))
+
+
+def _suite_members(planned: list[Planned], suite: Optional[Suite]) -> dict[str, list[str]]:
+    """``{suite key: [attack keys]}`` for each norm with two or more attacks (else the suite is its one
+    attack, and no extra entry is written)."""
+    if suite is None:
+        return {}
+    by_norm: dict[str, list[str]] = {}
+    for p in planned:
+        by_norm.setdefault(p.norm, []).append(p.key)
+    return {suite.key(norm): keys for norm, keys in by_norm.items() if len(keys) > 1}
 
 
 @dataclass
@@ -95,20 +118,58 @@ def sanity_checks(headline: str, clean: dict, eps0: Optional[dict], robust: dict
     return checks
 
 
-def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any,
-                 attacks: list[AttackSpec], steps: int) -> dict:
-    """Clean + every attack at every eps + sanity checks. Returns the ``metrics`` and ``sanity`` blocks."""
-    clean, predicted = evaluate_clean(model, task, dataloader, accelerator)
+def _count_metric(clean: dict) -> str:
+    """The metric that counts correct positions: accuracy, or pixel accuracy for segmentation."""
+    return next(m for m in ("accuracy", "pixel_accuracy", *clean) if m in clean)
+
+
+def suite_checks(clean: dict, robust: dict, members: dict[str, list[str]]) -> list[Check]:
+    """Suite robust <= each of its attacks' robust, at every radius.
+
+    Checked on accuracy (pixel accuracy for segmentation): the suite keeps per example the point with the
+    fewest correct positions, so that count can only go down; mIoU, a ratio over the whole set, need not.
+    """
+    metric = _count_metric(clean)
+    checks = []
+    for key, attacks in members.items():
+        above = [f"{label}: {m[metric]:.4f} > {a} {robust[a][label][metric]:.4f}"
+                 for label, m in robust[key].items() for a in attacks
+                 if label in robust[a] and m[metric] > robust[a][label][metric] + SANITY_TOLERANCE]
+        checks.append(Check(f"{key}_le_each_attack", not above,
+                            "; ".join(above) or f"{metric} of the suite <= each of {', '.join(attacks)}"))
+    return checks
+
+
+def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any, attacks: list[AttackSpec],
+                 steps: int, suite: Optional[Suite] = None) -> dict:
+    """Clean + every attack (the task's ``attacks`` and the ``suite``'s) at every eps + sanity checks.
+
+    Returns ``metrics`` (``clean``; ``robust[attack][eps label]``, with ``robust[suite.key(norm)]`` for a
+    norm with several attacks), ``predicted_class_counts``, ``collapsed``, ``sanity``, and, when the suite
+    asks for them, ``diagnostics`` (see :mod:`common.diagnostics`) and ``suite`` (what was run).
+    """
+    model = accelerator.unwrap_model(model)
+    planned = plan(attacks, suite, steps)
+    members = _suite_members(planned, suite)
+    suite_norms = {p.norm for p in planned if suite is not None and suite.key(p.norm) in members}
+    sums = _Sums(accelerator)
+    with eval_mode(model):
+        for batch in tqdm(dataloader, desc="eval clean + attacks", leave=False,
+                          disable=not accelerator.is_local_main_process):
+            _evaluate_batch(model, task, batch, planned, suite_norms, sums)
+    metrics = lambda key: task.compute_metrics(sums.sums[key])  # noqa: E731
+    clean = metrics("clean")
+    predicted = {str(i): int(c) for i, c in enumerate(sums.sums["predicted"].tolist())}
     robust: dict[str, dict[str, dict]] = {}
-    eps0 = None
-    if attacks:
-        eps0 = evaluate_attack(model, task, dataloader, accelerator, attacks[0], 0.0, steps)
-    for spec in attacks:
-        robust[spec.name] = {}
-        for label, eps in sorted(spec.eps, key=lambda le: le[1]):
-            robust[spec.name][label] = evaluate_attack(model, task, dataloader, accelerator, spec, eps, steps)
-            logger.info("%s eps %s: %s", spec.name, label, robust[spec.name][label])
-    checks = sanity_checks(task.headline_metric, clean, eps0, robust)
+    for p in planned:
+        robust[p.key] = {label: metrics((p.key, label)) for label, _ in sorted(p.eps, key=lambda le: le[1])}
+    for norm in suite_norms:
+        robust[suite.key(norm)] = {label: metrics(("suite", norm, label)) for label, _ in _radii(planned, norm)}
+    for key, by_eps in robust.items():
+        for label, m in by_eps.items():
+            logger.info("%s eps %s: %s", key, label, m)
+    eps0 = metrics("eps0") if planned else None
+    checks = sanity_checks(task.headline_metric, clean, eps0, robust) + suite_checks(clean, robust, members)
     for check in checks:
         if not check.passed:
             logger.warning("sanity check %s FAILED: %s", check.name, check.detail)
@@ -116,9 +177,17 @@ def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any,
     if collapsed:
         logger.warning("the model predicts a single class on the whole evaluation set (collapse): %s",
                        predicted)
-    return {
+    out = {
         "metrics": {"clean": clean, "robust": robust},
         "predicted_class_counts": predicted,
         "collapsed": collapsed,
         "sanity": {"passed": all(ch.passed for ch in checks), "checks": [ch.as_dict() for ch in checks]},
     }
+    if suite is not None:
+        out["suite"] = {**suite.describe(), "members": members}
+        if suite.diagnostics and planned:
+            gaps = full_set_gaps(robust, planned, _count_metric(clean))
+            with eval_mode(model):
+                out["diagnostics"] = masking_diagnostics(model, task, dataloader, accelerator, attacks, suite,
+                                                         steps, gaps)
+    return out

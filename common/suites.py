@@ -1,0 +1,196 @@
+"""Attack suites: which attacks an evaluation runs (``--eval_attacks``), checked against what the task can run.
+
+Every evaluation runs the task's own attacks (``pgd-linf``, ``pgd-l2``; SegPGD for segmentation). A suite adds:
+
+- ``pgd``: nothing (the fast default; costs what one PGD per radius costs).
+- ``apgd``: APGD-CE and APGD-DLR (Croce & Hein 2020) with the project's one PGD, so in every space the task
+  has (pixels, token embeddings, per-pixel segmentation).
+- ``autoattack``: the standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) from ``pyautoattack``, for pixel-space
+  classifiers only.
+
+Single attacks can be named too (``--eval_attacks apgd-cw aa-square``). Per example, each attack keeps the worst
+point it found (and the clean point, so an example counts as robust only if it is also correct clean); the suite
+keeps, per example, the worst over all attacks of the same norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .attack_losses import LOSSES, example_score
+from .attacks import AttackResult, project, run_pgd
+from .errors import UsageError
+from .library_attacks import LIBRARY_ATTACKS, WHITE_BOX, library_attack
+from .task import AttackSpec, Task
+
+
+@dataclass(frozen=True)
+class AttackDef:
+    """A suite member. Own attacks run :func:`common.attacks.run_pgd` with ``schedule`` on the per-example
+    ``loss``; library attacks run :func:`common.library_attacks.library_attack`."""
+
+    name: str
+    loss: Optional[str] = None
+    schedule: str = "apgd"
+    library: bool = False
+    white_box: bool = True
+
+
+ATTACKS: dict[str, AttackDef] = {
+    "apgd-ce": AttackDef("apgd-ce", loss="ce"),
+    "apgd-dlr": AttackDef("apgd-dlr", loss="dlr"),
+    "apgd-cw": AttackDef("apgd-cw", loss="cw"),
+    **{name: AttackDef(name, library=True, white_box=name in WHITE_BOX) for name in LIBRARY_ATTACKS},
+}
+SUITES: dict[str, tuple[str, ...]] = {
+    "pgd": (),
+    "apgd": ("apgd-ce", "apgd-dlr"),
+    "autoattack": LIBRARY_ATTACKS,
+}
+
+
+@dataclass
+class Suite:
+    """A validated ``--eval_attacks`` selection with its budget."""
+
+    name: str
+    attacks: tuple[AttackDef, ...]
+    restarts: int = 1
+    apgd_steps: int = 100
+    diagnostics: bool = False
+    diagnostics_examples: int = 100
+
+    def key(self, norm: str) -> str:
+        """The results key of the suite's worst case in ``norm``, e.g. ``"apgd-suite-linf"``."""
+        return f"{self.name}-suite-{norm}"
+
+    def describe(self) -> dict:
+        return {"name": self.name, "attacks": [a.name for a in self.attacks], "restarts": self.restarts,
+                "apgd_steps": self.apgd_steps, "diagnostics": self.diagnostics}
+
+
+def library_capable(task: Task) -> bool:
+    """Can ``pyautoattack`` attack this task? Only pixel-space, one-label-per-image classifiers."""
+    return bool(task.pixel_space) and task.headline_metric == "accuracy"
+
+
+def valid_names(task: Task) -> list[str]:
+    """Suite and attack names ``--eval_attacks`` accepts for ``task``."""
+    ok = library_capable(task)
+    suites = [s for s, members in SUITES.items() if ok or not any(ATTACKS[m].library for m in members)]
+    return suites + [a for a, d in ATTACKS.items() if ok or not d.library]
+
+
+def resolve_suite(task: Task, evals: Any) -> Suite:
+    """Validate ``--eval_attacks``, ``--eval_restarts``, ``--eval_apgd_steps`` and the diagnostics flags.
+
+    Raises ``UsageError`` (one line) for an unknown name (listing the task's valid ones) and for an attack the
+    task cannot run (AutoAttack's on embeddings or segmentation).
+    """
+    names = list(evals.eval_attacks or ["pgd"])
+    for flag in ("eval_restarts", "eval_apgd_steps", "eval_diagnostics_examples"):
+        if getattr(evals, flag) < 1:
+            raise UsageError(f"--{flag}: {getattr(evals, flag)!r} must be >= 1")
+    members: list[str] = []
+    for name in names:
+        if name not in SUITES and name not in ATTACKS:
+            raise UsageError(f"--eval_attacks: unknown attack or suite {name!r}; choose from: "
+                             f"{', '.join(valid_names(task))}")
+        members += [m for m in SUITES.get(name, (name,)) if m not in members]
+    library = [m for m in members if ATTACKS[m].library]
+    if library and not library_capable(task):
+        space = ("perturbs token embeddings" if not task.pixel_space
+                 else f"predicts per pixel (metric {task.headline_metric})")
+        raise UsageError(f"--eval_attacks: {', '.join(library)} attack pixel-space image classifiers only; the "
+                         f"{task.name} task {space}; choose from: {', '.join(valid_names(task))}")
+    diagnostics = evals.eval_diagnostics
+    if diagnostics is None:
+        diagnostics = bool(members)  # on for apgd/autoattack, off for pgd: keeps pgd's cost
+    return Suite(name="+".join(names), attacks=tuple(ATTACKS[m] for m in members), restarts=evals.eval_restarts,
+                 apgd_steps=evals.eval_apgd_steps, diagnostics=diagnostics,
+                 diagnostics_examples=evals.eval_diagnostics_examples)
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def score_fn(task: Task, batch: dict) -> Callable[[Tensor], Tensor]:
+    """``logits -> (B,)`` score, lower = worse for the model. A task may define ``example_score(logits,
+    batch)``; otherwise correct positions (not ``loss_mask``-ed) plus a margin tie-break."""
+    own = getattr(task, "example_score", None)
+    if own is not None:
+        return lambda logits: own(logits, batch)
+    mask = task.loss_mask(batch)
+    return lambda logits: example_score(logits, batch["labels"], mask)
+
+
+def worse(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Per example, whichever of the ``(logits, score)`` pairs ``a``, ``b`` has the lower score (``a`` on ties).
+    Logits ``(B, K, ...)``, scores ``(B,)``."""
+    take_b = b[1] < a[1]
+    return (torch.where(take_b.view(-1, *([1] * (a[0].dim() - 1))), b[0], a[0]),
+            torch.where(take_b, b[1], a[1]))
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One attack of an evaluation: its results key, norm, radii ``[(label, value)]`` and how to run it on a
+    batch: ``run(model, task, batch, eps) -> AttackResult`` with logits and score."""
+
+    key: str
+    norm: str
+    eps: list[tuple[str, float]]
+    white_box: bool
+    run: Callable[[nn.Module, Task, dict, float], AttackResult]
+
+
+def _spec_runner(spec: AttackSpec, steps: int, restarts: int):
+    def run(model: nn.Module, task: Task, batch: dict, eps: float) -> AttackResult:
+        surface = task.surface(model, batch)
+        # Madry et al.'s step 2.5 eps / steps, the objective the task chose (its loss, SegPGD's).
+        return run_pgd(surface, lambda logits, step: spec.objective(logits, batch, step, steps), eps=eps,
+                       alpha=2.5 * eps / steps, steps=steps, norm=spec.norm, restarts=restarts,
+                       score=score_fn(task, batch))
+    return run
+
+
+def _own_runner(attack: AttackDef, norm: str, steps: int, restarts: int):
+    loss = LOSSES[attack.loss]
+
+    def run(model: nn.Module, task: Task, batch: dict, eps: float) -> AttackResult:
+        surface, mask = task.surface(model, batch), task.loss_mask(batch)
+        return run_pgd(surface, lambda logits, step: loss(logits, batch["labels"], mask), eps=eps, steps=steps,
+                       norm=norm, restarts=restarts, score=score_fn(task, batch), schedule=attack.schedule)
+    return run
+
+
+def _library_runner(attack: AttackDef, norm: str, restarts: int, **budget: int):
+    def run(model: nn.Module, task: Task, batch: dict, eps: float) -> AttackResult:
+        surface = task.surface(model, batch)
+        classify = lambda x: task.forward(model, {**batch, "pixel_values": x})  # noqa: E731
+        x_adv = library_attack(attack.name, classify, model, surface.x, batch["labels"], eps=eps, norm=norm,
+                               restarts=restarts, **budget)
+        # Trust no library with the threat model: whatever lies outside the ball or box is projected back.
+        delta = project(x_adv - surface.x, surface, eps, norm)
+        logits = surface.forward(delta).detach()
+        return AttackResult(delta, logits, score_fn(task, batch)(logits))
+    return run
+
+
+def plan(specs: list[AttackSpec], suite: Optional[Suite], steps: int, **library_budget: int) -> list[Planned]:
+    """The task's attacks (``specs``, fixed-step PGD on their objectives), then the suite's own and library
+    attacks in each norm the specs use, at the union of the specs' radii in that norm."""
+    restarts = suite.restarts if suite else 1
+    planned = [Planned(s.name, s.norm, list(s.eps), True, _spec_runner(s, steps, restarts)) for s in specs]
+    for norm in dict.fromkeys(s.norm for s in specs):
+        radii = dict(le for s in specs if s.norm == norm for le in s.eps)
+        eps = sorted(radii.items(), key=lambda le: le[1])
+        for attack in (suite.attacks if suite else ()):
+            run = (_library_runner(attack, norm, restarts, **library_budget) if attack.library
+                   else _own_runner(attack, norm, suite.apgd_steps, restarts))
+            planned.append(Planned(f"{attack.name}-{norm}", norm, eps, attack.white_box, run))
+    return planned

@@ -1,0 +1,74 @@
+"""Gradient-masking diagnostics: deliberately masked models trip them, a normal model does not."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samat.common.attacks import eval_mode
+from samat.common.config import EvalArgs
+from samat.common.diagnostics import masking_diagnostics
+from samat.common.suites import resolve_suite
+from samat.common.task import AttackSpec
+from helpers import image_batch, tiny_mlp, vision_task
+
+
+class Saturated(nn.Module):
+    """Logits times 1e4: softmax saturates, so cross-entropy's gradient is exactly 0 on confident examples
+    (DLR, which is scale-free, still sees the way)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return 1e4 * self.model(x)
+
+
+class Rounded(nn.Module):
+    """Quantises its input to 1/4 steps: the gradient through ``round`` is 0 everywhere."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(torch.round(x * 4) / 4)
+
+
+def _diagnose(model: nn.Module, accelerator, eps: float = 16 / 255) -> dict:
+    task = vision_task()
+    batch = image_batch(n=16)
+    with torch.no_grad():
+        batch["labels"] = model(batch["pixel_values"]).argmax(1)  # every example correct clean
+    objective = lambda logits, b, step, steps: F.cross_entropy(logits.float(), b["labels"])  # noqa: E731
+    specs = [AttackSpec("pgd-linf", "linf", [("eps", eps)], objective)]
+    suite = resolve_suite(task, EvalArgs(eval_attacks=["apgd"], eval_apgd_steps=10, eval_diagnostics_examples=16))
+    torch.manual_seed(0)
+    with eval_mode(model):
+        return masking_diagnostics(model, task, [batch], accelerator, specs, suite, steps=5, square_queries=100)
+
+
+def _failed(report: dict) -> set[str]:
+    return {c["name"] for c in report["checks"] if not c["passed"]}
+
+
+def test_a_normal_model_passes_every_diagnostic(accelerator):
+    report = _diagnose(tiny_mlp(), accelerator)
+    assert report["passed"], report["checks"]
+    assert report["examples"] == 16
+    assert {c["name"] for c in report["checks"]} == {"pgd_vs_white_box", "more_steps", "black_box_vs_white_box",
+                                                    "huge_radius"}
+
+
+def test_saturated_logits_trip_the_pgd_gap_and_the_huge_radius(accelerator, caplog):
+    with caplog.at_level("WARNING"):
+        report = _diagnose(Saturated(tiny_mlp()), accelerator)
+    assert {"pgd_vs_white_box", "huge_radius"} <= _failed(report), report["checks"]
+    assert "robust accuracy may be overestimated" in caplog.text
+
+
+def test_rounded_inputs_trip_black_box_vs_white_box(accelerator):
+    report = _diagnose(Rounded(tiny_mlp()), accelerator)
+    assert "black_box_vs_white_box" in _failed(report), report["checks"]

@@ -1,0 +1,101 @@
+"""Suites: validation per task, suite <= each attack <= clean, library attacks through samat's interface."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from samat.common.attacks import eval_mode
+from samat.common.config import EvalArgs
+from samat.common.errors import UsageError
+from samat.common.evaluate import evaluate_all
+from samat.common.library_attacks import LIBRARY_ATTACKS
+from samat.common.suites import SUITES, Suite, plan, resolve_suite, valid_names
+from samat.common.task import AttackSpec
+from samat.segmentation.task import SegmentationTask
+from samat.text.task import TextTask
+from helpers import image_batch, tiny_cnn, tiny_mlp, vision_task
+
+
+def _ce(logits, batch, step, steps):
+    return F.cross_entropy(logits, batch["labels"])
+
+
+def _specs(linf=("4/255", 4 / 255), l2=None):
+    specs = [AttackSpec("pgd-linf", "linf", [linf], _ce)]
+    return specs + ([AttackSpec("pgd-l2", "l2", [l2], _ce)] if l2 else [])
+
+
+def test_unknown_names_list_the_valid_ones_for_the_task():
+    with pytest.raises(UsageError, match="choose from: pgd, apgd, autoattack, apgd-ce"):
+        resolve_suite(vision_task(), EvalArgs(eval_attacks=["fgsm"]))
+    with pytest.raises(UsageError, match="unknown attack or suite 'autoatack'") as err:
+        resolve_suite(TextTask, EvalArgs(eval_attacks=["autoatack"]))
+    assert "aa-" not in str(err.value) and "autoattack," not in str(err.value)  # not offered to text
+
+
+@pytest.mark.parametrize("task,space", [(TextTask, "token embeddings"), (SegmentationTask, "per pixel")])
+@pytest.mark.parametrize("names", [["autoattack"], ["apgd", "aa-square"]])
+def test_library_attacks_are_refused_where_they_cannot_run(task, space, names):
+    with pytest.raises(UsageError, match=f"pixel-space image classifiers only; the .* task .*{space}") as err:
+        resolve_suite(task, EvalArgs(eval_attacks=names))
+    assert "\n" not in str(err.value)
+    assert resolve_suite(task, EvalArgs(eval_attacks=["apgd"])).attacks  # APGD with our PGD runs anywhere
+
+
+def test_suite_budget_flags_and_diagnostics_default():
+    assert not resolve_suite(vision_task(), EvalArgs()).diagnostics  # pgd keeps today's cost
+    suite = resolve_suite(vision_task(), EvalArgs(eval_attacks=["autoattack"], eval_restarts=2))
+    assert suite.diagnostics and suite.restarts == 2 and [a.name for a in suite.attacks] == list(LIBRARY_ATTACKS)
+    assert resolve_suite(vision_task(), EvalArgs(eval_attacks=["apgd-ce", "apgd"])).name == "apgd-ce+apgd"
+    with pytest.raises(UsageError, match="--eval_restarts"):
+        resolve_suite(vision_task(), EvalArgs(eval_restarts=0))
+    assert set(SUITES) <= set(valid_names(vision_task()))
+
+
+def _loader(n=24, classes=4):
+    return [image_batch(n=n // 2, classes=classes, seed=s) for s in (1, 2)]
+
+
+def test_suite_is_below_each_attack_which_is_below_clean(accelerator):
+    model, task = tiny_mlp(), vision_task()
+    suite = Suite("apgd", resolve_suite(task, EvalArgs(eval_attacks=["apgd"])).attacks, apgd_steps=8,
+                  diagnostics=False)
+    torch.manual_seed(0)
+    out = evaluate_all(model, task, _loader(), accelerator, _specs(l2=("0.5", 0.5)), steps=3, suite=suite)
+    robust, clean = out["metrics"]["robust"], out["metrics"]["clean"]["accuracy"]
+    assert set(robust) == {"pgd-linf", "pgd-l2", "apgd-ce-linf", "apgd-dlr-linf", "apgd-ce-l2", "apgd-dlr-l2",
+                           "apgd-suite-linf", "apgd-suite-l2"}
+    for norm, label in (("linf", "4/255"), ("l2", "0.5")):
+        value = robust[f"apgd-suite-{norm}"][label]["accuracy"]
+        for attack in out["suite"]["members"][f"apgd-suite-{norm}"]:
+            assert value <= robust[attack][label]["accuracy"] <= clean
+    assert out["sanity"]["passed"], out["sanity"]
+    assert any(c["name"] == "apgd-suite-linf_le_each_attack" for c in out["sanity"]["checks"])
+    assert {"predicted_class_counts", "collapsed"} <= set(out) and "diagnostics" not in out
+
+
+def test_default_pgd_suite_keeps_todays_keys(accelerator):
+    suite = resolve_suite(vision_task(), EvalArgs())
+    out = evaluate_all(tiny_mlp(), vision_task(), _loader(), accelerator, _specs(l2=("0.5", 0.5)), steps=2,
+                       suite=suite)
+    assert set(out["metrics"]["robust"]) == {"pgd-linf", "pgd-l2"} and "diagnostics" not in out
+    assert set(out) >= {"metrics", "predicted_class_counts", "collapsed", "sanity"}
+
+
+@pytest.mark.parametrize("name", LIBRARY_ATTACKS)
+def test_each_library_attack_runs_through_samats_model_interface(name):
+    model, task, batch = tiny_cnn(classes=5), vision_task(), image_batch(n=6, classes=5)
+    suite = resolve_suite(task, EvalArgs(eval_attacks=[name]))
+    eps = 8 / 255
+    planned = plan(_specs(("8/255", eps)), suite, steps=2, iterations=3, square_queries=20)
+    assert [p.key for p in planned] == ["pgd-linf", f"{name}-linf"]
+    with eval_mode(model):
+        result = planned[1].run(model, task, batch, eps)
+        clean = model(batch["pixel_values"])
+    x_adv = batch["pixel_values"] + result.delta
+    assert result.delta.abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert result.logits.shape == clean.shape and result.score.shape == (6,)
+    assert torch.allclose(model.eval()(x_adv), result.logits, atol=1e-5)
+    assert all(p.grad is None for p in model.parameters())  # FAB's .backward() reached the input only
