@@ -161,6 +161,25 @@ class EvalArgs:
         default=None, metadata={"help": "L2 PGD radii, e.g. 0.25 0.5 (task default); 'none' to skip."}
     )
     eval_steps: int = field(default=10, metadata={"help": "PGD steps for evaluation."})
+    eval_attacks: list[str] = field(
+        default_factory=lambda: ["pgd"],
+        metadata={"help": "Attack suite(s) or attacks run besides the task's PGD: pgd (fast default, PGD only), "
+                  "apgd (APGD-CE + APGD-DLR, any task), autoattack (standard AutoAttack via pyautoattack: "
+                  "aa-apgd-ce aa-apgd-t aa-fab-t aa-square; pixel-space classifiers only), or attack names "
+                  "(apgd-ce, apgd-dlr, apgd-cw, aa-...). An example is robust only if no attack fools it."},
+    )
+    eval_restarts: int = field(
+        default=1, metadata={"help": "Random restarts per attack; each keeps its worst iterate per example."}
+    )
+    eval_apgd_steps: int = field(default=100, metadata={"help": "Iterations of the APGD attacks (AutoAttack: 100)."})
+    eval_diagnostics: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Gradient-masking diagnostics on a subset (PGD vs APGD gap, huge radius, Square vs "
+                  "white-box, twice the steps). Default: on for suites beyond pgd, off for pgd."},
+    )
+    eval_diagnostics_examples: int = field(
+        default=100, metadata={"help": "Evaluation examples the gradient-masking diagnostics run on."}
+    )
     sharpness_examples: Optional[int] = field(
         default=None,
         metadata={"help": "Measure weight-space sharpness on the first N evaluation examples (0 skips it). "
