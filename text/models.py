@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from samat.common.errors import UsageError
-
-from . import resources
+from samat.common.offline import hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ def _hub_kwargs(source: str) -> tuple[dict, bool]:
     """``from_pretrained`` kwargs: cache only when ``source`` is a hub id and the hub is unreachable."""
     if Path(source).expanduser().exists():
         return {}, True
-    online = resources.hub_reachable()
+    online = hub_reachable()
     return ({} if online else {"local_files_only": True}), online
 
 

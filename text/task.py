@@ -135,11 +135,9 @@ class TextTask(Task):
 
     # ------------------------------------------------------------------------------------------ build
 
-    def build(self, run: Any, accelerator: Any) -> TaskData:
-        """Load data and model, check columns/labels/length, tokenise. Runs on every process, under the
-        engine's ``accelerator.main_process_first()`` (the main process fills the ``datasets`` cache)."""
-        from transformers import DataCollatorWithPadding
-
+    def check_args(self) -> None:
+        """Flag values, and the TextAttack recipes: unknown or unavailable ones fail now (one line), not
+        after an hour of training."""
         args: TextArgs = self.args
         if args.max_length < 2:
             raise UsageError(f"--max_length: {args.max_length} must be >= 2")
@@ -149,11 +147,17 @@ class TextTask(Task):
             raise UsageError(f"--textattack_num_examples: {args.textattack_num_examples} must be >= 0")
         recipes = _recipe_list(args.textattack_recipes)
         if recipes:
-            # Unknown or unavailable recipes fail now, not after an hour of training.
-            from .textattack_eval import check_recipes
+            from .textattack.recipes import check_recipes
 
             check_recipes(recipes)
 
+    def build(self, run: Any, accelerator: Any) -> TaskData:
+        """Load data and model, check columns/labels/length, tokenise. Runs on every process, under the
+        engine's ``accelerator.main_process_first()`` (the main process fills the ``datasets`` cache)."""
+        from transformers import DataCollatorWithPadding
+
+        args: TextArgs = self.args
+        self.check_args()
         dsd = text_data.load_raw(run.dataset, run.dataset_config)
         pick_split(dsd, run.train_split, ("train",), "--train_split")
         eval_split = pick_split(dsd, run.eval_split, ("test", "validation"), "--eval_split")
@@ -243,12 +247,12 @@ class TextTask(Task):
 
     def extra_evaluation(self, model: nn.Module, accelerator: Any, run: Any) -> dict:
         """TextAttack recipes on the eval split: ``{"textattack": {recipe: summary}}`` (see
-        :func:`text.textattack_eval.summarize`). The examples are split over the processes and the
+        :func:`samat.text.textattack.runner.summarize`). The examples are split over the processes and the
         per-example results gathered, so every process returns the same dict."""
         recipes = _recipe_list(self.args.textattack_recipes)
         if not recipes or self.attack_examples is None:
             return {}
-        from .textattack_eval import attack_model, format_summaries
+        from .textattack.runner import attack_model, format_summaries
 
         n = self.num_attack_examples(accelerator.device.type == "cuda")
         summaries, _ = attack_model(model, self.tokenizer, self.attack_examples, recipes, n,
