@@ -20,6 +20,7 @@ from typing import Optional
 
 from .attacks import NORMS
 from .errors import UsageError
+from .registry import TASKS
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -28,7 +29,7 @@ SAM_SYNC = ("local", "global")
 
 @dataclass
 class RunArgs:
-    task: str = field(default="vision", metadata={"help": "Task: vision, text or segmentation."})
+    task: str = field(default="vision", metadata={"help": f"Task: {', '.join(TASKS)}."})
     method: str = field(
         default="erm",
         metadata={"help": "Training method: erm, sam, asam, pgd-at, fgsm-at, trades, sam-at."},

@@ -13,13 +13,11 @@ DataLoader has its own generator so creating an iterator never draws from the gl
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -30,19 +28,18 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from .checkpoint import (RESULTS_FILE, TrainState, check_output_dir, prepare_output_dir,
+                         save_checkpoint)
 from .config import EvalArgs, RunArgs, parse_eps_list, resolve_defaults
-from .errors import UsageError
+from .cost import PassCounter
 from .evaluate import evaluate_all
 from .methods import ResolvedMethod, StepContext, train_step
-from .files import write_json_atomic
-from .results import metrics_table, versions
-from .task import AttackSpec, Task
+from .results import Cost, RunResults, versions
+from .sharpness import measure_sharpness
+from .suites import resolve_suite
+from .task import AttackSpec, Task, TaskData
 
 logger = get_logger("samat")
-
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.json"
-KEEP_CHECKPOINTS = 2
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -100,103 +97,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, run: RunArgs, total_steps: 
     return get_scheduler(run.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-class PassCounter:
-    """Counts forward calls of a model and backward passes through its output (training cost), both as calls
-    and as examples (rows of the logits): a doubled clean+adversarial batch (TRADES, ``--at_clean_weight``) is
-    one call but twice the examples.
-
-    A forward hook counts calls; a tensor hook on the output's logits counts every gradient that flows back
-    through it (``loss.backward()`` and the attacks' ``autograd.grad`` alike). The counts carry
-    :class:`TrainState`'s field names, so a checkpoint saves and restores them with :meth:`copy_counts`.
-    """
-
-    FIELDS = ("forward_passes", "backward_passes", "forward_examples", "backward_examples")
-
-    def __init__(self, model: nn.Module):
-        self.forward_passes = self.backward_passes = self.forward_examples = self.backward_examples = 0
-        self.active = True
-        self._handle = model.register_forward_hook(self._hook)
-
-    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if not self.active:
-            return
-        logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
-        rows = int(logits.shape[0]) if isinstance(logits, Tensor) and logits.dim() > 0 else 0
-        self.forward_passes += 1
-        self.forward_examples += rows
-        if isinstance(logits, Tensor) and logits.requires_grad:
-            logits.register_hook(lambda grad: self._count_backward(rows))
-
-    def _count_backward(self, rows: int) -> None:
-        self.backward_passes += 1
-        self.backward_examples += rows
-
-    @classmethod
-    def copy_counts(cls, source: Any, target: Any) -> None:
-        """Copy the four counts from ``source`` to ``target`` (a counter or a :class:`TrainState`)."""
-        for name in cls.FIELDS:
-            setattr(target, name, getattr(source, name))
-
-    def close(self) -> None:
-        self.active = False
-        self._handle.remove()
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint records besides Accelerate's state (``trainer_state.json``)."""
-
-    step: int = 0
-    train_wall_s: float = 0.0
-    forward_passes: int = 0
-    backward_passes: int = 0
-    forward_examples: int = 0   # examples through the forward pass (a doubled batch counts twice)
-    backward_examples: int = 0
-    train_examples: int = 0
-
-
-# ----------------------------------------------------------------------------------------- checkpoints
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints (their state file is written last), oldest first."""
-    root = output_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("step_*") if (p / STATE_FILE).is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
-
-
-def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState) -> None:
-    path = output_dir / CHECKPOINTS / f"step_{state.step}"
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        write_json_atomic(path / STATE_FILE, asdict(state))
-        for old in list_checkpoints(output_dir)[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def prepare_output_dir(run: RunArgs, output_dir: Path, is_main: bool) -> Optional[Path]:
-    """Decide between fresh start, resume and refusal. Returns the checkpoint to resume from, if any."""
-    results = output_dir / "results.json"
-    checkpoints = list_checkpoints(output_dir)
-    if run.overwrite:
-        if is_main:
-            shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)
-            results.unlink(missing_ok=True)
-        return None
-    if results.exists() and not run.resume:
-        raise UsageError(f"--output_dir {output_dir} holds a finished run (results.json); pass --overwrite to "
-                         "start over or choose another --output_dir")
-    if checkpoints and not run.resume:
-        raise UsageError(f"--output_dir {output_dir} holds checkpoints; pass --resume to continue or "
-                         "--overwrite to start over")
-    if run.resume and not checkpoints:
-        logger.info("--resume: no checkpoint in %s, starting from scratch", output_dir)
-    return checkpoints[-1] if run.resume and checkpoints else None
-
-
 class StopRequest:
     """SIGTERM/SIGUSR1 (a scheduler's preemption notice) ask the loop to checkpoint after the current step
     and exit; ``--resume`` then continues exactly where it stopped."""
@@ -217,34 +117,104 @@ class Preempted(SystemExit):
 # ------------------------------------------------------------------------------------------------ run
 
 
+@dataclass
+class Prepared:
+    """What :func:`build` hands to training and evaluation: prepared model, optimizer, loaders, scheduler."""
+
+    data: TaskData
+    train_set: Any
+    eval_set: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: Any
+    eval_loader: Any
+    scheduler: Any
+    total_steps: int
+
+
 def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: Task,
-                   config_record: dict) -> dict:
-    """Train ``task`` with ``method``, evaluate, write ``results.json``; returns the results dict."""
+                   config_record: dict) -> RunResults:
+    """Train ``task`` with ``method``, evaluate, write ``results.json``; returns the results record.
+
+    The steps, in order: validate everything the user gave (before the output folder is touched), claim the
+    folder, build, train, save the model, evaluate, write one record atomically."""
+    accelerator = make_accelerator(run)
+    output_dir = Path(run.output_dir)
+    specs = resolve_run(run, evals, task, accelerator)
+    if run.resume and (output_dir / RESULTS_FILE).is_file() and not run.overwrite:
+        results = RunResults.read(output_dir / RESULTS_FILE)
+        if accelerator.is_main_process:
+            print(f"{output_dir} is finished; results.json:\n{results.table()}")
+        return results
+    resume_from = prepare_output_dir(run, output_dir, accelerator.is_main_process)
+    if run.resume and resume_from is None:
+        logger.info("--resume: no checkpoint in %s, starting from scratch", output_dir)
+    accelerator.wait_for_everyone()
+    from accelerate.utils import set_seed
+
+    set_seed(run.seed)
+    built = build(run, task, accelerator)
+    counter = PassCounter(built.model)
+    state = TrainState(task=task.name)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        state = TrainState.read(resume_from)
+        state.task = task.name
+        logger.info("resumed from %s at step %d", resume_from, state.step)
+    PassCounter.copy_counts(state, counter)  # a resumed run continues the checkpoint's counts
+    start_trackers(accelerator, run, config_record)
+
+    ctx = StepContext(accelerator=accelerator, model=built.model, optimizer=built.optimizer, task=task,
+                      method=method, max_grad_norm=run.max_grad_norm)
+    state = train(ctx, built.train_loader, built.train_set, built.scheduler, run, built.total_steps, state,
+                  counter)
+    save_checkpoint(accelerator, output_dir, state)
+    counter.close()
+    save_model(accelerator, task, built.model, output_dir)
+
+    eval_started = time.perf_counter()
+    results = evaluate(run, method, evals, task, accelerator, built, specs)
+    results.config = config_record
+    results.cost = Cost(train_wall_s=round(state.train_wall_s, 3),
+                        eval_wall_s=round(time.perf_counter() - eval_started, 3),
+                        optimizer_steps=state.step, train_examples=state.train_examples,
+                        **{name: getattr(state, name) for name in PassCounter.FIELDS})
+    finish(accelerator, run, results, output_dir, state.step)
+    return results
+
+
+def make_accelerator(run: RunArgs) -> Any:
+    """The Accelerator (precision and processes come from ``accelerate launch``), seedable sampler, trackers
+    logging into ``<output_dir>/logs``; torch's CPU threads set (see :func:`set_cpu_threads`)."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     output_dir = Path(run.output_dir)
-    trackers = None if run.log_with == "none" else run.log_with
     accelerator = Accelerator(
-        log_with=trackers,
+        log_with=None if run.log_with == "none" else run.log_with,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_cpu_threads(run.cpu_threads, accelerator)
-    specs = attack_specs(task, evals)  # parse eval eps first: a bad radius fails before any work
-    results_path = output_dir / "results.json"
-    if run.resume and results_path.exists() and not run.overwrite:
-        results = json.loads(results_path.read_text())
-        if accelerator.is_main_process:
-            print(f"{output_dir} is finished; results.json:\n{metrics_table(results)}")
-        return results
-    resume_from = prepare_output_dir(run, output_dir, accelerator.is_main_process)
-    accelerator.wait_for_everyone()
+    return accelerator
+
+
+def resolve_run(run: RunArgs, evals: EvalArgs, task: Task, accelerator: Any) -> list[AttackSpec]:
+    """Every check of what the user asked for, before the output folder is touched: the task's flags, the
+    evaluation radii, the output folder itself; then the task's defaults fill what the user left open.
+    Returns the evaluation attacks."""
+    task.check_args()
+    specs = attack_specs(task, evals)
+    resolve_suite(task, evals)  # --eval_attacks and its budget flags, checked before any work
+    check_output_dir(Path(run.output_dir), task.name)
     for note in resolve_defaults(run, evals, task.defaults, on_gpu=accelerator.device.type != "cpu"):
         logger.info(note)
-    set_seed(run.seed)
+    return specs
 
+
+def build(run: RunArgs, task: Task, accelerator: Any) -> Prepared:
+    """Data and model from the task, the seeded subsets and loaders, optimizer and schedule, all prepared."""
     with accelerator.main_process_first():
         data = task.build(run, accelerator)
     train_set = _subset(data.train_dataset, run.max_train_samples, run.seed)
@@ -254,106 +224,72 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
                               num_workers=run.num_workers, generator=loader_generator)
     eval_loader = DataLoader(eval_set, batch_size=run.eval_batch_size, shuffle=False,
                              collate_fn=data.collate_fn, num_workers=run.num_workers)
-    model = data.model
-    counter = PassCounter(model)
-    optimizer = make_optimizer(model, run)
+    optimizer = make_optimizer(data.model, run)
     batches_per_epoch = math.ceil(len(train_set) / (run.batch_size * accelerator.num_processes))
     steps_per_epoch = math.ceil(batches_per_epoch / run.gradient_accumulation_steps)
     total_steps = run.max_steps or max(1, math.ceil(run.epochs * steps_per_epoch))
     scheduler = make_scheduler(optimizer, run, total_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler)
+        data.model, optimizer, train_loader, eval_loader, scheduler)
+    return Prepared(data, train_set, eval_set, model, optimizer, train_loader, eval_loader, scheduler,
+                    total_steps)
 
-    state = TrainState()
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state = TrainState(**json.loads((resume_from / STATE_FILE).read_text()))
-        logger.info("resumed from %s at step %d", resume_from, state.step)
-    PassCounter.copy_counts(state, counter)  # a resumed run continues the checkpoint's counts
 
-    if trackers:
-        flat = {f"{group}/{k_}": (v if isinstance(v, (int, float, str, bool)) else str(v))
-                for group, values in config_record.items() for k_, v in values.items()}
-        accelerator.init_trackers("samat", config=flat)
+def start_trackers(accelerator: Any, run: RunArgs, config_record: dict) -> None:
+    if run.log_with == "none":
+        return
+    flat = {f"{group}/{k_}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for group, values in config_record.items() for k_, v in values.items()}
+    accelerator.init_trackers("samat", config=flat)
 
-    ctx = StepContext(accelerator=accelerator, model=model, optimizer=optimizer, task=task, method=method,
-                      max_grad_norm=run.max_grad_norm)
-    state = train(ctx, train_loader, train_set, scheduler, run, total_steps, state, counter)
-    save_checkpoint(accelerator, output_dir, state)
-    counter.close()
 
-    unwrapped = accelerator.unwrap_model(model)
+def save_model(accelerator: Any, task: Task, model: nn.Module, output_dir: Path) -> None:
+    """The unwrapped trained model into ``<output_dir>/model`` in the task's own format (main process)."""
     if accelerator.is_main_process:
         (output_dir / "model").mkdir(parents=True, exist_ok=True)
-        task.save_model(unwrapped, str(output_dir / "model"))
+        task.save_model(accelerator.unwrap_model(model), str(output_dir / "model"))
 
-    eval_started = time.perf_counter()
-    evaluation = evaluate_all(model, task, eval_loader, accelerator, specs, evals.eval_steps)
-    extra = task.extra_evaluation(unwrapped, accelerator, run)
+
+def evaluate(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: Task, accelerator: Any,
+             built: Prepared, specs: list[AttackSpec]) -> RunResults:
+    """Clean and robust metrics with sanity checks, the task's own evaluation and columns, sharpness."""
+    evaluation = evaluate_all(built.model, task, built.eval_loader, accelerator, specs, evals.eval_steps,
+                              suite=resolve_suite(task, evals))
+    unwrapped = accelerator.unwrap_model(built.model)
+    extra = dict(task.extra_evaluation(unwrapped, accelerator, run))
+    warnings = list(extra.pop("warnings", []))
     evaluation["metrics"].update(extra)
-    sharpness = measure_sharpness(unwrapped, task, eval_set, data.collate_fn, evals, accelerator)
-    eval_wall = time.perf_counter() - eval_started  # clean + attacks + task extras + sharpness
-
-    results = {
+    sharpness = measure_sharpness(unwrapped, task, built.eval_set, built.data.collate_fn, evals, accelerator)
+    return RunResults.from_dict({
+        **evaluation,
         "task": task.name,
         "method": method.method.name,
         "headline_metric": task.headline_metric,
-        "config": config_record,
         "method_resolved": method.describe(),
-        "data": {**data.info, "train_examples": len(train_set), "eval_examples": len(eval_set)},
-        **evaluation,
+        "data": {**built.data.info, "train_examples": len(built.train_set), "eval_examples": len(built.eval_set)},
         "sharpness": sharpness,
-        "cost": {
-            "train_wall_s": round(state.train_wall_s, 3),
-            "eval_wall_s": round(eval_wall, 3),
-            "optimizer_steps": state.step,
-            "forward_passes": state.forward_passes,
-            "backward_passes": state.backward_passes,
-            "forward_examples": state.forward_examples,
-            "backward_examples": state.backward_examples,
-            "train_examples": state.train_examples,
-        },
+        "columns": task.extra_columns(evaluation["metrics"]),
+        "warnings": warnings,
         "device": _device_name(accelerator),
         "num_processes": accelerator.num_processes,
         "cpu_threads": torch.get_num_threads(),
         "mixed_precision": accelerator.mixed_precision,
         "versions": versions(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    if trackers:
-        accelerator.log(_flat_metrics(results), step=state.step)
+        "schema_version": 1,
+    })
+
+
+def finish(accelerator: Any, run: RunArgs, results: RunResults, output_dir: Path, step: int) -> None:
+    """Log to the trackers, write results.json (main process, atomically), print the table."""
+    if run.log_with != "none":
+        accelerator.log(_flat_metrics(results), step=step)
         accelerator.end_training()
     if accelerator.is_main_process:
-        write_json_atomic(results_path, results)
-        print(metrics_table(results))
-        print(f"results: {results_path}")
+        results.write(output_dir / RESULTS_FILE)
+        print(results.table())
+        print(f"results: {output_dir / RESULTS_FILE}")
     accelerator.wait_for_everyone()
-    return results
-
-
-def measure_sharpness(model: nn.Module, task: Task, eval_set: Any, collate_fn: Any, evals: EvalArgs,
-                      accelerator: Any) -> Optional[dict]:
-    """Weight-space sharpness (``common.sharpness``) on the first ``--sharpness_examples`` evaluation examples,
-    on the main process (the probe perturbs one replica's weights), in eval mode. ``None`` when skipped."""
-    if not evals.sharpness_examples:
-        return None
-    from .config import parse_eps
-    from .sharpness import sharpness_report
-
-    report = None
-    if accelerator.is_main_process:
-        n = min(evals.sharpness_examples, len(eval_set))
-        loader = DataLoader(Subset(eval_set, range(n)), batch_size=64, shuffle=False, collate_fn=collate_fn)
-        batches = [{k: v.to(accelerator.device) if isinstance(v, Tensor) else v for k, v in b.items()}
-                   for b in loader]
-        rhos = [parse_eps(r, pixel_space=False, flag="--sharpness_rho") for r in evals.sharpness_rho]
-        asam = [parse_eps(r, pixel_space=False, flag="--sharpness_asam_rho") for r in evals.sharpness_asam_rho]
-        # No extra autocast here: sharpness is a small difference of losses. (Under mixed precision the
-        # prepared model's forward still autocasts; compare sharpness across runs of the same precision.)
-        report = sharpness_report(model, task, batches, rhos=rhos, adaptive_rhos=asam,
-                                  steps=evals.sharpness_steps)
-    accelerator.wait_for_everyone()
-    return report
 
 
 def train(ctx: StepContext, train_loader: Any, train_set: Any, scheduler: Any, run: RunArgs, total_steps: int,
@@ -443,14 +379,11 @@ def _log(accelerator: Any, progress: tqdm, loss: float, scheduler: Any, step: in
     accelerator.log({"train/loss": loss, "train/lr": lr}, step=step)
 
 
-def _flat_metrics(results: dict) -> dict[str, float]:
-    out = {f"eval/clean/{k}": v for k, v in results["metrics"]["clean"].items() if isinstance(v, float)}
-    for attack, by_eps in results["metrics"]["robust"].items():
-        for label, metrics in by_eps.items():
-            out[f"eval/{attack}/{label}"] = metrics[results["headline_metric"]]
-    for recipe, m in (results["metrics"].get("textattack") or {}).items():
-        if isinstance(m, dict) and isinstance(m.get("accuracy_under_attack"), float):
-            out[f"eval/textattack/{recipe}"] = m["accuracy_under_attack"]
+def _flat_metrics(results: RunResults) -> dict[str, float]:
+    """Tracker scalars: clean metrics, the headline metric per attack and radius, the task's columns."""
+    out = {f"eval/clean/{k}": v for k, v in results.metrics["clean"].items() if isinstance(v, float)}
+    out.update({f"eval/{attack}/{label}": value for attack, label, value in results.robust()})
+    out.update({f"eval/{name}": value for name, value in results.columns.items()})
     return out
 
 

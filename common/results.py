@@ -1,14 +1,29 @@
-"""results.json (written atomically) and the readable table printed at the end of a run."""
+"""The results record of a run: one typed, versioned document, written and read only here.
+
+``results.json`` is :class:`RunResults` as JSON. ``schema_version`` 1 added ``columns`` (a task's extra
+result columns, flat) and ``warnings``; files without a version (schema 0) are upgraded on reading, so the
+report reads every results.json samat ever wrote.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import platform
+from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
+from pathlib import Path
+from typing import Optional
 
+from .errors import UsageError
+from .files import write_json_atomic
 from .tables import format_table
 
+SCHEMA_VERSION = 1
 PACKAGES = ("samat", "torch", "transformers", "accelerate", "datasets", "timm", "segmentation-models-pytorch",
-            "textattack")
+            "textattack", "pyautoattack")
+# Blocks of metrics that are not a task's extras: clean metrics, and robust metrics per attack and radius.
+CORE_METRICS = ("clean", "robust")
 
 
 def versions() -> dict[str, str]:
@@ -21,30 +36,172 @@ def versions() -> dict[str, str]:
     return out
 
 
-def metrics_table(results: dict) -> str:
-    """One row per (attack, eps): the headline metric, clean first; then cost."""
-    headline = results["headline_metric"]
-    metrics = results["metrics"]
-    rows = [("clean", "-", metrics["clean"][headline])]
-    for attack, by_eps in metrics.get("robust", {}).items():
-        for label, m in by_eps.items():
-            rows.append((attack, label, m[headline]))
-    table = format_table(["attack", "eps", headline], rows)
-    cost = results.get("cost", {})
-    summary = (f"method {results['method']} on {results['task']}: {cost.get('optimizer_steps', '?')} steps, "
-               f"train {cost.get('train_wall_s', 0):.1f}s, eval {cost.get('eval_wall_s', 0):.1f}s, "
-               f"{cost.get('forward_passes', '?')} forward / {cost.get('backward_passes', '?')} backward passes; "
-               f"sanity checks {'passed' if results.get('sanity', {}).get('passed') else 'FAILED'}")
-    recipes = metrics.get("textattack") or {}
-    if recipes:
-        keys = ("num_examples", "original_accuracy", "accuracy_under_attack", "attack_success_rate",
-                "avg_perturbed_word_pct", "avg_queries")
-        rows = [(recipe, *(m.get(k, "-") for k in keys)) for recipe, m in recipes.items() if isinstance(m, dict)]
-        table += "\n\n" + format_table(["TextAttack recipe", "examples", "clean acc", "acc under attack",
-                                          "success rate", "perturbed words %", "queries"], rows)
-    sharp = results.get("sharpness") or {}
-    if sharp.get("sam"):
-        parts = [f"{form} rho {rho}: {v['sharpness']:.4f}" for form in ("sam", "asam")
-                 for rho, v in sharp.get(form, {}).items()]
-        summary += f"\nweight-space sharpness (loss rise, {sharp['num_examples']} examples): " + ", ".join(parts)
-    return f"{table}\n{summary}"
+@dataclass
+class Cost:
+    """Training and evaluation cost: wall times and exact pass counts (see ``samat.common.cost``)."""
+
+    train_wall_s: float = 0.0
+    eval_wall_s: float = 0.0
+    optimizer_steps: int = 0
+    forward_passes: int = 0
+    backward_passes: int = 0
+    forward_examples: int = 0
+    backward_examples: int = 0
+    train_examples: int = 0
+
+
+@dataclass
+class RunResults:
+    """Everything a finished run reports.
+
+    ``metrics``: ``{"clean": {metric: value}, "robust": {attack: {eps label: {metric: value}}}, <task extras>}``
+    with the headline metric (``headline_metric``, e.g. accuracy or miou) in [0, 1] in every block.
+    ``columns``: the task's extra results flattened to ``{"group/row/field": number}`` (Task.extra_columns).
+    ``extra``: evaluation blocks this version does not name (e.g. attack diagnostics), kept as they are.
+    """
+
+    task: str
+    method: str
+    headline_metric: str
+    metrics: dict
+    config: dict = field(default_factory=dict)
+    method_resolved: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    predicted_class_counts: dict = field(default_factory=dict)
+    collapsed: bool = False
+    sanity: dict = field(default_factory=dict)
+    sharpness: Optional[dict] = None
+    cost: Cost = field(default_factory=Cost)
+    columns: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+    device: str = ""
+    num_processes: int = 1
+    cpu_threads: int = 0
+    mixed_precision: str = "no"
+    versions: dict = field(default_factory=dict)
+    finished_at: str = ""
+    extra: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    # ------------------------------------------------------------------------------------------- I/O
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(out.pop("extra"))
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "results") -> "RunResults":
+        """Parse (and upgrade) a results document; ``UsageError`` naming ``source`` when it is not one."""
+        if not isinstance(values, dict) or not all(k in values for k in ("task", "method", "metrics")):
+            raise UsageError(f"{source} is not a samat results file (no task/method/metrics)")
+        version = values.get("schema_version", 0)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise UsageError(f"{source} has schema_version {version!r}; this samat reads up to {SCHEMA_VERSION}: "
+                             "upgrade samat")
+        values = dict(values)
+        if version == 0:
+            values.setdefault("columns", legacy_columns(values["metrics"]))
+            values.setdefault("headline_metric", "accuracy")
+        names = {f.name for f in fields(cls)} - {"extra"}
+        known = {k: v for k, v in values.items() if k in names}
+        known["cost"] = Cost(**{k: v for k, v in (values.get("cost") or {}).items()
+                                if k in {f.name for f in fields(Cost)}})
+        known["schema_version"] = SCHEMA_VERSION
+        return cls(**known, extra={k: v for k, v in values.items() if k not in names})
+
+    @classmethod
+    def read(cls, path: str | Path) -> "RunResults":
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise UsageError(f"{path}: cannot read results ({type(err).__name__})") from None
+        return cls.from_dict(values, source=str(path))
+
+    def write(self, path: str | Path) -> None:
+        """Atomically: a reader sees the old file or the whole new one."""
+        write_json_atomic(path, self.to_dict())
+
+    # ------------------------------------------------------------------------------------- reading
+
+    @property
+    def clean(self) -> float:
+        return self.metrics["clean"][self.headline_metric]
+
+    def robust(self) -> list[tuple[str, str, float]]:
+        """``[(attack, eps label, headline metric)]`` in stored order."""
+        return [(attack, label, m[self.headline_metric])
+                for attack, by_eps in self.metrics.get("robust", {}).items() for label, m in by_eps.items()
+                if isinstance(m, dict) and self.headline_metric in m]
+
+    def all_warnings(self) -> list[str]:
+        """The run's warnings, the collapse guard and failed sanity checks first."""
+        out = []
+        if self.collapsed:
+            out.append(f"the model predicts a single class on the whole evaluation set (collapsed): "
+                       f"{self.predicted_class_counts}")
+        if self.sanity and not self.sanity.get("passed", True):
+            failed = [c["name"] for c in self.sanity.get("checks", []) if not c.get("passed", True)]
+            out.append(f"sanity checks FAILED: {', '.join(failed)}")
+        return out + [w for w in self.warnings if w not in out]
+
+    def summary_line(self) -> str:
+        """The last line a user reads: cost, and either "sanity checks passed" or every warning."""
+        c = self.cost
+        head = (f"method {self.method} on {self.task}: {c.optimizer_steps} steps, train {c.train_wall_s:.1f}s, "
+                f"eval {c.eval_wall_s:.1f}s, {c.forward_passes} forward / {c.backward_passes} backward passes; ")
+        problems = self.all_warnings()
+        return head + ("sanity checks passed, no warnings" if not problems
+                       else "WARNING: " + "; WARNING: ".join(problems))
+
+    def table(self) -> str:
+        """The readable end-of-run table: headline metric clean and per (attack, eps), the task's extra
+        columns grouped as tables, sharpness, then :meth:`summary_line`."""
+        rows = [("clean", "-", self.clean), *self.robust()]
+        parts = [format_table(["attack", "eps", self.headline_metric], rows)]
+        parts += [table for table in column_tables(self.columns)]
+        sharp = self.sharpness or {}
+        if sharp.get("sam"):
+            probes = [f"{form} rho {rho}: {v['sharpness']:.4f}" for form in ("sam", "asam")
+                      for rho, v in sharp.get(form, {}).items()]
+            parts.append(f"weight-space sharpness (loss rise, {sharp['num_examples']} examples): "
+                         + ", ".join(probes))
+        return "\n\n".join(parts) + "\n" + self.summary_line()
+
+
+def legacy_columns(metrics: dict) -> dict[str, float]:
+    """Columns of a schema-0 file: every number in an extra metrics block (``metrics.<group>.<row>.<field>``,
+    e.g. TextAttack's per-recipe summaries) as ``"<group>/<row>/<field>"``."""
+    out = {}
+    for group, rows in metrics.items():
+        if group in CORE_METRICS or not isinstance(rows, dict):
+            continue
+        for row, values in rows.items():
+            if not isinstance(values, dict):
+                continue
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    out[f"{group}/{row}/{name}"] = float(value)
+    return out
+
+
+def column_tables(columns: dict[str, float]) -> list[str]:
+    """Tables of ``"group/row/field"`` columns, one per group (rows × fields); other names in one
+    two-column table."""
+    groups: dict[str, dict[str, dict[str, float]]] = {}
+    loose = []
+    for name, value in columns.items():
+        parts = name.split("/")
+        if len(parts) == 3:
+            groups.setdefault(parts[0], {}).setdefault(parts[1], {})[parts[2]] = value
+        else:
+            loose.append((name, value))
+    tables = []
+    for group, rows in groups.items():
+        header = list(dict.fromkeys(k for values in rows.values() for k in values))
+        tables.append(format_table([group, *header], [[row, *(v.get(k) for k in header)]
+                                                      for row, v in rows.items()]))
+    if loose:
+        tables.append(format_table(["column", "value"], loose))
+    return tables

@@ -37,8 +37,10 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
 
 from .attacks import eval_mode
+from .config import parse_eps
 
 _TINY = 1e-12
 
@@ -224,4 +226,26 @@ def sharpness_report(
                                      eta=eta, base_loss=base_loss)
             report[kind][str(float(rho))] = {k: est[k] for k in ("perturbed_loss", "sharpness",
                                                                   "perturbation_norm")}
+    return report
+
+
+def measure_sharpness(model: nn.Module, task: Any, eval_set: Any, collate_fn: Any, evals: Any,
+                      accelerator: Any) -> Optional[dict]:
+    """Weight-space sharpness (:func:`sharpness_report`) on the first ``--sharpness_examples`` evaluation examples,
+    on the main process (the probe perturbs one replica's weights), in eval mode. ``None`` when skipped."""
+    if not evals.sharpness_examples:
+        return None
+    report = None
+    if accelerator.is_main_process:
+        n = min(evals.sharpness_examples, len(eval_set))
+        loader = DataLoader(Subset(eval_set, range(n)), batch_size=64, shuffle=False, collate_fn=collate_fn)
+        batches = [{k: v.to(accelerator.device) if isinstance(v, Tensor) else v for k, v in b.items()}
+                   for b in loader]
+        rhos = [parse_eps(r, pixel_space=False, flag="--sharpness_rho") for r in evals.sharpness_rho]
+        asam = [parse_eps(r, pixel_space=False, flag="--sharpness_asam_rho") for r in evals.sharpness_asam_rho]
+        # No extra autocast here: sharpness is a small difference of losses. (Under mixed precision the
+        # prepared model's forward still autocasts; compare sharpness across runs of the same precision.)
+        report = sharpness_report(model, task, batches, rhos=rhos, adaptive_rhos=asam,
+                                  steps=evals.sharpness_steps)
+    accelerator.wait_for_everyone()
     return report

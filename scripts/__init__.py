@@ -41,4 +41,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         raise SystemExit(2)
     sys.argv = [f"samat {name}", *rest]  # argparse names the program after argv[0]
-    runpy.run_module(f"samat.scripts.{COMMANDS[name][0]}", run_name="__main__", alter_sys=True)
+    # alter_sys would reset argv[0] to the file name; the module runs as __main__ either way
+    runpy.run_module(f"samat.scripts.{COMMANDS[name][0]}", run_name="__main__")

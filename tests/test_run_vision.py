@@ -196,3 +196,54 @@ def test_transformers_image_model_from_a_folder_and_timm(tmp_path):
     proc = run("--model", "timm:resnet18", "--pretrained", "--max_steps", "1", "--output_dir",
                str(tmp_path / "x"), *common)
     assert proc.returncode == 2 and "--model 'timm:resnet18'" in proc.stderr
+
+
+def _finished_run(tmp_path: Path) -> Path:
+    out = tmp_path / "done"
+    proc = run("--max_steps", "1", "--output_dir", str(out), *FAST, "--sharpness_examples", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _one_error_line(proc, message: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_overwrite_with_a_bad_task_flag_deletes_nothing(tmp_path):
+    out = _finished_run(tmp_path)
+    before = (out / "results.json").read_bytes()
+    proc = run("--overwrite", "--image_size", "2", "--output_dir", str(out), *FAST, timeout=120)
+    _one_error_line(proc, "--image_size: 2 must be in [4, 1024]")
+    assert (out / "results.json").read_bytes() == before
+    assert (out / "checkpoints" / "step_1" / "trainer_state.json").is_file()
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("keep me")
+    for out in (target, target / "run"):
+        proc = run("--max_steps", "1", "--output_dir", str(out), *FAST, timeout=120)
+        _one_error_line(proc, "is a file, not a folder")
+    assert target.read_text() == "keep me"
+
+
+def test_a_folder_of_another_task_is_refused_even_with_overwrite(tmp_path):
+    out = _finished_run(tmp_path)
+    record = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps({**record, "task": "segmentation"}))
+    before = (out / "results.json").read_bytes()
+    proc = run("--overwrite", "--max_steps", "1", "--output_dir", str(out), *FAST, timeout=120)
+    _one_error_line(proc, "holds a 'segmentation' run, not a 'vision' one")
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_config_file_with_another_tasks_keys_is_refused(tmp_path):
+    cfg = tmp_path / "text.yaml"
+    cfg.write_text("task: vision\nmax_length: 64\ntextattack_recipes: [pwws]\n")
+    out = tmp_path / "run"
+    proc = run("--config", str(cfg), "--output_dir", str(out), *FAST, timeout=120)
+    _one_error_line(proc, "unrecognized arguments: --max_length 64")
+    assert not out.exists()

@@ -1,0 +1,111 @@
+"""The run folder: what may be written where, resumable checkpoints, and the refusal to clobber.
+
+Layout of ``<output_dir>``: ``checkpoints/step_N/`` (``accelerator.save_state`` plus ``trainer_state.json``,
+written last, so a checkpoint without it is incomplete), ``model/`` (the trained weights), ``results.json``
+(written atomically at the end), ``logs/`` (trackers).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import UsageError
+from .files import write_json_atomic
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+RESULTS_FILE = "results.json"
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint records besides Accelerate's state (``trainer_state.json``)."""
+
+    step: int = 0
+    train_wall_s: float = 0.0
+    forward_passes: int = 0
+    backward_passes: int = 0
+    forward_examples: int = 0   # examples through the forward pass (a doubled batch counts twice)
+    backward_examples: int = 0
+    train_examples: int = 0
+    task: str = ""              # the task that wrote the checkpoint ("" in checkpoints of older versions)
+
+    @classmethod
+    def read(cls, checkpoint: Path) -> "TrainState":
+        values = json.loads((checkpoint / STATE_FILE).read_text())
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (their state file is written last), oldest first."""
+    root = output_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step_*") if (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState) -> None:
+    """``accelerator.save_state`` into ``checkpoints/step_<step>``, then the state file; keeps the newest
+    :data:`KEEP_CHECKPOINTS`."""
+    path = output_dir / CHECKPOINTS / f"step_{state.step}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        write_json_atomic(path / STATE_FILE, asdict(state))
+        for old in list_checkpoints(output_dir)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _task_in_folder(output_dir: Path) -> Optional[str]:
+    """The task that wrote the run in ``output_dir`` (from results.json, else the newest checkpoint), or
+    ``None`` when the folder holds no run or does not say."""
+    results = output_dir / RESULTS_FILE
+    if results.is_file():
+        try:
+            task = json.loads(results.read_text()).get("task")
+        except (ValueError, AttributeError):
+            raise UsageError(f"--output_dir {output_dir}: {RESULTS_FILE} there is not a samat results file; "
+                             "choose another --output_dir") from None
+        return task if isinstance(task, str) else None
+    checkpoints = list_checkpoints(output_dir)
+    return TrainState.read(checkpoints[-1]).task or None if checkpoints else None
+
+
+def check_output_dir(output_dir: Path, task: str) -> None:
+    """Refuse, before anything is deleted or written, a ``--output_dir`` that is a file or that holds a run
+    of another task (``--overwrite`` replaces only a run of the same task)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output_dir {output_dir} is a file, not a folder; choose a folder")
+    for parent in output_dir.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"--output_dir {output_dir}: {parent} is a file, not a folder")
+    other = _task_in_folder(output_dir) if output_dir.is_dir() else None
+    if other is not None and other != task:
+        raise UsageError(f"--output_dir {output_dir} holds a {other!r} run, not a {task!r} one; choose another "
+                         "--output_dir (--overwrite replaces only a run of the same task)")
+
+
+def prepare_output_dir(run: Any, output_dir: Path, is_main: bool) -> Optional[Path]:
+    """Decide between fresh start, resume and refusal; call after :func:`check_output_dir`. Returns the
+    checkpoint to resume from, if any. Only here, after every check, does ``--overwrite`` delete."""
+    results = output_dir / RESULTS_FILE
+    checkpoints = list_checkpoints(output_dir)
+    if run.overwrite:
+        if is_main:
+            shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)
+            results.unlink(missing_ok=True)
+        return None
+    if results.exists() and not run.resume:
+        raise UsageError(f"--output_dir {output_dir} holds a finished run ({RESULTS_FILE}); pass --overwrite "
+                         "to start over or choose another --output_dir")
+    if checkpoints and not run.resume:
+        raise UsageError(f"--output_dir {output_dir} holds checkpoints; pass --resume to continue or "
+                         "--overwrite to start over")
+    return checkpoints[-1] if run.resume and checkpoints else None

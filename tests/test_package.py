@@ -1,0 +1,123 @@
+"""The install: one `samat` package that neither shadows nor is shadowed by a user's own top-level modules,
+the `samat` console script, and the typed, versioned results record."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def _user_project(tmp_path: Path) -> Path:
+    """A user's project with its own top-level `common`, `text` and `vision` packages."""
+    for name in ("common", "text", "vision"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"OWNER = 'user'\n")
+        (tmp_path / name / "data.py").write_text("raise ImportError('the user module was imported by samat')\n")
+    return tmp_path
+
+
+def test_users_own_common_neither_shadows_nor_is_shadowed(tmp_path):
+    project = _user_project(tmp_path)
+    code = ("import common, text, vision\n"
+            "assert common.OWNER == text.OWNER == vision.OWNER == 'user'\n"
+            "from samat.common.registry import task_class\n"
+            "import samat.common.loop, samat.common.data\n"
+            "task_class('vision'); task_class('segmentation')\n"
+            "import common\n"
+            "assert common.OWNER == 'user' and samat.common.data.__file__.endswith('common/data.py')\n"
+            "assert 'samat' not in common.__file__ and str(common.__file__).startswith(%r)\n" % str(project))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=project, env={**ENV, "PYTHONPATH": str(project)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_run_works_next_to_a_users_common(tmp_path):
+    project = _user_project(tmp_path)
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "run.py"), "--model", "small_cnn", "--width", "4",
+         "--max_train_samples", "64", "--max_eval_samples", "32", "--batch_size", "32", "--max_steps", "1",
+         "--eval_linf", "1/255", "--eval_l2", "none", "--eval_steps", "1", "--sharpness_examples", "0",
+         "--log_with", "none", "--output_dir", str(out)],
+        cwd=project, env={**ENV, "PYTHONPATH": str(project)}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["schema_version"] == 1
+
+
+def test_console_script_dispatches_and_rejects_unknown_commands():
+    samat = str(Path(sys.executable).with_name("samat"))
+    proc = subprocess.run([samat, "--help"], capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0 and "run" in proc.stdout and "report" in proc.stdout
+    proc = subprocess.run([samat, "run", "--help"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0 and "--rho" in proc.stdout and "samat run" in proc.stdout
+    proc = subprocess.run([samat, "trian"], capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown command 'trian'; choose one of: " + ", ".join(_commands())]
+
+
+def _commands() -> list[str]:
+    from samat.scripts import COMMANDS
+
+    return list(COMMANDS)
+
+
+# ------------------------------------------------------------------------------------------- results
+
+
+def _legacy_results() -> dict:
+    """A results.json as written before schema_version existed (schema 0), with TextAttack summaries."""
+    return {"task": "text", "method": "sam", "headline_metric": "accuracy",
+            "metrics": {"clean": {"accuracy": 0.8, "examples": 10},
+                        "robust": {"pgd-l2": {"0.02": {"accuracy": 0.6, "examples": 10}}},
+                        "textattack": {"pwws": {"accuracy_under_attack": 0.1, "attack_success_rate": 0.875,
+                                                "num_examples": 10, "note": "text is not a column"}}},
+            "cost": {"optimizer_steps": 3, "forward_passes": 6, "backward_passes": 6, "train_wall_s": 1.0},
+            "sanity": {"passed": True, "checks": []}, "collapsed": False, "diagnostics": {"kept": True}}
+
+
+def test_results_round_trip_and_schema_0_upgrade(tmp_path):
+    from samat.common.results import SCHEMA_VERSION, RunResults
+
+    results = RunResults.from_dict(_legacy_results())
+    assert results.schema_version == SCHEMA_VERSION == 1
+    assert results.columns == {"textattack/pwws/accuracy_under_attack": 0.1,
+                               "textattack/pwws/attack_success_rate": 0.875, "textattack/pwws/num_examples": 10.0}
+    assert results.extra == {"diagnostics": {"kept": True}}  # unknown blocks survive a round trip
+    assert results.robust() == [("pgd-l2", "0.02", 0.6)] and results.clean == 0.8
+    results.write(tmp_path / "results.json")
+    again = RunResults.read(tmp_path / "results.json")
+    assert again == results
+    assert "| pwws" in again.table() and again.summary_line().endswith("sanity checks passed, no warnings")
+
+
+def test_results_refuse_other_documents_and_newer_schemas(tmp_path):
+    from samat.common.errors import UsageError
+    from samat.common.results import RunResults
+
+    with pytest.raises(UsageError, match="not a samat results file"):
+        RunResults.from_dict({"rows": []}, source="x.json")
+    with pytest.raises(UsageError, match="schema_version 7"):
+        RunResults.from_dict({**_legacy_results(), "schema_version": 7}, source="x.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UsageError, match="cannot read results"):
+        RunResults.read(tmp_path / "bad.json")
+
+
+def test_summary_line_carries_collapse_failed_checks_and_task_warnings():
+    from samat.common.results import RunResults
+
+    values = {**_legacy_results(), "collapsed": True, "predicted_class_counts": {"0": 10, "1": 0},
+              "sanity": {"passed": False, "checks": [{"name": "pgd-l2_le_clean", "passed": False}]},
+              "warnings": ["mIoU 0.11 is within 0.02 of the majority-class baseline 0.10"]}
+    line = RunResults.from_dict(values).summary_line()
+    assert "passed" not in line.split(";")[-1]
+    assert "collapsed" in line and "pgd-l2_le_clean" in line and "majority-class baseline" in line
