@@ -5,14 +5,15 @@
     python scripts/report.py runs/a runs/b --out report_ab
 
 Folders are searched recursively for ``results.json``; all runs must be of one task. Writes, into ``--out``:
-``report.md`` (mean ± std over seeds per setting: clean and robust headline metric, TextAttack accuracy under
-attack for text, cost, weight-space sharpness), ``results.csv`` (one row per run), ``summary.csv`` (one row
-per setting) and the figures ``clean_vs_robust.png``, ``robust_vs_eps.png``, ``sweep_rho_eps.png``,
-``cost.png`` and, where runs carry a sharpness measurement, ``sharpness_vs_robust.png``.
+``report.md`` (mean ± std over seeds per setting, and 95 % intervals where a setting has several seeds: clean
+and robust headline metric, the task's extra result columns such as TextAttack's, cost, weight-space
+sharpness), ``results.csv`` (one row per run), ``summary.csv`` (one row per setting) and the figures
+``clean_vs_robust.png``, ``robust_vs_eps.png``, ``sweep_rho_eps.png``, ``cost.png`` and, where runs carry a
+sharpness measurement, ``sharpness_vs_robust.png``.
 
 A *setting* is a method with its SAM rho and/or AT eps (e.g. ``sam rho=0.05``, ``pgd-at eps=8/255``); runs
 of one setting with different seeds are averaged (std with ddof=1; a single seed shows no std).
-The work is done in ``common/report.py`` (loading, tables, CSVs) and ``common/figures.py``.
+The work is done in ``samat.analysis`` (runs → tables → figures → report).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
-from samat.common.cli import ArgumentParser, main_guard  # noqa: E402
-from samat.common.report import build_report, write_report  # noqa: E402
+from samat.common.cli import ArgumentParser, main_guard
+from samat.analysis.report import build_report, write_report
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,26 +7,20 @@
 Writes ``<output_dir>/results.json`` (config, every run, mean/std per setting), ``results.csv`` (one row per
 setting) and two figures, ``toy_sam_rho.png`` and ``toy_at_eps.png`` (robust share, clean and robust
 accuracy, and weight-space sharpness against SAM's rho and AT's eps; ERM is the point at 0), and prints the
-table. The data model, the
-methods and the robust share are defined in ``common/toy.py``. Runs on CPU in seconds.
+table. The data model, the methods and the robust share are defined in ``samat.analysis.toy``, the outputs in
+``samat.analysis.toy_report``. Runs on CPU in seconds.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
-import platform
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from samat.common.cli import ArgumentParser  # noqa: E402
-from samat.common.errors import UsageError  # noqa: E402
-from samat.common.files import write_bytes_atomic, write_json_atomic  # noqa: E402
+from samat.common.cli import ArgumentParser
+from samat.common.errors import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +76,7 @@ def _number(flag: str, text: str, *, integer: bool = False, low: Optional[float]
 
 def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, Any, dict[str, list]]:
     """Flags → (namespace, ToyConfig, lists). Every bad value is a ``UsageError``."""
-    from samat.common.toy import MODELS, ToyConfig
+    from samat.analysis.toy import MODELS, ToyConfig
 
     a = build_parser().parse_args(argv)
     for m in a.models:
@@ -116,106 +110,21 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, Any, 
     return a, cfg, lists
 
 
-def _table(summary: list[dict], eval_keys: list[str]) -> str:
-    """Plain-text table: one line per (model, method, value), mean ± std over seeds."""
-    head = ["model", "method", "rho", "eps", "clean", *[f"rob@{k}" for k in eval_keys], "robust_share",
-            "weight_share", "sharpness", "collapsed"]
-    lines = [head]
-    for s in summary:
-        def pm(k: str, s: dict = s) -> str:
-            return f"{s[k]:.3f}±{s[k + '_std']:.3f}"
-
-        lines.append([s["model"], s["method"], f"{s['rho']:g}", f"{s['eps']:.3g}", pm("clean_accuracy"),
-                      *[pm(f"robust_accuracy@{k}") for k in eval_keys], pm("robust_share"),
-                      pm("weight_share"), f"{s['sharpness']:.4f}", f"{s['collapsed']}/{s['seeds']}"])
-    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in lines)
-
-
-def _plot(summary: list[dict], method: str, xkey: str, xlabel: str, eval_keys: list[str], probe_rho: float,
-          path: Path) -> None:
-    """Robust share, clean / robust accuracy and weight-space sharpness against ``xkey``; ERM is the point
-    at 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_share, ax_acc, ax_sharp) = plt.subplots(1, 3, figsize=(16, 4))
-    for model, colour in zip(dict.fromkeys(s["model"] for s in summary), ("tab:blue", "tab:orange", "tab:green")):
-        rows = sorted((s for s in summary if s["model"] == model and s["method"] in ("erm", method)),
-                      key=lambda s: s[xkey])
-        xs = [s[xkey] for s in rows]
-        ax_share.errorbar(xs, [s["robust_share"] for s in rows], [s["robust_share_std"] for s in rows],
-                          marker="o", color=colour, capsize=3, label=f"{model}: input-gradient share")
-        if model != "linear":  # for the linear model the weight share equals the gradient share
-            ax_share.errorbar(xs, [s["weight_share"] for s in rows], [s["weight_share_std"] for s in rows],
-                              marker="s", ls=":", color=colour, capsize=3, label=f"{model}: 1st-layer weight share")
-        ax_acc.errorbar(xs, [s["clean_accuracy"] for s in rows], [s["clean_accuracy_std"] for s in rows],
-                        marker="o", color=colour, capsize=3, label=f"{model}: clean")
-        ax_sharp.errorbar(xs, [s["sharpness"] for s in rows], [s["sharpness_std"] for s in rows], marker="o",
-                          color=colour, capsize=3, label=model)
-        for k, ls in zip(eval_keys, ("--", "-.", ":", (0, (1, 3)))):
-            ax_acc.errorbar(xs, [s[f"robust_accuracy@{k}"] for s in rows],
-                            [s[f"robust_accuracy@{k}_std"] for s in rows], marker=".", ls=ls, color=colour,
-                            capsize=2, alpha=0.8, label=f"{model}: robust @ eps {k}")
-    ax_share.set(xlabel=xlabel, ylabel="share on the robust feature", ylim=(-0.02, 1.02),
-                 title=f"Robust share vs {xlabel} (0 = ERM)")
-    ax_acc.set(xlabel=xlabel, ylabel="test accuracy", ylim=(-0.02, 1.02), title=f"Accuracy vs {xlabel}")
-    ax_sharp.set(xlabel=xlabel, ylabel="train-loss increase", yscale="log",
-                 title=f"Weight-space sharpness (rho {probe_rho:g}) vs {xlabel}")
-    ticks = sorted({s[xkey] for s in summary if s["method"] in ("erm", method)})
-    for ax in (ax_share, ax_acc, ax_sharp):
-        if method == "sam" and len(ticks) > 1:  # rho spans decades: symlog keeps ERM's 0 on the axis
-            ax.set_xscale("symlog", linthresh=ticks[1])
-            ax.set_xlim(0, ticks[-1] * 1.2)
-        ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    write_bytes_atomic(path, buf.getvalue())
-    plt.close(fig)
-
-
 def run(a: argparse.Namespace, cfg: Any, lists: dict[str, list]) -> dict[str, Any]:
-    """Train every (model, setting, seed), write the outputs, return the results dict."""
+    """Train every (model, setting, seed), write the outputs, print the table; return the results dict."""
     import torch
 
-    from samat.common.toy import aggregate, bayes_robust_share, eps_key, grid, run_one
+    from samat.analysis.toy import eps_key
+    from samat.analysis.toy_report import FIGURES, run_experiment, summary_table
 
     # The matrices are tiny: one thread is faster than several, and far faster on a shared, busy CPU.
     torch.set_num_threads(1)
     out = Path(a.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    rows = []
-    for model, method, value in grid(lists["models"], lists["rho"], lists["eps"]):
-        for seed in lists["seeds"]:
-            rows.append(run_one(cfg, model, method, value, seed, lists["eval_eps"]))
-    summary = aggregate(rows)
-    eval_keys = [eps_key(e) for e in lists["eval_eps"]]
-    results = {
-        "experiment": "toy robust/non-robust features (Tsipras et al. 2019)",
-        "config": {**vars(cfg), **{k: v for k, v in lists.items()}},
-        "bayes_linear_robust_share": bayes_robust_share(cfg),
-        "summary": summary, "runs": rows, "wall_s": time.time() - start,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_json_atomic(out / "results.json", results)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(summary[0]))
-    writer.writeheader()
-    writer.writerows(summary)
-    write_bytes_atomic(out / "results.csv", buf.getvalue().encode())
-    _plot(summary, "sam", "rho", "SAM rho", eval_keys, cfg.probe_rho, out / "toy_sam_rho.png")
-    _plot(summary, "at", "eps", "AT eps", eval_keys, cfg.probe_rho, out / "toy_at_eps.png")
-    print(_table(summary, eval_keys))
+    results = run_experiment(cfg, lists, out)
+    print(summary_table(results["summary"], [eps_key(e) for e in lists["eval_eps"]]))
     print(f"\nd={cfg.d} p={cfg.p} eta={cfg.eta:.4g}; Bayes-optimal linear robust share "
-          f"{results['bayes_linear_robust_share']:.3f}; {len(rows)} runs in {results['wall_s']:.1f}s; "
-          f"wrote {out}/results.json, results.csv, toy_sam_rho.png, toy_at_eps.png")
+          f"{results['bayes_linear_robust_share']:.3f}; {len(results['runs'])} runs in {results['wall_s']:.1f}s; "
+          f"wrote {out}/results.json, results.csv, {', '.join(FIGURES)}")
     return results
 
 

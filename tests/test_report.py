@@ -170,7 +170,7 @@ def test_runs_differing_in_another_hyper_parameter_are_separate_settings(tmp_pat
     with open(tmp_path / "report" / "results.csv") as f:
         settings = {row["setting"] for row in csv.DictReader(f)}
     assert settings == {"pgd-at eps=0.02 at_clean_weight=0", "pgd-at eps=0.02 at_clean_weight=0.5"}
-    from samat.common.report import group, load_runs
+    from samat.analysis.runs import group, load_runs
 
     # the figures draw one line per variant (dash pattern) instead of joining the two settings
     assert [s.variant for s in group(load_runs([str(runs)]))] == [" at_clean_weight=0", " at_clean_weight=0.5"]
@@ -219,3 +219,39 @@ def test_unknown_sharpness_key(tmp_path, capsys):
     assert _guarded_main(str(runs), "--sharpness", "sam@9", "--out", str(tmp_path / "rep")) == 2
     assert "available: sam@0.05, sam@0.1, asam@0.5" in capsys.readouterr().err
     assert not (tmp_path / "rep").exists()
+
+
+def test_method_lists_follow_the_engine_registry():
+    """The report's method order and figure styles name every method of the registry, in its order."""
+    from samat.analysis.figures import STYLE
+    from samat.analysis.runs import METHOD_ORDER
+    from samat.common.methods import METHODS
+
+    assert METHOD_ORDER == tuple(METHODS) and set(STYLE) == set(METHODS)
+
+
+def test_results_without_columns_are_upgraded_and_new_columns_are_read_generically(tmp_path):
+    """A schema-0 file's extra metrics block becomes "group/row/field" columns; a file with ``columns``
+    is read as it is, whatever the group is called; two seeds get a 95 % interval."""
+    runs = tmp_path / "runs"
+    old = fake_results("text", "erm", 0, 0.8, 0.1)
+    new = fake_results("text", "erm", 1, 0.9, 0.1)
+    del new["metrics"]["textattack"]
+    new.update(schema_version=1, columns={"probe/alpha/accuracy_under_attack": 0.25, "probe/alpha/queries": 7.0})
+    for name, data in (("old", old), ("new", new)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "results.json").write_text(json.dumps(data))
+    from samat.analysis.runs import load_runs
+    from samat.analysis.tables import headline_keys
+
+    loaded = {r.seed: r for r in load_runs([str(runs)])}
+    assert loaded[0].columns["textattack/deepwordbug/accuracy_under_attack"] == pytest.approx(0.5)
+    assert loaded[1].columns == {"probe/alpha/accuracy_under_attack": 0.25, "probe/alpha/queries": 7.0}
+    assert "probe/alpha/accuracy_under_attack" in headline_keys(list(loaded.values()))
+    assert _script().main([str(runs), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## probe" in md and "alpha acc. under attack" in md
+    # two seeds, clean 0.8 and 0.9: mean 0.85, std 0.0707, 95 % t-interval 0.85 ± 12.706 * 0.0707 / sqrt(2)
+    assert "| erm | 2 (0, 1) | 0.8500 ± 0.0707 |" in md and "| erm | 0.8500 [0.2147, 1.4853] |" in md
+    header = (tmp_path / "rep" / "results.csv").read_text().splitlines()[0]
+    assert "probe_alpha_queries" in header and "textattack_deepwordbug_avg_queries" in header

@@ -1,4 +1,4 @@
-"""The toy model of robust / non-robust features (common/toy.py, scripts/toy.py): the data are what the
+"""The toy model of robust / non-robust features (samat.analysis.toy, scripts/toy.py): the data are what the
 docstring says, ERM relies on the non-robust features, AT at a large eps removes most of that reliance,
 the exact linear worst case matches PGD, and the CLI writes its outputs or fails in one line."""
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import load_script
 
-from samat.common import toy
+from samat.analysis import toy
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small enough for seconds on a busy 2-core CPU, large enough for stable shares.

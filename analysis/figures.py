@@ -1,5 +1,6 @@
 """The report's figures (matplotlib, Agg backend: no display needed), one function per figure, each returning
-PNG bytes, or ``None`` where the runs hold nothing to draw. :func:`draw_figures` draws them all."""
+PNG bytes, or ``None`` where the runs hold nothing to draw. :func:`draw_figures` draws them all. Reads runs
+and settings only; the column keys and titles are those of the tables (:mod:`samat.analysis.tables`)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,25 @@ import math
 from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
+from samat.common.stats import Stat
+
 import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: files only, also on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from .report import Run, Setting, column_title, eps_value, robust_columns, setting_order  # noqa: E402
+from .runs import Run, Setting, eps_value, setting_order  # noqa: E402
+from .tables import column_title, headline_keys, robust_keys  # noqa: E402
 
-# Colour and marker per method, so that ERM, SAM and AT families read apart in every figure.
+# Colour and marker per method, so that ERM, SAM and AT families read apart in every figure (every method
+# of the engine's registry has one; a test keeps them in step).
 STYLE = {
     "erm": ("black", "o"), "sam": ("tab:blue", "s"), "asam": ("tab:cyan", "D"), "pgd-at": ("tab:red", "^"),
     "fgsm-at": ("tab:orange", "v"), "trades": ("tab:purple", "P"), "sam-at": ("tab:green", "X"),
 }
 _EXTRA_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "tab:gray")
-
-
+DASHES = ("-", "--", ":", "-.")
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -63,6 +67,19 @@ def _hyper(r: Run) -> str:
     return " ".join(parts) + r.variant
 
 
+def _point(ax, r: Run, x: float, y: float, extra: dict) -> None:
+    """One run as a point in its method's style, labelled with its hyper-parameters."""
+    colour, marker = _style(r.method, extra)
+    ax.scatter(x, y, color=colour, marker=marker, s=40, alpha=0.85)
+    ax.annotate(_hyper(r), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+
+
+def _errorbars(ax, pts: Sequence[tuple[float, Stat]], **style) -> None:
+    """Means with ± std bars (none for a single seed) at ``(x, Stat)`` points."""
+    ax.errorbar([x for x, _ in pts], [st.mean for _, st in pts], [st.std or 0 for _, st in pts], capsize=3,
+                **style)
+
+
 def _method_legend(ax, methods: Sequence[str], extra: dict) -> None:
     handles = [Line2D([], [], color=_style(m, extra)[0], marker=_style(m, extra)[1], ls="", label=m)
                for m in methods]
@@ -71,7 +88,7 @@ def _method_legend(ax, methods: Sequence[str], extra: dict) -> None:
 
 def fig_clean_vs_robust(runs: list[Run], extra: dict) -> Optional[bytes]:
     """(1) One panel per robust column: a point per run, clean on x, robust on y."""
-    cols = robust_columns(runs)
+    cols = headline_keys(runs)
     if not cols:
         return None
     headline = runs[0].headline
@@ -79,12 +96,8 @@ def fig_clean_vs_robust(runs: list[Run], extra: dict) -> Optional[bytes]:
     fig, axes = _panel_grid(len(cols))
     for ax, key in zip(axes, cols):
         for r in runs:
-            if key not in r.robust:
-                continue
-            colour, marker = _style(r.method, extra)
-            ax.scatter(r.clean, r.robust[key], color=colour, marker=marker, s=40, alpha=0.85)
-            ax.annotate(_hyper(r), (r.clean, r.robust[key]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+            if r.metric(key) is not None:
+                _point(ax, r, r.clean, r.metric(key), extra)
         ax.set(xlabel=f"clean {headline}", ylabel=column_title(key), title=column_title(key))
         ax.grid(alpha=0.3)
         _method_legend(ax, methods, extra)
@@ -94,8 +107,7 @@ def fig_clean_vs_robust(runs: list[Run], extra: dict) -> Optional[bytes]:
 
 def fig_robust_vs_eps(runs: list[Run], settings: list[Setting], extra: dict) -> Optional[bytes]:
     """(2) One panel per attack: mean ± std of the headline metric against the attack radius (0 = clean)."""
-    attacks = list(OrderedDict((k.partition("@")[0], None) for k in robust_columns(runs)
-                               if not k.startswith("textattack:")))
+    attacks = list(OrderedDict((k.partition("@")[0], None) for k in robust_keys(runs)))
     if not attacks:
         return None
     headline = runs[0].headline
@@ -108,10 +120,8 @@ def fig_robust_vs_eps(runs: list[Run], settings: list[Setting], extra: dict) -> 
             colour, marker = _style(s.method, extra)
             stats = [s.of(lambda r: r.clean)] + [s.of(lambda r, key=f"{attack}@{label}": r.robust.get(key))
                                                  for label in labels]
-            pts = [(x, st) for x, st in zip(xs, stats) if st.n]
-            ax.errorbar([x for x, _ in pts], [st.mean for _, st in pts], [st.std or 0 for _, st in pts],
-                        color=colour, marker=marker, capsize=3, alpha=0.9, label=s.name,
-                        ls=("-", "--", ":", "-.")[i % 4])
+            _errorbars(ax, [(x, st) for x, st in zip(xs, stats) if st.n], color=colour, marker=marker, alpha=0.9,
+                       label=s.name, ls=DASHES[i % 4])
         ax.set_xticks(xs, ["0"] + labels, fontsize=7)
         ax.set(xlabel=f"{attack} radius (0 = clean)", ylabel=headline, title=attack)
         ax.grid(alpha=0.3)
@@ -119,60 +129,66 @@ def fig_robust_vs_eps(runs: list[Run], settings: list[Setting], extra: dict) -> 
     return _png(fig)
 
 
+def _sweep_lines(settings: Sequence[Setting], axis: str) -> "OrderedDict[tuple, list[Setting]]":
+    """The lines of one column of the sweep figure (``axis`` ``"rho"`` or ``"eps"``): the settings of one
+    method that share the *other* hyper-parameter and any further ones that tell settings apart
+    (``Setting.variant``, e.g. at_clean_weight=0.5), keyed ``(method, other, variant)``, sorted along x."""
+    lines: "OrderedDict[tuple, list[Setting]]" = OrderedDict()
+    for s in settings:
+        if _x(s, axis) is None or s.method == "erm":
+            continue
+        other = s.eps_label if axis == "rho" else (f"{s.rho:g}" if s.rho is not None else None)
+        lines.setdefault((s.method, other, s.variant), []).append(s)
+    return OrderedDict((k, sorted(v, key=lambda s: _x(s, axis) or 0.0)) for k, v in lines.items())
+
+
+def _x(s: Setting, axis: str) -> Optional[float]:
+    return s.rho if axis == "rho" else s.eps
+
+
+def _sweep_panel(ax, lines: "OrderedDict[tuple, list[Setting]]", axis: str, erm: Optional[Setting],
+                 get: Callable[[Run], Optional[float]], extra: dict) -> None:
+    """One metric against rho or eps: a line per :func:`_sweep_lines` entry, starting at ERM (x = 0) where
+    the other hyper-parameter is unset (SAM at rho 0 and AT at eps 0 are ERM)."""
+    drawn: dict[str, int] = {}
+    for (method, other, variant), members in lines.items():
+        pts = [(_x(s, axis), s.of(get)) for s in members]
+        if erm is not None and other is None:
+            pts = [(0.0, erm.of(get))] + pts
+        pts = [(x, st) for x, st in pts if st.n]
+        if not pts:
+            continue
+        colour, marker = _style(method, extra)
+        label = method + ("" if other is None else f" ({'eps' if axis == 'rho' else 'rho'}={other})") + variant
+        nth = drawn.setdefault(method, 0)  # lines of one method share its colour: told apart by dashes
+        drawn[method] += 1
+        _errorbars(ax, pts, color=colour, marker=marker, label=label, ls=DASHES[nth % 4])
+    if erm is not None and not lines and erm.of(get).n:
+        _errorbars(ax, [(0.0, erm.of(get))], color="black", marker="o", label="erm")
+
+
 def fig_sweep(runs: list[Run], settings: list[Setting], extra: dict) -> bytes:
     """(3) Rows: clean and each robust column; left column against SAM rho, right against AT eps. ERM is
-    the point at 0 of every line whose other hyper-parameter is unset (SAM at rho 0 and AT at eps 0 are ERM).
-    """
+    the point at 0 of every line whose other hyper-parameter is unset."""
     headline = runs[0].headline
     metrics: list[tuple[str, Callable[[Run], Optional[float]]]] = [(f"clean {headline}", lambda r: r.clean)]
-    metrics += [(column_title(k), lambda r, k=k: r.robust.get(k)) for k in robust_columns(runs)]
+    metrics += [(column_title(k), lambda r, k=k: r.metric(k)) for k in headline_keys(runs)]
     fig, axes = plt.subplots(len(metrics), 2, figsize=(11, 2.8 * len(metrics)), squeeze=False)
     erm = next((s for s in settings if s.method == "erm"), None)
-    for col, (axis_name, xname) in enumerate((("rho", "SAM rho"), ("eps", "AT train eps"))):
-        # A line: the settings of one method that share the *other* hyper-parameter and any further ones
-        # that tell settings apart (Setting.variant, e.g. at_clean_weight=0.5).
-        lines: "OrderedDict[tuple, list[Setting]]" = OrderedDict()
-        for s in settings:
-            x = s.rho if axis_name == "rho" else s.eps
-            if x is None or s.method == "erm":
-                continue
-            other = s.eps_label if axis_name == "rho" else (f"{s.rho:g}" if s.rho is not None else None)
-            lines.setdefault((s.method, other, s.variant), []).append(s)
+    eps_labels = OrderedDict(sorted(((s.eps, s.eps_label) for s in settings if s.eps is not None)))
+    for col, (axis, xname) in enumerate((("rho", "SAM rho"), ("eps", "AT train eps"))):
+        lines = _sweep_lines(settings, axis)
         for row, (mname, get) in enumerate(metrics):
             ax = axes[row][col]
-            drawn: dict[str, int] = {}
-            for (method, other, variant), members in lines.items():
-                members = sorted(members, key=lambda s: (s.rho if axis_name == "rho" else s.eps) or 0.0)
-                pts = [((s.rho if axis_name == "rho" else s.eps), s.of(get)) for s in members]
-                if erm is not None and other is None:
-                    pts = [(0.0, erm.of(get))] + pts
-                pts = [(x, st) for x, st in pts if st.n]
-                if not pts:
-                    continue
-                colour, marker = _style(method, extra)
-                label = method + ("" if other is None else f" ({'eps' if axis_name == 'rho' else 'rho'}={other})")
-                label += variant
-                # lines of one method share its colour: tell them apart by dash pattern
-                nth = drawn.setdefault(method, 0)
-                drawn[method] += 1
-                ax.errorbar([x for x, _ in pts], [st.mean for _, st in pts], [st.std or 0 for _, st in pts],
-                            color=colour, marker=marker, capsize=3, label=label, ls=("-", "--", ":", "-.")[nth % 4])
-            if erm is not None and not lines:
-                st = erm.of(get)
-                if st.n:
-                    ax.errorbar([0.0], [st.mean], [st.std or 0], color="black", marker="o", capsize=3, label="erm")
+            _sweep_panel(ax, lines, axis, erm, get, extra)
             if not lines:
                 ax.text(0.5, 0.5, f"no runs with a {xname}", transform=ax.transAxes, ha="center", fontsize=8)
+            if axis == "eps" and eps_labels:
+                ax.set_xticks([0.0, *eps_labels], ["0", *eps_labels.values()], fontsize=7)
             ax.set(xlabel=xname, ylabel=mname)
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=6)
-        if axis_name == "eps":
-            labels = OrderedDict(sorted(((s.eps, s.eps_label) for s in settings if s.eps is not None)))
-            if labels:
-                ticks = [0.0] + list(labels)
-                for row in range(len(metrics)):
-                    axes[row][col].set_xticks(ticks, ["0"] + list(labels.values()), fontsize=7)
     fig.suptitle("Clean and robust performance against SAM's rho and AT's eps (0 = ERM)", y=1.0)
     return _png(fig)
 
@@ -202,7 +218,7 @@ def fig_cost(settings: list[Setting], extra: dict) -> bytes:
 def fig_sharpness(runs: list[Run], sharp_key: str, extra: dict) -> Optional[bytes]:
     """(5) One panel per robust column: weight-space sharpness (x) against the robust metric (y)."""
     with_sharp = [r for r in runs if sharp_key in r.sharpness]
-    cols = robust_columns(runs)
+    cols = headline_keys(runs)
     if not with_sharp or not cols:
         return None
     methods = list(OrderedDict((r.method, None) for r in sorted(with_sharp, key=setting_order)))
@@ -211,11 +227,8 @@ def fig_sharpness(runs: list[Run], sharp_key: str, extra: dict) -> Optional[byte
     fig, axes = _panel_grid(len(cols))
     for ax, key in zip(axes, cols):
         for r in with_sharp:
-            if key in r.robust:
-                colour, marker = _style(r.method, extra)
-                ax.scatter(r.sharpness[sharp_key], r.robust[key], color=colour, marker=marker, s=40, alpha=0.85)
-                ax.annotate(_hyper(r), (r.sharpness[sharp_key], r.robust[key]), fontsize=6, xytext=(3, 3),
-                            textcoords="offset points")
+            if r.metric(key) is not None:
+                _point(ax, r, r.sharpness[sharp_key], r.metric(key), extra)
         if log_x:
             ax.set_xscale("log")
         ax.set(xlabel=f"sharpness {sharp_key}", ylabel=column_title(key), title=column_title(key))

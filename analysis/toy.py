@@ -14,12 +14,12 @@ Models: ``linear`` (``f(x) = w.x + b``) and ``mlp`` (``f(x) = v.relu(W x + c) + 
 Methods: ``erm``; ``sam`` at radius ``rho`` (two-phase SAM step on the clean loss, Foret et al. 2021, written
 out here in a few lines so that the toy does not depend on the engine's optimizer wrapper); ``at``:
 adversarial training with an L-inf ball of radius ``eps`` on *all* inputs (Madry et al. 2018), exact for the
-linear model (the worst case of a linear ``f`` is ``y f(x) - eps ||w||_1``) and PGD (``common.attacks.pgd``)
+linear model (the worst case of a linear ``f`` is ``y f(x) - eps ||w||_1``) and PGD (``samat.common.attacks.pgd``)
 for the MLP. SGD with momentum and a cosine learning-rate decay; SAM's rho and AT's eps ramp up linearly
 over the first 30 % of the steps (without it the MLP collapses to a constant at large eps or rho).
 
 Also measured: the weight-space sharpness of each trained model on its training set
-(``common.sharpness.estimate_sharpness`` at one probe radius), to set the input-space picture next to the
+(``samat.common.sharpness.estimate_sharpness`` at one probe radius), to set the input-space picture next to the
 weight-space one.
 
 Robust share (the number the experiment is about): the share of the model's input sensitivity that sits on
@@ -40,9 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import pgd
-from .sharpness import estimate_sharpness
-from .task import AttackSurface
+from samat.common.attacks import pgd
+from samat.common.sharpness import estimate_sharpness
+from samat.common.stats import stat
+from samat.common.task import AttackSurface
 
 MODELS = ("linear", "mlp")
 METHODS = ("erm", "sam", "at")
@@ -65,7 +66,7 @@ class ToyConfig:
     weight_decay: float = 0.0
     pgd_steps: int = 10         # PGD steps for MLP adversarial training and evaluation
     warmup: float = 0.3         # share of steps over which SAM's rho and AT's eps ramp up linearly from 0
-    probe_rho: float = 0.5      # radius of the weight-space sharpness probe (common.sharpness), ~10% of ||w||
+    probe_rho: float = 0.5      # radius of the weight-space sharpness probe (samat.common.sharpness), ~10% of ||w||
 
 
 def make_data(n: int, d: int, p: float, eta: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -179,7 +180,7 @@ def weight_share(model: nn.Module) -> float:
 
 
 class ToyTask:
-    """The toy as a :class:`common.task.Task` as far as :func:`common.sharpness.estimate_sharpness` needs:
+    """The toy as a :class:`samat.common.task.Task` as far as :func:`samat.common.sharpness.estimate_sharpness` needs:
     ``batch = {"x": (n, d + 1), "y": (n,) in {-1, +1}}``, logistic loss."""
 
     def forward(self, model: nn.Module, batch: dict) -> Tensor:
@@ -238,8 +239,9 @@ def grid(models: Sequence[str], rhos: Sequence[float], epss: Sequence[float]) ->
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation (over seeds; ``ddof=1``, 0 for one seed) of every number, per
-    ``(model, method, rho, eps)``, in first-seen order. Collapsed runs are counted, and included."""
+    """Mean and standard deviation over seeds of every number, per ``(model, method, rho, eps)``, in
+    first-seen order (:func:`samat.common.stats.stat`: ``ddof=1``, ``None`` for one seed). Collapsed runs
+    are counted, and included."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["method"], row["rho"], row["eps"]), []).append(row)
@@ -247,16 +249,14 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (model, method, rho, eps), members in groups.items():
         entry: dict[str, Any] = {"model": model, "method": method, "rho": rho, "eps": eps,
                                  "seeds": len(members), "collapsed": sum(r["collapsed"] for r in members)}
-        columns = {"clean_accuracy": [r["clean_accuracy"] for r in members],
-                   "robust_share": [r["robust_share"] for r in members],
-                   "weight_share": [r["weight_share"] for r in members],
-                   "sharpness": [r["sharpness"] for r in members]}
+        columns = {name: [r[name] for r in members]
+                   for name in ("clean_accuracy", "robust_share", "weight_share", "sharpness")}
         for key in members[0]["robust_accuracy"]:
             columns[f"robust_accuracy@{key}"] = [r["robust_accuracy"][key] for r in members]
         for name, values in columns.items():
-            t = torch.tensor(values, dtype=torch.float64)
-            entry[name] = float(t.mean())
-            entry[f"{name}_std"] = float(t.std()) if len(values) > 1 else 0.0
+            st = stat(values)
+            entry[name] = st.mean
+            entry[f"{name}_std"] = st.std
         out.append(entry)
     return out
 

@@ -1,0 +1,271 @@
+"""A sweep: a grid of methods × SAM rho × AT eps × seeds planned as ``scripts/run.py`` calls, each into its
+own folder, and run one after another as subprocesses (or printed for a scheduler).
+
+A method gets the SAM radii if it has a rho, the AT radii if it trains on adversarial inputs (every pair for
+both), and runs once per seed otherwise. A folder with results.json is skipped and one with a checkpoint gets
+``--resume`` (:func:`samat.analysis.runs.run_status`), so running the same sweep again finishes it.
+``scripts/sweep.py`` (``samat sweep``) is the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import samat.scripts as _scripts
+from samat.common.errors import UsageError
+
+from .runs import run_status
+
+RUN_PY = Path(_scripts.__file__).resolve().with_name("run.py")
+
+# The paper's grid (Zhang et al. 2024): SAM rho 0.05-0.5 and AT L-inf radii 1-8/255 for images. Text radii
+# are relative to the mean token-embedding norm (text/task.py); the L-inf ladder keeps the images' 1:2:4:8
+# ratios around the text task's default L-inf AT radius (0.001), the L2 ladder around its L2 default (0.02).
+# alpha_ratio: multi-step AT's PGD step as a share of eps, as each task's own defaults have it at its default
+# eps (images 2/255 at 8/255; text eps/2).
+TASK_GRIDS: dict[str, dict] = {
+    "vision": {"pixel_space": True, "rho": ("0.05", "0.1", "0.2", "0.5"), "alpha_ratio": 0.25,
+               "train_eps": {"linf": ("1/255", "2/255", "4/255", "8/255"), "l2": ("0.125", "0.25", "0.5", "1.0")}},
+    "segmentation": {"pixel_space": True, "rho": ("0.05", "0.1", "0.2", "0.5"), "alpha_ratio": 0.25,
+                     "train_eps": {"linf": ("1/255", "2/255", "4/255", "8/255"),
+                                   "l2": ("0.125", "0.25", "0.5", "1.0")}},
+    "text": {"pixel_space": False, "rho": ("0.05", "0.1", "0.2", "0.5"), "alpha_ratio": 0.5,
+             "train_eps": {"linf": ("0.00025", "0.0005", "0.001", "0.002"), "l2": ("0.005", "0.01", "0.02", "0.04")}},
+}
+DEFAULT_METHODS = ("erm", "sam", "pgd-at")
+MAX_RHO = 10.0  # scripts/run.py's own bound (common/config.py)
+
+
+def method_flags() -> dict[str, set[str]]:
+    """``{method: MethodArgs fields it reads}``, from the engine's registry."""
+    from samat.common.methods import METHODS
+
+    return {name: set(m.flags) for name, m in METHODS.items()}
+
+
+def _method_arg_names() -> set[str]:
+    from dataclasses import fields
+
+    from samat.common.config import MethodArgs
+
+    return {f.name for f in fields(MethodArgs)}
+
+
+@dataclass
+class Job:
+    """One scripts/run.py call. ``status``: ``done`` (results.json; skipped), ``resume`` (checkpoints) or
+    ``new``."""
+
+    name: str
+    output_dir: Path
+    args: list[str]
+    status: str = "new"
+    command: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def _unique(values: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+def parse_rho(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"--rho: {text!r} is not a number") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_RHO):
+        raise UsageError(f"--rho: {text!r} must be in (0, {MAX_RHO:g}] (the paper uses 0.05-0.5)")
+    return value
+
+
+def parse_train_eps(text: str, pixel_space: bool) -> float:
+    from samat.common.config import parse_eps
+
+    value = parse_eps(text, pixel_space=pixel_space, flag="--train_eps")
+    if value == 0:
+        raise UsageError(f"--train_eps: {text!r} must be > 0 (AT at eps 0 is ERM; add erm to --methods)")
+    return value
+
+
+def alpha_for(eps_text: str, ratio: float) -> str:
+    """The PGD step size ``ratio * eps`` written exactly: ``alpha_for("8/255", 0.25) == "2/255"``."""
+    value = Fraction(eps_text.strip()) * Fraction(ratio).limit_denominator(1000)
+    return str(value) if value.denominator != 1 else str(value.numerator)
+
+
+def split_passthrough(tokens: Sequence[str]) -> list[list[str]]:
+    """``["--a", "1", "--b", "--c", "x", "y"]`` → ``[["--a", "1"], ["--b"], ["--c", "x", "y"]]``."""
+    groups: list[list[str]] = []
+    for tok in tokens:
+        if tok.startswith("--") or not groups:
+            if not tok.startswith("--"):
+                raise UsageError(f"after --: expected a flag such as --max_steps, got {tok!r}")
+            groups.append([tok])
+        else:
+            groups[-1].append(tok)
+    return groups
+
+
+def _safe(text: str) -> str:
+    """A radius as part of a folder name: ``8/255`` → ``8-255``."""
+    return text.replace("/", "-")
+
+
+SWEEP_FLAGS = ("task", "method", "seed", "output_dir", "resume", "overwrite", "rho", "train_eps")
+
+
+def _flag_name(group: Sequence[str]) -> str:
+    """``["--train_steps=3"]`` or ``["--train_steps", "3"]`` → ``"train_steps"``."""
+    return group[0][2:].split("=")[0]
+
+
+@dataclass
+class Grid:
+    """A checked sweep request: the values :func:`plan` crosses, and the flags passed to every run."""
+
+    task: str
+    methods: list[str]
+    rhos: list[str]
+    epss: list[str]
+    seeds: list[str]
+    train_norm: str
+    alpha_ratio: float
+    root: Path
+    passthrough: list[list[str]]
+    fixed: list[str]  # --model / --dataset for every run
+
+
+def check_grid(args: argparse.Namespace, passthrough: Sequence[str]) -> Grid:
+    """The sweep's flags checked and filled from the task's grid; ``UsageError`` for the first bad one."""
+    if args.task not in TASK_GRIDS:
+        raise UsageError(f"--task: unknown task {args.task!r}; choose one of: {', '.join(TASK_GRIDS)}")
+    grid = TASK_GRIDS[args.task]
+    flags = method_flags()
+    methods = _unique(args.methods)
+    for m in methods:
+        if m not in flags:
+            raise UsageError(f"--methods: unknown method {m!r}; choose one of: {', '.join(flags)}")
+    if args.train_norm not in grid["train_eps"]:
+        raise UsageError(f"--train_norm: {args.train_norm!r}; choose one of: {', '.join(grid['train_eps'])}")
+    rhos = _unique(args.rho or grid["rho"])
+    for r in rhos:
+        parse_rho(r)
+    epss = _unique(args.train_eps or grid["train_eps"][args.train_norm])
+    for e in epss:
+        parse_train_eps(e, grid["pixel_space"])
+    seeds = _unique(args.seeds)
+    for s in seeds:
+        if not s.isdigit():
+            raise UsageError(f"--seeds: {s!r} is not a non-negative integer")
+    ratio = grid["alpha_ratio"] if args.alpha_ratio is None else args.alpha_ratio
+    if not (math.isfinite(ratio) and 0 <= ratio <= 1):
+        raise UsageError(f"--alpha_ratio: {ratio!r} must be in [0, 1]")
+    groups = split_passthrough(passthrough)
+    for g in groups:
+        if _flag_name(g) in SWEEP_FLAGS:
+            raise UsageError(f"after --: {g[0]} is set by the sweep itself (use the sweep's own flags)")
+    fixed = (["--model", args.model] if args.model else []) + (["--dataset", args.dataset] if args.dataset else [])
+    return Grid(args.task, methods, rhos, epss, seeds, args.train_norm, ratio,
+                Path(args.root or f"runs/sweep-{args.task}"), groups, fixed)
+
+
+def _run_args(grid: Grid, method: str, rho: Optional[str], eps: Optional[str], seed: str, out: Path) -> list[str]:
+    """The scripts/run.py flags of one run. Method flags after ``--`` go only to the methods that read
+    them (run.py refuses the others)."""
+    reads = method_flags()[method]
+    passed = {_flag_name(g) for g in grid.passthrough}
+    args = ["--task", grid.task, "--method", method, *grid.fixed]
+    args += ["--rho", rho] if rho else []
+    args += ["--train_eps", eps, "--train_norm", grid.train_norm] if eps else []
+    if eps and grid.alpha_ratio > 0 and {"train_alpha", "train_steps"} <= reads and "train_alpha" not in passed:
+        args += ["--train_alpha", alpha_for(eps, grid.alpha_ratio)]
+    args += ["--seed", seed, "--output_dir", str(out)]
+    method_args = _method_arg_names()
+    for g in grid.passthrough:
+        if not (_flag_name(g) in method_args and _flag_name(g) not in reads):
+            args += g
+    return args
+
+
+def plan(args: argparse.Namespace, passthrough: Sequence[str]) -> list[Job]:
+    """Check the grid and list its runs in order (methods, then rho/eps, then seeds), each marked
+    ``done``/``resume``/``new``. Raises ``UsageError`` before anything is run or written."""
+    grid = check_grid(args, passthrough)
+    jobs = []
+    for m in grid.methods:
+        flags = method_flags()[m]
+        for rho in grid.rhos if "rho" in flags else [None]:
+            for eps in grid.epss if "train_eps" in flags else [None]:
+                for seed in grid.seeds:
+                    name = m + (f"_rho{rho}" if rho else "") + (f"_eps{_safe(eps)}" if eps else "") + f"_s{seed}"
+                    out = grid.root / name
+                    jobs.append(Job(name, out, _run_args(grid, m, rho, eps, seed, out), run_status(out)))
+    for job in jobs:
+        if job.status == "resume":
+            job.args.append("--resume")
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------- execution
+
+
+def launcher_prefix(launcher: str, accelerate_args: str, portable: bool) -> list[str]:
+    """The command up to and including run.py. ``portable`` (for --print): ``python``/``accelerate`` and a
+    path relative to the current folder, as a cluster job would write them."""
+    run_py = os.path.relpath(RUN_PY) if portable else str(RUN_PY)
+    if launcher == "python":
+        return ["python" if portable else sys.executable, run_py]
+    venv_accelerate = Path(sys.executable).with_name("accelerate")
+    exe = "accelerate" if portable or not venv_accelerate.exists() else str(venv_accelerate)
+    return [exe, "launch", *shlex.split(accelerate_args), run_py]
+
+
+def run_subprocess(command: list[str]) -> int:
+    """Run one job in the foreground. A SIGTERM to the sweep (a scheduler's preemption) is passed on, so the
+    run can checkpoint and exit; the next sweep resumes it."""
+    proc = subprocess.Popen(command)
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def execute(jobs: list[Job], runner: Callable[[list[str]], int], keep_going: bool) -> int:
+    """Run the pending jobs in order; returns the process exit status (0 all finished, 1 a run failed)."""
+    pending = [j for j in jobs if j.status != "done"]
+    done_before = len(jobs) - len(pending)
+    print(f"sweep: {len(jobs)} runs, {done_before} already finished (skipped), {len(pending)} to run",
+          flush=True)
+    finished, failed = 0, []
+    for i, job in enumerate(pending, 1):
+        verb = "resuming" if job.status == "resume" else "running"
+        print(f"sweep: [{i}/{len(pending)}] {verb} {job.name}: {shlex.join(job.command)}", flush=True)
+        code = runner(job.command)
+        if code == 0:
+            finished += 1
+            continue
+        failed.append(job.name)
+        print(f"sweep: {job.name} failed (exit {code})", file=sys.stderr, flush=True)
+        if not keep_going:
+            break
+    print(f"sweep: {finished} finished now, {done_before} skipped, {len(failed)} failed"
+          + (f" ({', '.join(failed)}); rerun the same command to retry" if failed else ""), flush=True)
+    return 1 if failed else 0
