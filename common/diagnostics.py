@@ -130,25 +130,27 @@ def _probe_batch(model, task, batch, specs: list[AttackSpec], suite: Suite, step
     return logits.shape[1]
 
 
-def _judge(frac: dict[str, float], counts: dict[str, Tensor], classes: int, norms: list[str],
+def _judge(frac: dict[str, float], counts: dict[str, Tensor], classes: int, norms: list[str], examples: int,
            full_gaps: list[Diagnostic]) -> list[Diagnostic]:
-    out = list(full_gaps)
+    """The subset checks; on the subset, one example's worth of difference is never evidence."""
+    out, one = list(full_gaps), 1.0 / max(examples, 1)
+    gap_tol, point = max(GAP_TOLERANCE, one), max(POINT, one)
     for norm in norms:
         pgd = frac[f"{norm}/pgd-{norm}"]
         others = {k.split("/", 1)[1]: v for k, v in frac.items()
                   if k.startswith(f"{norm}/apgd-")}
         name, best = min(others.items(), key=lambda kv: kv[1])
-        out.append(Diagnostic("pgd_vs_white_box", pgd - best <= GAP_TOLERANCE,
+        out.append(Diagnostic("pgd_vs_white_box", pgd - best <= gap_tol,
                               f"{norm}, subset: PGD {pgd:.3f} vs {name} {best:.3f} (gap {pgd - best:+.3f}, "
-                              f"tolerance {GAP_TOLERANCE})", {"norm": norm, "pgd": pgd, name: best}))
+                              f"tolerance {gap_tol:.3f})", {"norm": norm, "pgd": pgd, name: best}))
         doubled = frac[f"{norm}/pgd-doubled"]
-        out.append(Diagnostic("more_steps", pgd - doubled <= POINT,
+        out.append(Diagnostic("more_steps", pgd - doubled <= point,
                               f"{norm}: PGD {pgd:.3f}, with twice the steps and restarts {doubled:.3f} "
-                              f"(drop {pgd - doubled:+.3f}, tolerance {POINT})",
+                              f"(drop {pgd - doubled:+.3f}, tolerance {point:.3f})",
                               {"norm": norm, "pgd": pgd, "pgd_doubled": doubled}))
         if f"{norm}/square-only" in counts:
             only, n = counts[f"{norm}/square-only"].tolist()
-            out.append(Diagnostic("black_box_vs_white_box", only / max(n, 1) <= POINT,
+            out.append(Diagnostic("black_box_vs_white_box", only / max(n, 1) <= point,
                                   f"{norm}: Square fools {int(only)}/{int(n)} examples that every white-box "
                                   f"attack missed (white-box accuracy {frac[f'{norm}/white-box']:.3f})",
                                   {"norm": norm, "white_box": frac[f"{norm}/white-box"],
@@ -197,7 +199,7 @@ def masking_diagnostics(model: nn.Module, task: Task, dataloader: Any, accelerat
     summed = {k: accelerator.reduce(v.to(accelerator.device), "sum").cpu() for k, v in counts.sums.items()}
     frac = {k: (v[0] / v[1].clamp_min(1)).item() for k, v in summed.items() if not k.endswith("square-only")}
     norms = list(dict.fromkeys(s.norm for s in specs))
-    checks = _judge(frac, summed, classes, norms, full_gaps or [])
+    checks = _judge(frac, summed, classes, norms, int(summed["examples"][0].item()), full_gaps or [])
     for check in checks:
         if not check.passed:
             logger.warning("robust accuracy may be overestimated: %s: %s", check.name, check.detail)
