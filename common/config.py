@@ -112,6 +112,20 @@ class RunArgs:
                   "use (accelerate launch sets OMP_NUM_THREADS=1, which would leave the other cores idle); "
                   "otherwise the launcher's setting."},
     )
+    divergence_guard: bool = field(
+        default=True,
+        metadata={"help": "Stop with one line (exit 2, no results.json) when the training loss is non-finite, or "
+                  "still at chance (ln K) after the warm-up and 512 examples, naming the likely fix "
+                  "(--lr, --warmup_ratio); false trains on regardless."},
+    )
+    push_to_hub: bool = field(
+        default=False,
+        metadata={"help": "Upload <output_dir>/model (weights, config, model card) to the Hugging Face hub after "
+                  "evaluation; refused before training when the hub cannot be reached."},
+    )
+    hub_model_id: Optional[str] = field(
+        default=None, metadata={"help": "Hub repository for --push_to_hub. Default: the output folder's name."}
+    )
     config: Optional[str] = field(
         default=None, metadata={"help": "YAML/JSON file of flag values; flags on the command line win."}
     )

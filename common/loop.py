@@ -1,11 +1,7 @@
-"""The only training loop: Accelerate ``prepare``, any method, checkpoints, exact resume, evaluation.
+"""One run from flags to results.json: :func:`run_experiment` and its named steps (validate, claim the output
+folder, build, train, save, evaluate, write). The optimizer-step loop itself is ``samat.common.train``.
 
-Precision and process count come from ``accelerate launch`` / ``accelerate config``. One optimizer step
-consumes ``gradient_accumulation_steps`` micro-batches and is done by ``common.methods.train_step``
-(SAM needs the whole step's micro-batches at once, so the loop groups them instead of using
-``accelerator.accumulate``).
-
-Resuming is exact on CPU with a fixed seed: model, optimizer (momentum / Adam moments), scheduler, RNG states
+Precision and process count come from ``accelerate launch`` / ``accelerate config``. Resuming is exact on CPU with a fixed seed: model, optimizer (momentum / Adam moments), scheduler, RNG states
 and the data sampler are restored by ``accelerator.load_state``; the loop skips the batches already consumed
 in the current epoch with ``skip_first_batches`` (the seeded sampler reproduces the epoch's order), and the
 DataLoader has its own generator so creating an iterator never draws from the global RNG.
@@ -15,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,20 +19,23 @@ from typing import Any, Optional
 
 import torch
 from accelerate.logging import get_logger
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from .checkpoint import (RESULTS_FILE, TrainState, check_output_dir, prepare_output_dir,
                          save_checkpoint)
 from .config import EvalArgs, RunArgs, parse_eps_list, resolve_defaults
 from .cost import PassCounter
 from .evaluate import evaluate_all
-from .methods import ResolvedMethod, StepContext, train_step
+from .guard import DivergenceGuard
+from .guard import check_step as guard_check_step
+from .methods import ResolvedMethod, StepContext
+from .model_io import check_push_to_hub, publish
 from .results import Cost, RunResults, versions
 from .sharpness import measure_sharpness
 from .suites import resolve_suite
 from .task import AttackSpec, Task, TaskData
+from .train import make_optimizer, make_scheduler, train
 
 logger = get_logger("samat")
 
@@ -78,43 +76,6 @@ def _subset(dataset: Any, n: int, seed: int) -> Any:
     if hasattr(dataset, "select"):
         return dataset.select(sorted(order))
     return Subset(dataset, sorted(order))
-
-
-def make_optimizer(model: nn.Module, run: RunArgs) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov off as in the SAM paper) or AdamW; no weight decay on biases and norms."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
-    groups = [{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if run.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=run.lr, momentum=run.momentum)
-    return torch.optim.AdamW(groups, lr=run.lr)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, run: RunArgs, total_steps: int):
-    from transformers import get_scheduler
-
-    warmup = int(round(run.warmup_ratio * total_steps))
-    return get_scheduler(run.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-class StopRequest:
-    """SIGTERM/SIGUSR1 (a scheduler's preemption notice) ask the loop to checkpoint after the current step
-    and exit; ``--resume`` then continues exactly where it stopped."""
-
-    def __init__(self) -> None:
-        self.signal: Optional[int] = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signum
-
-
-class Preempted(SystemExit):
-    pass
-
-
-# ------------------------------------------------------------------------------------------------ run
 
 
 @dataclass
@@ -166,10 +127,17 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
 
     ctx = StepContext(accelerator=accelerator, model=built.model, optimizer=built.optimizer, task=task,
                       method=method, max_grad_norm=run.max_grad_norm)
+    guard = None
+    if run.divergence_guard:
+        per_step = run.batch_size * run.gradient_accumulation_steps * accelerator.num_processes
+        guard = DivergenceGuard(accelerator.unwrap_model(built.model), lr=run.lr, warmup_ratio=run.warmup_ratio,
+                                check_step=guard_check_step(built.total_steps, run.warmup_ratio, per_step))
     state = train(ctx, built.train_loader, built.train_set, built.scheduler, run, built.total_steps, state,
-                  counter)
+                  counter, guard)
     save_checkpoint(accelerator, output_dir, state)
     counter.close()
+    if guard:
+        guard.close()
     save_model(accelerator, task, built.model, output_dir)
 
     eval_started = time.perf_counter()
@@ -208,6 +176,7 @@ def resolve_run(run: RunArgs, evals: EvalArgs, task: Task, accelerator: Any) -> 
     specs = attack_specs(task, evals)
     resolve_suite(task, evals)  # --eval_attacks and its budget flags, checked before any work
     check_output_dir(Path(run.output_dir), task.name)
+    check_push_to_hub(run)  # offline: refused now, not after training
     for note in resolve_defaults(run, evals, task.defaults, on_gpu=accelerator.device.type != "cpu"):
         logger.info(note)
     return specs
@@ -287,96 +256,10 @@ def finish(accelerator: Any, run: RunArgs, results: RunResults, output_dir: Path
         accelerator.end_training()
     if accelerator.is_main_process:
         results.write(output_dir / RESULTS_FILE)
+        publish(run, results)  # the model card from these results; --push_to_hub
         print(results.table())
         print(f"results: {output_dir / RESULTS_FILE}")
     accelerator.wait_for_everyone()
-
-
-def train(ctx: StepContext, train_loader: Any, train_set: Any, scheduler: Any, run: RunArgs, total_steps: int,
-          state: TrainState, counter: PassCounter) -> TrainState:
-    """Optimizer steps from ``state.step`` to ``total_steps``, each over ``gradient_accumulation_steps``
-    micro-batches (the epoch's last group may be shorter), with logging, periodic checkpoints and a
-    checkpoint-and-exit on SIGTERM. Returns the final state."""
-    accelerator, output_dir, k = ctx.accelerator, Path(run.output_dir), run.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(train_loader) / k)
-    stop = StopRequest()
-    started, wall0 = time.perf_counter(), state.train_wall_s
-    progress = tqdm(total=total_steps, initial=state.step, desc=f"train {ctx.method.method.name}",
-                    disable=not accelerator.is_local_main_process)
-    losses: list[float] = []
-
-    def snapshot() -> TrainState:
-        state.train_wall_s = wall0 + time.perf_counter() - started
-        PassCounter.copy_counts(counter, state)
-        return state
-
-    def optimizer_step(group: list[dict]) -> None:
-        result = train_step(ctx, group)
-        if not result.skipped:
-            scheduler.step()
-        if not math.isfinite(result.loss):
-            logger.warning("non-finite training loss at step %d", state.step + 1)
-        state.step += 1
-        state.train_examples += sum(_batch_size(b) for b in group) * accelerator.num_processes
-        losses.append(result.loss)
-        progress.update(1)
-        if state.step % run.logging_steps == 0:
-            _log(accelerator, progress, sum(losses) / len(losses), scheduler, state.step)
-            losses.clear()
-        if state.step < total_steps and run.checkpoint_every and state.step % run.checkpoint_every == 0:
-            save_checkpoint(accelerator, output_dir, snapshot())
-        if state.step < total_steps and _stop_requested(accelerator, stop):
-            save_checkpoint(accelerator, output_dir, snapshot())
-            progress.close()
-            logger.warning("stopped by signal %s at step %d; rerun with --resume to continue", stop.signal,
-                           state.step)
-            raise Preempted(143)
-
-    ctx.model.train()
-    while state.step < total_steps:
-        epoch = state.step // steps_per_epoch
-        train_loader.set_epoch(epoch)
-        _set_dataset_epoch(train_set, epoch)
-        skip = (state.step % steps_per_epoch) * k
-        group: list[dict] = []
-        for batch in accelerator.skip_first_batches(train_loader, skip) if skip else train_loader:
-            group.append(batch)
-            if len(group) == k:
-                optimizer_step(group)
-                group = []
-                if state.step >= total_steps:
-                    break
-        if group and state.step < total_steps:  # the epoch's last, shorter accumulation group
-            optimizer_step(group)
-    progress.close()
-    return snapshot()
-
-
-def _set_dataset_epoch(dataset: Any, epoch: int) -> None:
-    """Tell a dataset (through Subset wrappers) which epoch it serves, for epoch-seeded augmentation."""
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
-
-
-def _stop_requested(accelerator: Any, stop: StopRequest) -> bool:
-    """True on every process as soon as any process got a stop signal (so all save the same step)."""
-    if accelerator.num_processes == 1:
-        return stop.signal is not None
-    flag = torch.tensor([1.0 if stop.signal is not None else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-
-
-def _batch_size(batch: dict) -> int:
-    first = next(v for v in batch.values() if isinstance(v, Tensor))
-    return int(first.shape[0])
-
-
-def _log(accelerator: Any, progress: tqdm, loss: float, scheduler: Any, step: int) -> None:
-    lr = scheduler.get_last_lr()[0]
-    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-    accelerator.log({"train/loss": loss, "train/lr": lr}, step=step)
 
 
 def _flat_metrics(results: RunResults) -> dict[str, float]:
