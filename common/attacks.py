@@ -117,8 +117,8 @@ class WorstIterate:
     :func:`common.attack_losses.example_score`: any misclassifying point beats every correct one).
     """
 
-    def __init__(self, score: Callable[[Tensor], Tensor]):
-        self.score_fn = score
+    def __init__(self, score: Callable[[Tensor], Tensor], done_below: Optional[float] = None):
+        self.score_fn, self.done_below = score, done_below
         self.delta: Optional[Tensor] = None
         self.logits: Optional[Tensor] = None
         self.score: Optional[Tensor] = None
@@ -133,6 +133,12 @@ class WorstIterate:
         self.delta = torch.where(_rows(better, delta), delta, self.delta)
         self.logits = torch.where(_rows(better, logits), logits, self.logits)
         self.score = torch.where(better, score, self.score)
+
+    def done(self) -> bool:
+        """Has every example a point scoring below ``done_below`` (e.g. misclassified)? Then no further
+        iterate can change what is counted, and the attack may stop."""
+        return (self.done_below is not None and self.score is not None
+                and bool((self.score < self.done_below).all()))
 
 
 def _value_and_grad(surface: AttackSurface, objective: Callable[[Tensor, int], Tensor], delta: Tensor,
@@ -155,6 +161,8 @@ def _pgd_steps(surface: AttackSurface, objective, delta: Tensor, eps: float, alp
         _, logits, grad = _value_and_grad(surface, objective, delta, step)
         if worst is not None:
             worst.offer(delta, logits)
+            if worst.done():
+                break
         with torch.no_grad():
             delta = project(delta + alpha * ascent_direction(grad, surface, norm), surface, eps, norm)
     return delta
@@ -208,6 +216,8 @@ def _apgd_steps(surface: AttackSurface, objective, delta: Tensor, eps: float, st
         new_loss, logits, grad = _value_and_grad(surface, objective, delta, i)
         if worst is not None:
             worst.offer(delta, logits)
+            if worst.done():
+                return delta
         increases += (new_loss > loss).float()
         loss = new_loss
         improved = loss > best_loss
@@ -246,6 +256,7 @@ def run_pgd(
     restarts: int = 1,
     score: Optional[Callable[[Tensor], Tensor]] = None,
     schedule: str = "pgd",
+    done_below: Optional[float] = None,
 ) -> AttackResult:
     """Maximise ``objective(surface.forward(delta), step)`` over ``delta`` in the eps-ball.
 
@@ -266,6 +277,8 @@ def run_pgd(
             last iterate (PGD) or the best-loss point (APGD): what adversarial training uses.
         schedule: ``"pgd"`` (fixed step ``alpha``) or ``"apgd"`` (Croce & Hein's step-size schedule with
             momentum).
+        done_below: with a ``score``, stop as soon as every example has a point scoring below this (with
+            :func:`common.attack_losses.example_score`, 1.0: every example misclassified).
 
     The caller chooses the model's mode (``with eval_mode(model)``) — the engine always attacks in eval
     mode. Only ``delta``'s gradient is taken (``torch.autograd.grad``), so parameters' ``.grad`` are untouched.
@@ -279,19 +292,21 @@ def run_pgd(
     if schedule == "pgd" and alpha is None:
         raise ValueError("schedule 'pgd' needs a step size alpha")
     eps = eps * surface.eps_scale
-    worst = WorstIterate(score) if score is not None else None
+    worst = WorstIterate(score, done_below) if score is not None else None
     if eps == 0 or steps == 0:
         delta = torch.zeros_like(surface.x)
         if worst is not None:
             with torch.no_grad():
                 worst.offer(delta, surface.forward(delta))
     for restart in range(restarts if eps and steps else 0):
+        if worst is not None and worst.done():
+            break
         delta = _start(surface, eps, norm, init if restart == 0 else None, random_init or restart > 0)
         if schedule == "apgd":
             delta = _apgd_steps(surface, objective, delta, eps, steps, norm, worst)
             continue
         delta = _pgd_steps(surface, objective, delta, eps, alpha * surface.eps_scale, steps, norm, worst)
-        if worst is not None:
+        if worst is not None and not worst.done():
             with torch.no_grad():
                 worst.offer(delta, surface.forward(delta))
     if worst is None:

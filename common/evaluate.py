@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .attacks import eval_mode
 from .diagnostics import full_set_gaps, masking_diagnostics
-from .suites import Planned, Suite, plan, score_fn, worse
+from .suites import DONE_BELOW, Planned, Suite, plan, score_fn, worse
 from .task import AttackSpec, Task
 
 logger = get_logger("samat")
@@ -47,9 +47,32 @@ def _radii(planned: list[Planned], norm: str) -> list[tuple[str, float]]:
     return sorted(radii.items(), key=lambda le: le[1])
 
 
+def select(batch: dict, rows: Tensor) -> dict:
+    """The examples ``rows`` of a batch dict (every tensor with the batch's leading size is indexed)."""
+    size = len(batch["labels"])
+    return {k: v[rows] if isinstance(v, Tensor) and v.dim() and v.shape[0] == size else v
+            for k, v in batch.items()}
+
+
+def _attack_alive(p: Planned, model: nn.Module, task: Task, batch: dict, eps: float,
+                  base: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """``p`` at ``eps``, combined per example with ``base`` (the clean point, or this attack's worst at the
+    previous, smaller radius: it lies in this ball too). Only examples with something left to fool are
+    attacked; for the others ``base`` already is a witness, so the count is the same and the work is not."""
+    alive = (base[1] >= DONE_BELOW).nonzero().flatten()
+    if len(alive) == 0:
+        return base
+    result = p.run(model, task, select(batch, alive), eps)
+    sub = worse((base[0][alive], base[1][alive]), (result.logits, result.score))
+    logits, score = base[0].clone(), base[1].clone()
+    logits[alive], score[alive] = sub
+    return logits, score
+
+
 def _evaluate_batch(model: nn.Module, task: Task, batch: dict, planned: list[Planned], suite_norms: set[str],
                     sums: _Sums) -> None:
-    """Clean, eps-0 and every planned attack at every radius on one batch; the suite's worst per norm."""
+    """Clean, eps-0 and every planned attack at every radius (increasing) on one batch; the suite's worst
+    per norm and radius."""
     with torch.no_grad():
         clean_logits = task.forward(model, batch).detach()
     sums.add("clean", task.example_stats(clean_logits, batch))
@@ -61,16 +84,16 @@ def _evaluate_batch(model: nn.Module, task: Task, batch: dict, planned: list[Pla
     with torch.no_grad():  # the eps-0 "attack": the surface must reproduce the clean logits
         sums.add("eps0", task.example_stats(surface.forward(torch.zeros_like(surface.x)), batch))
     clean = (clean_logits, score_fn(task, batch)(clean_logits))
+    last: dict[str, tuple[Tensor, Tensor]] = {}  # attack key -> its worst at the last radius
     for norm in dict.fromkeys(p.norm for p in planned):
         for label, eps in _radii(planned, norm):
             suite_worst = clean
             for p in planned:
                 if p.norm != norm or label not in dict(p.eps):
                     continue
-                result = p.run(model, task, batch, eps)
-                logits, score = worse(clean, (result.logits, result.score))
-                sums.add((p.key, label), task.example_stats(logits, batch))
-                suite_worst = worse(suite_worst, (logits, score))
+                last[p.key] = _attack_alive(p, model, task, batch, eps, last.get(p.key, clean))
+                sums.add((p.key, label), task.example_stats(last[p.key][0], batch))
+                suite_worst = worse(suite_worst, last[p.key])
             if norm in suite_norms:
                 sums.add(("suite", norm, label), task.example_stats(suite_worst[0], batch))
 

@@ -118,9 +118,14 @@ def resolve_suite(task: Task, evals: Any) -> Suite:
 # ------------------------------------------------------------------------------------------ running
 
 
+# Scores count correct positions in their integer part: below 1, nothing is left to fool.
+DONE_BELOW = 1.0
+
+
 def score_fn(task: Task, batch: dict) -> Callable[[Tensor], Tensor]:
     """``logits -> (B,)`` score, lower = worse for the model. A task may define ``example_score(logits,
-    batch)``; otherwise correct positions (not ``loss_mask``-ed) plus a margin tie-break."""
+    batch)`` (integer part: correct positions); otherwise correct positions (not ``loss_mask``-ed) plus a
+    margin tie-break in ``[0, 0.5]``."""
     own = getattr(task, "example_score", None)
     if own is not None:
         return lambda logits: own(logits, batch)
@@ -154,7 +159,7 @@ def _spec_runner(spec: AttackSpec, steps: int, restarts: int):
         # Madry et al.'s step 2.5 eps / steps, the objective the task chose (its loss, SegPGD's).
         return run_pgd(surface, lambda logits, step: spec.objective(logits, batch, step, steps), eps=eps,
                        alpha=2.5 * eps / steps, steps=steps, norm=spec.norm, restarts=restarts,
-                       score=score_fn(task, batch))
+                       score=score_fn(task, batch), done_below=DONE_BELOW)
     return run
 
 
@@ -164,7 +169,8 @@ def _own_runner(attack: AttackDef, norm: str, steps: int, restarts: int):
     def run(model: nn.Module, task: Task, batch: dict, eps: float) -> AttackResult:
         surface, mask = task.surface(model, batch), task.loss_mask(batch)
         return run_pgd(surface, lambda logits, step: loss(logits, batch["labels"], mask), eps=eps, steps=steps,
-                       norm=norm, restarts=restarts, score=score_fn(task, batch), schedule=attack.schedule)
+                       norm=norm, restarts=restarts, score=score_fn(task, batch), schedule=attack.schedule,
+                       done_below=DONE_BELOW)
     return run
 
 

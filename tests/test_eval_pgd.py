@@ -115,3 +115,15 @@ def test_segmentation_score_counts_correct_pixels_and_skips_ignored():
     assert correct.item() == 2 and counted.item() == 3
     assert 2.0 <= example_score(logits, labels, mask).item() < 2.5
     assert torch.isfinite(ce_loss(logits, labels, mask)).all()
+
+
+def test_an_attack_stops_once_every_example_is_fooled():
+    model, surface, labels = _setup(8)
+    calls = []
+    counting = AttackSurface(x=surface.x, forward=lambda d: calls.append(1) or surface.forward(d))
+    kw = dict(eps=1.0, steps=20, restarts=3, score=lambda lg: example_score(lg, labels))
+    for schedule, extra in (("pgd", {"alpha": 0.5}), ("apgd", {})):
+        calls.clear()
+        objective = lambda logits, step: ce_loss(logits, labels)  # noqa: E731
+        result = run_pgd(counting, objective, schedule=schedule, done_below=1.0, **kw, **extra)
+        assert (result.score < 1).all() and len(calls) < 20  # a radius of 1 fools everything at once
