@@ -160,5 +160,13 @@ class Task(abc.ABC):
         return {}
 
     def save_model(self, model: nn.Module, path: str) -> None:
-        """Save an unwrapped trained model in a form the task (and users) can reload."""
+        """Save an unwrapped trained model into the folder ``path`` in a form :meth:`load_model` (and users,
+        without samat) reload from the folder alone: config + safetensors, ``save_pretrained``, ..."""
         torch.save(model.state_dict(), f"{path}/model.pt")
+
+    def load_model(self, path: str) -> nn.Module:
+        """The model :meth:`save_model` wrote into the folder ``path``, on CPU, in eval mode; needs no training
+        flags. ``UsageError`` when the folder holds no model of this task."""
+        from .errors import UsageError
+
+        raise UsageError(f"the {self.name} task cannot reload saved models")

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("sweep", "a grid of methods x rho x eps x seeds, resumable"),
     "report": ("report", "tables, CSVs and figures from finished runs"),
     "toy": ("toy", "the robust/non-robust feature toy model (claim d)"),
+    "evaluate": ("evaluate", "attack saved runs or hub/timm/local models side by side, no retraining"),
     "attack-text": ("attack_text", "TextAttack recipes against saved text models"),
 }
 

@@ -181,6 +181,10 @@ def build_model(name: str, num_classes: int, id2label: dict[int, str], *, encode
                 encoder_depth: int = 5, decoder_channels: Optional[Sequence[int]] = None,
                 extra: Optional[dict] = None) -> NormalizedSegmenter:
     """smp when ``name`` is an smp architecture, else transformers (hub id with a ``/`` or a folder)."""
+    from . import checkpoint
+
+    if checkpoint.is_saved(name):  # a run's model/ folder: its own architecture and weights
+        return checkpoint.load_saved(name, num_classes)
     if name.lower() in architectures() or not (os.path.isdir(name) or "/" in name):
         return build_smp(name, encoder, weights, num_classes, encoder_depth=encoder_depth,
                          decoder_channels=decoder_channels, extra=extra)

@@ -279,3 +279,6 @@ class SegmentationTask(Task):
         """smp/transformers ``save_pretrained`` plus ``samat_segmentation.json`` (see ``models.load_model``)."""
         models.save_model(model, path, {"class_names": self.class_names, "image_size": self.image_size,
                                         "ignore_index": self.args.ignore_index})
+
+    def load_model(self, path: str) -> nn.Module:
+        return models.load_model(path)

@@ -44,7 +44,8 @@ def test_accelerate_launch_writes_results_and_checkpoint(tmp_path):
     assert 0 <= results["metrics"]["robust"]["pgd-linf"]["2/255"]["accuracy"] <= \
         results["metrics"]["clean"]["accuracy"]
     assert (out / "checkpoints" / "step_3" / "trainer_state.json").exists()
-    assert (out / "model" / "model.pt").exists()
+    # the model reloads from its folder alone: config (normalisation, classes) + safetensors, and a model card
+    assert {p.name for p in (out / "model").iterdir()} == {"samat_model.json", "model.safetensors", "README.md"}
     assert any((out / "logs").rglob("events.out.tfevents.*"))
     assert "| clean" in proc.stdout
 
@@ -60,7 +61,9 @@ def test_pgd_at_counts_attack_passes_and_examples(tmp_path):
 
 
 def _weights(path: Path) -> dict:
-    return torch.load(path / "model" / "model.pt", map_location="cpu")
+    from safetensors.torch import load_file
+
+    return load_file(path / "model" / "model.safetensors")
 
 
 def test_resume_after_preemption_ends_identical(tmp_path):
@@ -141,6 +144,7 @@ BAD_INPUT = [
     (["--image_column", "pixels"], "--image_column: no column 'pixels'"),
     (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
     (["--config", "/nonexistent.yaml"], "--config: no such file"),
+    (["--push_to_hub", "true"], "--push_to_hub: the Hugging Face hub cannot be reached"),
 ]
 
 

@@ -277,6 +277,13 @@ class TextTask(Task):
             self.tokenizer.save_pretrained(path)
         write_json_atomic(Path(path) / INFO_FILE, self.info)
 
+    def load_model(self, path: str) -> nn.Module:
+        """The classifier :meth:`save_model` wrote (label names in its config); its tokenizer becomes the
+        task's."""
+        loaded = text_models.load_classifier(path, require_classifier=True)
+        self.tokenizer = loaded.tokenizer
+        return loaded.model
+
 
 TEXTATTACK_COLUMNS = ("accuracy_under_attack", "attack_success_rate", "avg_perturbed_word_pct", "avg_queries")
 

@@ -8,12 +8,20 @@ Names:
     small_cnn         a 4-layer CNN for CPU runs and tests
     timm:<name>       any timm model (``--pretrained`` loads its hub weights)
     <hub id | folder> any transformers ``AutoModelForImageClassification`` (ViT, ResNet, ConvNeXt, ...)
+    <saved folder>    a run's ``model/`` folder (``samat_model.json`` beside the weights), see :func:`save_model`
+
+A saved model reloads with :func:`load_model` and nothing else: ``samat_model.json`` records the kind, the
+name, the classes, input channels, width, input size and the normalisation; the weights of the network inside
+:class:`Normalized` are ``model.safetensors`` (built-ins and timm) or a transformers ``save_pretrained`` folder
+(so ``AutoModelForImageClassification.from_pretrained(run/model)`` works without samat).
 """
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +31,9 @@ from samat.common.errors import UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SAVED_CONFIG = "samat_model.json"
+WEIGHTS_FILE = "model.safetensors"
+SAVED_FORMAT = 1
 
 
 class Normalized(nn.Module):
@@ -121,6 +132,12 @@ def build_model(name: str, num_classes: int, in_channels: int, *, pretrained: bo
     Built-in models normalise with per-channel 0.5 mean / 0.5 std (data-agnostic, so eps stays in pixels);
     timm and transformers models with their own pretraining statistics.
     """
+    if is_saved_model(name):  # its own weights (--pretrained has nothing to add) and width
+        model, spec = load_model(name)
+        if width and width != spec.get("width"):
+            raise UsageError(f"--width {width}: the saved model {name!r} has width {spec.get('width')}")
+        check_saved_matches(name, spec, num_classes, in_channels)
+        return model.train(), spec.get("image_size")
     if name in BUILTIN:
         if pretrained:
             raise UsageError(f"--pretrained: the built-in {name!r} has no pretrained weights; use a hub id or "
@@ -185,9 +202,102 @@ def model_channels(name: str, data_channels: int) -> int:
     unless their config says otherwise (grayscale images are then repeated to RGB)."""
     if name in BUILTIN or name.startswith("timm:"):
         return data_channels
+    if is_saved_model(name):
+        return int(read_spec(name)["channels"])
     from transformers import AutoConfig
 
     try:
         return int(getattr(AutoConfig.from_pretrained(name), "num_channels", 3))
     except Exception as err:
         raise _hub_error(name, err) from None
+
+
+# ---------------------------------------------------------------------------------------- save / reload
+
+
+def model_kind(name: str) -> str:
+    """``builtin``, ``timm`` or ``transformers``: how a ``--model`` name is built (and so saved)."""
+    if name in BUILTIN:
+        return "builtin"
+    return "timm" if name.startswith("timm:") else "transformers"
+
+
+def is_saved_model(name: str) -> bool:
+    """Whether ``name`` is a folder written by :func:`save_model`."""
+    return (Path(name).expanduser() / SAVED_CONFIG).is_file()
+
+
+def save_model(model: Normalized, folder: str | Path, spec: dict[str, Any]) -> None:
+    """Write ``model`` so that :func:`load_model` rebuilds it from the folder alone.
+
+    ``spec`` holds ``name`` (the ``--model`` it was built from), ``num_classes``, ``channels``, ``width``
+    (built-ins; ``None`` for the default), ``image_size`` (the side inputs are resized to, ``None`` for the
+    data's own) and ``class_names``. The normalisation is read from ``model``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    kind = model_kind(spec["name"])
+    names = list(spec.get("class_names") or [])
+    net = model.model
+    if kind == "transformers":
+        if names:  # the label names travel in config.json, as for any hub classifier
+            net.config.id2label = dict(enumerate(names))
+            net.config.label2id = {n: i for i, n in enumerate(names)}
+        net.save_pretrained(str(folder))
+    else:
+        from safetensors.torch import save_model as save_weights
+
+        save_weights(net, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    record = {"format": "samat-vision", "format_version": SAVED_FORMAT, "kind": kind, **spec,
+              "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()}
+    from samat.common.files import write_json_atomic
+
+    write_json_atomic(folder / SAVED_CONFIG, record)
+
+
+def read_spec(folder: str | Path) -> dict[str, Any]:
+    """The ``samat_model.json`` of a saved folder; ``UsageError`` when it is not one this samat reads."""
+    folder = Path(folder).expanduser()
+    try:
+        spec = json.loads((folder / SAVED_CONFIG).read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{folder}: cannot read {SAVED_CONFIG} ({type(err).__name__})") from None
+    if spec.get("format") != "samat-vision" or spec.get("format_version", 0) > SAVED_FORMAT:
+        raise UsageError(f"{folder / SAVED_CONFIG}: not a samat vision model of a format this samat reads "
+                         f"(format {spec.get('format')!r}, version {spec.get('format_version')!r})")
+    return spec
+
+
+def load_model(folder: str | Path) -> tuple[Normalized, dict[str, Any]]:
+    """The model :func:`save_model` wrote into ``folder``, in eval mode on CPU, and its spec (the saved
+    ``samat_model.json``). Needs nothing but the folder (no hub, no training flags)."""
+    folder = Path(folder).expanduser()
+    spec = read_spec(folder)
+    kind, classes, channels = spec["kind"], int(spec["num_classes"]), int(spec["channels"])
+    if kind == "transformers":
+        from transformers import AutoModelForImageClassification
+
+        net = AutoModelForImageClassification.from_pretrained(str(folder))
+    else:
+        if kind == "builtin":
+            width = {"width": spec["width"]} if spec.get("width") else {}
+            net = BUILTIN[spec["name"]](num_classes=classes, in_channels=channels, **width)
+        else:
+            import timm
+
+            net = timm.create_model(spec["name"].split(":", 1)[1], pretrained=False, num_classes=classes,
+                                    in_chans=channels)
+        from safetensors.torch import load_model as load_weights
+
+        load_weights(net, str(folder / WEIGHTS_FILE))  # strict: every tensor present, none left over
+    return Normalized(net, tuple(spec["mean"]), tuple(spec["std"])).eval(), spec
+
+
+def check_saved_matches(name: str, spec: dict[str, Any], num_classes: int, in_channels: int) -> None:
+    """``UsageError`` when a saved model's classes or input channels differ from the data's."""
+    if int(spec["num_classes"]) != num_classes:
+        raise UsageError(f"--model {name!r} predicts {spec['num_classes']} classes, but the dataset has "
+                         f"{num_classes}; evaluate it on the data it was trained for (or pass --dataset)")
+    if int(spec["channels"]) != in_channels:
+        raise UsageError(f"--model {name!r} takes {spec['channels']}-channel images, the dataset has "
+                         f"{in_channels}")

@@ -15,6 +15,7 @@ from samat.common.metrics import accuracy_from_stats, accuracy_stats
 from samat.common.task import AttackSurface, Task, TaskData
 
 from . import data as vdata
+from . import models as vmodels
 from .models import build_model, model_channels
 
 
@@ -47,9 +48,11 @@ class VisionTask(Task):
     default_model = "preact_resnet18"
     default_dataset = "fashion_mnist"
     # The paper's CIFAR recipe (SGD 0.1, momentum 0.9, wd 5e-4, cosine; PGD-10 eps 8/255 step eps/4 = 2/255),
-    # with fewer epochs since Fashion-MNIST converges fast.
+    # with fewer epochs since Fashion-MNIST converges fast, and a 5 % linear warm-up: without it, SAM with
+    # lr 0.1 on the small CNN had a training loss of 3.7-7.8 (chance: 2.3) in its first 10 steps and the
+    # divergence guard stopped it; with it the README quickstart reached clean 0.824 (was 0.76 without).
     defaults = TaskDefaults(
-        optimizer="sgd", lr=0.1, weight_decay=5e-4, lr_scheduler="cosine", warmup_ratio=0.0,
+        optimizer="sgd", lr=0.1, weight_decay=5e-4, lr_scheduler="cosine", warmup_ratio=0.05,
         epochs=10, batch_size=128, eval_batch_size=256,
         train_eps_linf="8/255", train_eps_l2="0.5",
         cpu_max_train_samples=5000, cpu_max_eval_samples=500,
@@ -91,6 +94,11 @@ class VisionTask(Task):
         model, model_size = build_model(model_name, len(class_names), channels, pretrained=args.pretrained,
                                         width=args.width)
         size = args.image_size or model_size
+        saved = vmodels.read_spec(model_name) if vmodels.is_saved_model(model_name) else None
+        # What save_model records: the model as first built (a saved folder keeps its own recipe).
+        self.model_spec = {"name": saved["name"] if saved else model_name, "num_classes": len(class_names),
+                           "channels": channels, "width": saved.get("width") if saved else args.width,
+                           "image_size": size, "class_names": class_names}
         train = vdata.ImageClassification(dataset[train_split], image_col, label_col, channels, size,
                                           augment=args.augment, seed=run.seed)
         evals = vdata.ImageClassification(dataset[eval_split], image_col, label_col, channels, size,
@@ -116,3 +124,11 @@ class VisionTask(Task):
 
     def compute_metrics(self, summed_stats: Tensor) -> dict[str, float]:
         return accuracy_from_stats(summed_stats)
+
+    def save_model(self, model: nn.Module, path: str) -> None:
+        """``samat_model.json`` (name, classes, channels, width, input size, normalisation) and the weights
+        (``model.safetensors``, or transformers ``save_pretrained``); see :func:`vision.models.save_model`."""
+        vmodels.save_model(model, path, self.model_spec)
+
+    def load_model(self, path: str) -> nn.Module:
+        return vmodels.load_model(path)[0]

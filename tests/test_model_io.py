@@ -1,0 +1,177 @@
+"""Saved models reload from their folder alone with bit-identical logits (every model kind), the run-level
+reload and the model card, and --push_to_hub refused offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from samat.common.errors import UsageError
+from samat.common.model_io import check_push_to_hub, load_run_model, model_card
+from samat.common.results import RunResults
+from samat.vision import models as vmodels
+from samat.vision.task import VisionArgs, VisionTask
+
+
+def _scramble_batchnorm(model: torch.nn.Module) -> None:
+    """Non-default BatchNorm statistics, so a reload that dropped the buffers would show."""
+    g = torch.Generator().manual_seed(5)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def _vision_roundtrip(model, spec, folder, x):
+    model.eval()
+    vmodels.save_model(model, folder, spec)
+    loaded, saved = vmodels.load_model(folder)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert not loaded.training and saved["class_names"] == spec["class_names"]
+    assert saved["mean"] == model.mean.flatten().tolist() and saved["std"] == model.std.flatten().tolist()
+    return loaded
+
+
+@pytest.mark.parametrize("name,channels,width", [("small_cnn", 1, 4), ("preact_resnet18", 3, 2)])
+def test_builtin_models_reload_bit_identical(tmp_path, name, channels, width):
+    torch.manual_seed(0)
+    model, _ = vmodels.build_model(name, 4, channels, width=width)
+    _scramble_batchnorm(model)
+    spec = {"name": name, "num_classes": 4, "channels": channels, "width": width, "image_size": None,
+            "class_names": list("abcd")}
+    x = torch.rand(3, channels, 8, 8)
+    _vision_roundtrip(model, spec, tmp_path / "m", x)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.safetensors", "samat_model.json"]
+    # the saved folder is a --model: same classes reload, other classes are refused
+    again, size = vmodels.build_model(str(tmp_path / "m"), 4, channels)
+    assert size is None and torch.equal(again.eval()(x), model(x))
+    with pytest.raises(UsageError, match="predicts 4 classes, but the dataset has 10"):
+        vmodels.build_model(str(tmp_path / "m"), 10, channels)
+
+
+def test_transformers_vit_reloads_and_from_pretrained_works(tmp_path):
+    from transformers import AutoModelForImageClassification, ViTConfig
+
+    ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+              num_attention_heads=2, intermediate_size=32, num_labels=3).save_pretrained(tmp_path / "cfg")
+    torch.manual_seed(0)
+    model, size = vmodels.build_model(str(tmp_path / "cfg"), 3, 3)
+    assert size == 8
+    spec = {"name": str(tmp_path / "cfg"), "num_classes": 3, "channels": 3, "width": None, "image_size": 8,
+            "class_names": ["cat", "dog", "emu"]}
+    x = torch.rand(2, 3, 8, 8)
+    _vision_roundtrip(model, spec, tmp_path / "m", x)
+    plain = AutoModelForImageClassification.from_pretrained(tmp_path / "m").eval()  # no samat needed
+    assert plain.config.id2label == {0: "cat", 1: "dog", 2: "emu"}
+    with torch.no_grad():
+        assert torch.equal(plain(pixel_values=(x - model.mean) / model.std).logits, model(x))
+
+
+def test_timm_model_reloads_bit_identical(tmp_path):
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model, _ = vmodels.build_model("timm:resnet10t", 2, 3)
+    _scramble_batchnorm(model)
+    spec = {"name": "timm:resnet10t", "num_classes": 2, "channels": 3, "width": None, "image_size": None,
+            "class_names": ["no", "yes"]}
+    _vision_roundtrip(model, spec, tmp_path / "m", torch.rand(2, 3, 16, 16))
+
+
+def test_text_model_reloads_bit_identical_with_label_names(tmp_path):
+    from samat.text import models as text_models
+    from samat.text.task import TextArgs, TextTask
+    from text_helpers import tiny_checkpoint
+
+    folder = tiny_checkpoint(tmp_path / "tiny")
+    loaded = text_models.load_classifier(str(folder), ["neg", "pos"], 32)
+    task = TextTask(TextArgs())
+    task.tokenizer, task.info = loaded.tokenizer, {"label_names": ["neg", "pos"]}
+    task.save_model(loaded.model, str(tmp_path / "saved"))
+    other = TextTask(TextArgs())
+    again = other.load_model(str(tmp_path / "saved"))
+    batch = loaded.tokenizer(["a good film .", "the plot was dull ."], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(loaded.model(**batch).logits, again(**batch).logits)
+    assert again.config.id2label == {0: "neg", 1: "pos"} and other.tokenizer is not None
+
+
+def test_segmentation_unet_reloads_bit_identical(tmp_path):
+    from samat.segmentation import models as smodels
+    from samat.segmentation.task import SegmentationArgs, SegmentationTask
+
+    torch.manual_seed(0)
+    model = smodels.build_smp("unet", "resnet18", "none", 3, encoder_depth=3, decoder_channels=[16, 8, 8])
+    _scramble_batchnorm(model)
+    model.eval()
+    task = SegmentationTask(SegmentationArgs())
+    task.class_names, task.image_size = ["background", "square", "disc"], 32
+    task.save_model(model, str(tmp_path / "m"))
+    again = task.load_model(str(tmp_path / "m"))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    assert (tmp_path / "m" / "config.json").is_file()  # smp's own save_pretrained format
+    # the saved folder is a --model; another number of classes is refused
+    assert smodels.build_model(str(tmp_path / "m"), 3, {}, encoder="resnet18", weights="none") is not None
+    with pytest.raises(UsageError, match="predicts 3 classes, but the dataset has 5"):
+        smodels.build_model(str(tmp_path / "m"), 5, {}, encoder="resnet18", weights="none")
+
+
+def _results(method: str = "sam") -> RunResults:
+    return RunResults.from_dict({
+        "task": "vision", "method": method, "headline_metric": "accuracy",
+        "metrics": {"clean": {"accuracy": 0.9}, "robust": {"pgd-linf": {"8/255": {"accuracy": 0.4}}}},
+        "config": {"run": {"lr": 0.1, "seed": 0, "model": "small_cnn"}, "task": {"width": 4},
+                   "eval": {"eval_steps": 10}},
+        "method_resolved": {"method": method, "rho": 0.05},
+        "data": {"dataset": "fashion_mnist", "eval_split": "test", "eval_examples": 64, "num_classes": 4,
+                 "class_names": list("abcd")},
+        "schema_version": 1})
+
+
+def test_load_run_model_needs_only_the_folder(tmp_path):
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    model, _ = vmodels.build_model("small_cnn", 4, 1, width=4)
+    task = VisionTask(VisionArgs(width=4))
+    task.model_spec = {"name": "small_cnn", "num_classes": 4, "channels": 1, "width": 4, "image_size": None,
+                       "class_names": list("abcd")}
+    task.save_model(model.eval(), str(run / "model"))
+    _results().write(run / "results.json")
+    task2, loaded, info = load_run_model(run)
+    x = torch.rand(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert task2.name == "vision" and task2.args.width == 4 and info["method"] == "sam"
+
+    (run / "model" / "model.safetensors").unlink()
+    (run / "model" / "samat_model.json").unlink()
+    torch.save(model.state_dict(), run / "model" / "model.pt")  # what older versions saved
+    with pytest.raises(UsageError, match="bare state_dict"):
+        load_run_model(run)
+    with pytest.raises(UsageError, match="not a finished samat run"):
+        load_run_model(tmp_path)
+
+
+def test_model_card_front_matter_and_table(tmp_path):
+    (tmp_path / "samat_model.json").write_text(json.dumps({"kind": "builtin"}))
+    card = model_card(_results("sam-at"), tmp_path)
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "samat" and meta["datasets"] == ["fashion_mnist"]
+    assert {"samat", "sam", "adversarial-training"} <= set(meta["tags"]) and meta["metrics"] == ["accuracy"]
+    assert "| pgd-linf | 8/255 | 0.4000" in body and "| rho " in body and "attack suite `pgd`" in body
+
+
+def test_push_to_hub_offline_is_refused(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    run = type("Run", (), {"push_to_hub": True, "output_dir": "x"})()
+    with pytest.raises(UsageError, match="--push_to_hub: the Hugging Face hub cannot be reached"):
+        check_push_to_hub(run)
