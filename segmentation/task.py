@@ -29,7 +29,9 @@ from samat.common.config import TaskDefaults, parse_eps_list
 from samat.common.errors import UsageError
 from samat.common.task import AttackSpec, AttackSurface, Task, TaskData
 
-from . import data, metrics, models
+from samat.common.attacks import eval_mode
+
+from . import data, evaluation, metrics, models
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +48,18 @@ class SegmentationArgs:
         default="none",
         metadata={"help": "Encoder weights: none (random init) or imagenet (downloaded from the Hugging Face "
                   "hub; other tags the encoder has, e.g. ssl, also work)."})
-    encoder_depth: int = field(default=5, metadata={"help": "Encoder stages used by smp models (3-5)."})
+    preset: str = field(
+        default="default",
+        metadata={"help": "Recipe for every flag left unset (model size, canvases, schedule, CPU subsets): "
+                  "'default' (a U-Net that segments the embedded canvases, ~15 min on 2 CPU cores) or 'smoke' "
+                  "(a tiny U-Net for a few steps: a test that the pipeline runs, NOT a result)."})
+    encoder_depth: Optional[int] = field(
+        default=None, metadata={"help": "Encoder stages used by smp models (3-5). Default: the preset's."})
     decoder_channels: Optional[list[int]] = field(
         default=None,
-        metadata={"help": "Decoder widths: one per encoder stage for unet/unetplusplus/manet (default "
-                  "256 128 64 32 16, truncated to --encoder_depth), one number for other smp architectures."})
+        metadata={"help": "Decoder widths: one per encoder stage for unet/unetplusplus/manet, one number for "
+                  "other smp architectures. Default: the preset's for its own U-Net, else smp's 256 128 64 32 "
+                  "16 truncated to --encoder_depth."})
     model_kwargs: Optional[str] = field(
         default=None,
         metadata={"help": "Extra smp model arguments as JSON, e.g. '{\"decoder_attention_type\": \"scse\"}'."})
@@ -71,16 +80,21 @@ class SegmentationArgs:
         metadata={"help": "Side of the square model input: images and masks are resized to it (train crops "
                   "are taken after random scaling). Default: the first image's shorter side rounded down to a "
                   "multiple the architecture accepts, at most 512 (64 for the embedded dataset)."})
-    scale_min: float = field(default=0.75, metadata={"help": "Train augmentation: smallest random scale."})
-    scale_max: float = field(default=1.25, metadata={"help": "Train augmentation: largest random scale."})
+    scale_min: Optional[float] = field(
+        default=None, metadata={"help": "Train augmentation: smallest random scale (default: the preset's)."})
+    scale_max: Optional[float] = field(
+        default=None, metadata={"help": "Train augmentation: largest random scale (default: the preset's)."})
     hflip: bool = field(default=True, metadata={"help": "Train augmentation: random horizontal flips."})
     check_samples: int = field(
         default=256,
         metadata={"help": "Validate (sizes, mask values) this many examples of each split before training; "
                   "every example is validated again when read."})
-    canvas_size: int = field(default=64, metadata={"help": "Embedded dataset: canvas side in pixels."})
-    canvas_train_size: int = field(default=10000, metadata={"help": "Embedded dataset: training canvases."})
-    canvas_test_size: int = field(default=2000, metadata={"help": "Embedded dataset: test canvases."})
+    canvas_size: Optional[int] = field(
+        default=None, metadata={"help": "Embedded dataset: canvas side in pixels (default: the preset's)."})
+    canvas_train_size: Optional[int] = field(
+        default=None, metadata={"help": "Embedded dataset: training canvases (default: the preset's)."})
+    canvas_test_size: Optional[int] = field(
+        default=None, metadata={"help": "Embedded dataset: test canvases (default: the preset's)."})
     canvas_seed: int = field(
         default=0, metadata={"help": "Embedded dataset: generator seed (independent of --seed)."})
     segpgd_linf: Optional[list[str]] = field(
@@ -107,6 +121,67 @@ def segpgd_objective(ignore_index: int):
     return objective
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A named recipe: the engine's :class:`TaskDefaults` plus the segmentation flags it sets when unset.
+
+    ``decoder_channels`` applies to the preset's own U-Net only (``--model unet`` at the preset's
+    ``encoder_depth``); any other model keeps smp's defaults.
+    """
+
+    summary: str
+    defaults: TaskDefaults
+    encoder_depth: int
+    decoder_channels: tuple[int, ...]
+    canvas_size: int
+    canvas_train_size: int
+    canvas_test_size: int
+    scale: tuple[float, float]
+
+    def fill(self, args: SegmentationArgs) -> None:
+        """Set the flags of ``args`` left at ``None`` (except ``decoder_channels``, see :meth:`decoder_for`)."""
+        for name in ("encoder_depth", "canvas_size", "canvas_train_size", "canvas_test_size"):
+            if getattr(args, name) is None:
+                setattr(args, name, getattr(self, name))
+        if args.scale_min is None:
+            args.scale_min = min(self.scale[0], args.scale_max) if args.scale_max is not None else self.scale[0]
+        if args.scale_max is None:
+            args.scale_max = max(self.scale[1], args.scale_min)
+
+    def decoder_for(self, model: str, encoder_depth: int) -> Optional[list[int]]:
+        if model.lower() == "unet" and encoder_depth == self.encoder_depth:
+            return list(self.decoder_channels)
+        return None
+
+
+# The default recipe, chosen by measurement (RESULTS.md, "Segmentation"): a ResNet-18 U-Net cut to 4 encoder
+# stages with a narrow decoder (3.1 M trained parameters) on 48 px canvases. Random-init U-Nets converge far
+# faster with AdamW than with SGD; small batches (16) give more steps per CPU second than large ones, and
+# scale/crop augmentation is left out because the canvases already place and size items at random.
+# PGD-AT: the L-inf budget of segmentation AT papers (8/255, Xu et al. 2021; Gu et al. 2022) with 3 steps
+# of eps/2 (SegPGD-AT's 3 training steps), 4 passes per step instead of PGD-10's 11.
+PRESETS: dict[str, Preset] = {
+    "default": Preset(
+        summary="ResNet-18 U-Net (4 stages, decoder 64-32-16-8) on 48 px canvases; CPU: 8,000 train / 400 eval",
+        defaults=TaskDefaults(
+            optimizer="adamw", lr=3e-3, weight_decay=1e-4, lr_scheduler="cosine", warmup_ratio=0.05,
+            epochs=4, batch_size=16, eval_batch_size=50, train_eps_linf="8/255", train_eps_l2="0.5",
+            train_steps=3, train_alpha_ratio=0.5, cpu_max_train_samples=8000, cpu_max_eval_samples=400,
+            cpu_sharpness_examples=64),
+        encoder_depth=4, decoder_channels=(64, 32, 16, 8), canvas_size=48, canvas_train_size=20000,
+        canvas_test_size=3000, scale=(1.0, 1.0)),
+    "smoke": Preset(
+        summary="SMOKE TEST ONLY: a tiny U-Net (3 stages, decoder 16-8-8) for a few steps on 64 canvases",
+        defaults=TaskDefaults(
+            optimizer="adamw", lr=1e-3, weight_decay=1e-4, lr_scheduler="cosine", warmup_ratio=0.05,
+            epochs=1, batch_size=8, eval_batch_size=16, train_eps_linf="8/255", train_eps_l2="0.5",
+            train_steps=3, train_alpha_ratio=0.5, cpu_max_train_samples=64, cpu_max_eval_samples=16,
+            cpu_sharpness_examples=16),
+        encoder_depth=3, decoder_channels=(16, 8, 8), canvas_size=48, canvas_train_size=64,
+        canvas_test_size=32, scale=(0.75, 1.25)),
+}
+
+
 class SegmentationTask(Task):
     """Pixels ``(B, 3, H, W)`` in ``[0, 1]`` -> logits ``(B, K, H, W)``; labels ``(B, H, W)``."""
 
@@ -114,20 +189,23 @@ class SegmentationTask(Task):
     headline_metric = "miou"
     pixel_space = True
     Args = SegmentationArgs
-    # AdamW + cosine: random-init U-Nets converge far faster with Adam than with SGD at equal epochs.
-    # train_eps 8/255 is the L-inf budget of segmentation AT papers (Xu et al. 2021, Gu et al. 2022).
-    defaults = TaskDefaults(
-        optimizer="adamw", lr=1e-3, weight_decay=1e-4, lr_scheduler="cosine", warmup_ratio=0.05,
-        epochs=10, batch_size=16, eval_batch_size=32, train_eps_linf="8/255", train_eps_l2="0.5",
-        cpu_max_train_samples=256, cpu_max_eval_samples=32,
-    )
+    defaults = PRESETS["default"].defaults
+    # L-inf only by default: segmentation robustness is reported in L-inf (Xu et al. 2021, Gu et al. 2022),
+    # and on a CPU every extra radius costs as much as the training run's last minutes; --eval_l2 adds L2.
+    default_eval_l2 = ()
 
     def __init__(self, args: SegmentationArgs):
         super().__init__(args)
+        if args.preset not in PRESETS:
+            raise UsageError(f"--preset: unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
+        self.preset = PRESETS[args.preset]
+        self.defaults = self.preset.defaults  # the engine fills run flags left unset from these
+        self.preset.fill(args)
         self.num_classes: Optional[int] = None
         self.class_names: Optional[list[str]] = None
         self.image_size: Optional[int] = None
         self.model_kwargs: dict = {}
+        self.eval_dataset: Optional[data.SegmentationDataset] = None
 
     # -------------------------------------------------------------------------------------------- build
 
@@ -192,9 +270,12 @@ class SegmentationTask(Task):
             data.validate_prefix(rows, splits.image_column, splits.mask_column, num_classes, a.ignore_index,
                                  a.reduce_labels, a.check_samples, split)
 
+        decoder = a.decoder_channels
+        if decoder is None:
+            decoder = self.preset.decoder_for(run.model or "unet", a.encoder_depth)
         model = models.build_model(run.model or "unet", num_classes, dict(enumerate(names)), encoder=a.encoder,
                                    weights=a.encoder_weights, encoder_depth=a.encoder_depth,
-                                   decoder_channels=a.decoder_channels, extra=extra)
+                                   decoder_channels=decoder, extra=extra)
         multiple = models.size_multiple(model)
         if a.image_size is None:
             height, width = data.first_image_size(splits.train, splits.image_column)
@@ -216,7 +297,9 @@ class SegmentationTask(Task):
                                          **common)
         evaluation = data.SegmentationDataset(splits.eval, splits.image_column, splits.mask_column, train=False,
                                               split=splits.eval_split, **common)
+        self.eval_dataset = evaluation
         info = {
+            "preset": a.preset, "preset_summary": self.preset.summary,
             "dataset": splits.name, "eval_split": splits.eval_split, "image_column": splits.image_column,
             "mask_column": splits.mask_column, "num_classes": num_classes, "class_names": names,
             "ignore_index": a.ignore_index, "image_size": size, "model": model.config.get("arch") or
@@ -275,6 +358,102 @@ class SegmentationTask(Task):
             return []
         return [AttackSpec("segpgd-linf", "linf", eps, segpgd_objective(self.args.ignore_index))]
 
+    # ------------------------------------------------------------------------- baseline and pictures
+
+    def extra_evaluation(self, model: nn.Module, accelerator: Any, run: Any) -> dict:
+        """``metrics["segmentation"]``: the majority-class baseline on the evaluation masks and whether the
+        model is within ``evaluation.COLLAPSE_MARGIN`` of it (then also a ``"warnings"`` line), a 95 %
+        bootstrap interval of the clean mIoU over images, and ``figure``: the run folder's
+        ``segmentations.png`` (input, truth, clean prediction, PGD and SegPGD at the AT radius).
+
+        Runs on the run's evaluation subset (the engine's seeded selection, see :func:`evaluation_subset`);
+        one clean pass plus PGD and SegPGD on :data:`evaluation.FIGURE_IMAGES` images.
+        """
+        if self.eval_dataset is None:
+            return {}
+        eval_set = evaluation_subset(self.eval_dataset, run.max_eval_samples, run.seed + 1)
+        device = next(model.parameters()).device
+        num_classes, ignore = self.num_classes, self.args.ignore_index
+        loader = torch.utils.data.DataLoader(eval_set, batch_size=run.eval_batch_size or 32, shuffle=False,
+                                             collate_fn=data.collate)
+        per_image, histogram = [], torch.zeros(num_classes, dtype=torch.float64)
+        with eval_mode(model), torch.no_grad():
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                per_image.append(self.example_stats(self.forward(model, batch), batch).cpu())
+                histogram += evaluation.label_histogram(batch["labels"].cpu(), num_classes, ignore)
+        per_image = torch.cat(per_image)
+        clean = metrics.segmentation_metrics(per_image.sum(dim=0), self.class_names)
+        baseline = evaluation.majority_baseline(histogram, self.class_names)
+        low, high = evaluation.bootstrap_miou(per_image, seed=run.seed)
+        warning = evaluation.collapse_warning(clean["miou"], baseline)
+        summary = {"majority_baseline": baseline, "near_majority_baseline": warning is not None,
+                   "collapse_margin": evaluation.COLLAPSE_MARGIN, "clean_miou": clean["miou"],
+                   "clean_miou_ci95": [low, high], "eval_images": len(eval_set), "figure": None}
+        warnings = [warning] if warning else []
+        if accelerator is None or accelerator.is_main_process:
+            try:
+                summary["figure"] = self.draw(model, eval_set, run)
+            except Exception as err:  # a picture is never worth the run's results
+                logger.warning("segmentation picture not written: %s: %s", type(err).__name__, err)
+                warnings.append(f"segmentation: {evaluation.FIGURE_FILE} not written ({type(err).__name__})")
+        out: dict = {"segmentation": summary}
+        if warnings:
+            out["warnings"] = warnings
+        return out
+
+    def draw(self, model: nn.Module, eval_set: Any, run: Any) -> str:
+        """Write ``<output_dir>/segmentations.png`` for the first :data:`evaluation.FIGURE_IMAGES` images of
+        ``eval_set``: clean, PGD-L-inf and SegPGD (10 steps of 2.5 eps / 10 from a random start, last
+        iterate) at the preset's AT radius. Returns the file name, relative to the run folder."""
+        from pathlib import Path
+
+        from samat.common.attacks import pgd
+        from samat.common.config import parse_eps
+
+        label = self.defaults.train_eps_linf
+        eps = parse_eps(label, pixel_space=True, flag="train_eps_linf")
+        steps = 10
+        n = min(evaluation.FIGURE_IMAGES, len(eval_set))
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in data.collate([eval_set[i] for i in range(n)]).items()}
+        segpgd = segpgd_objective(self.args.ignore_index)
+        objectives = {"PGD": lambda logits, step: self.loss(logits, batch),
+                      "SegPGD": lambda logits, step: segpgd(logits, batch, step, steps)}
+        columns = []
+        with eval_mode(model), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(run.seed)
+            with torch.no_grad():
+                columns.append(("clean", batch["pixel_values"], self.forward(model, batch).argmax(dim=1)))
+            for name, objective in objectives.items():
+                surface = self.surface(model, batch)
+                delta = pgd(surface, objective, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm="linf")
+                with torch.no_grad():
+                    columns.append((f"{name} {label}", surface.x + delta, surface.forward(delta).argmax(dim=1)))
+        path = Path(run.output_dir) / evaluation.FIGURE_FILE
+        evaluation.draw_segmentations(
+            str(path), batch["pixel_values"], batch["labels"], columns, self.class_names, self.args.ignore_index,
+            title=f"{run.method}, seed {run.seed}: L-inf {label}, {steps} steps (last iterate)")
+        return evaluation.FIGURE_FILE
+
+    def extra_columns(self, metrics: dict) -> dict[str, float]:
+        """``segmentation/majority_baseline_miou`` (and pixel accuracy), ``segmentation/near_majority_baseline``
+        (1/0), the clean mIoU's bootstrap interval, and ``segmentation/iou/<class>`` (clean)."""
+        seg = metrics.get("segmentation") or {}
+        out: dict[str, float] = {}
+        baseline = seg.get("majority_baseline")
+        if baseline:
+            out["segmentation/majority_baseline_miou"] = float(baseline["miou"])
+            out["segmentation/majority_baseline_pixel_accuracy"] = float(baseline["pixel_accuracy"])
+            out["segmentation/near_majority_baseline"] = float(bool(seg.get("near_majority_baseline")))
+        if seg.get("clean_miou_ci95"):
+            out["segmentation/clean_miou_ci95_low"], out["segmentation/clean_miou_ci95_high"] = (
+                float(v) for v in seg["clean_miou_ci95"])
+        for key, value in (metrics.get("clean") or {}).items():
+            if key.startswith("iou/"):
+                out[f"segmentation/{key}"] = float(value)
+        return out
+
     def save_model(self, model: nn.Module, path: str) -> None:
         """smp/transformers ``save_pretrained`` plus ``samat_segmentation.json`` (see ``models.load_model``)."""
         models.save_model(model, path, {"class_names": self.class_names, "image_size": self.image_size,
@@ -282,3 +461,12 @@ class SegmentationTask(Task):
 
     def load_model(self, path: str) -> nn.Module:
         return models.load_model(path)
+
+
+def evaluation_subset(dataset: Any, n: int, seed: int) -> Any:
+    """The engine's evaluation selection (``common/loop.py``): the first ``n`` of a seeded permutation,
+    sorted; all when ``n`` is 0 or at least the set's size. Kept identical by a test."""
+    if not n or n >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    return dataset.select(sorted(order))

@@ -116,4 +116,4 @@ def test_flags_have_help_and_do_not_collide_with_common_ones():
     defaults = SegmentationTask.defaults
     for key in ("optimizer", "lr", "weight_decay", "lr_scheduler", "warmup_ratio", "epochs", "batch_size",
                 "eval_batch_size", "train_eps", "cpu_max_train_samples", "cpu_max_eval_samples"):
-        assert key in defaults, key
+        assert hasattr(defaults, key), key  # a typed TaskDefaults (common.config)
