@@ -25,7 +25,7 @@ from accelerate.logging import get_logger
 from torch import Tensor, nn
 
 from .attack_losses import correct_and_counted
-from .suites import ATTACKS, Planned, Suite, library_capable, plan, score_fn, worse
+from .suites import ATTACKS, Planned, Suite, library_capable, plan, score_fn, select, worse
 from .task import AttackSpec, Task
 
 logger = get_logger("samat")
@@ -102,14 +102,14 @@ def _probe_square(model, task, batch, spec: AttackSpec, suite: Suite, steps: int
     keep = robust_wb.nonzero().flatten()
     fooled = torch.zeros(())
     if len(keep):
-        sub = {k: v[keep] if isinstance(v, Tensor) and len(v) == len(robust_wb) else v for k, v in batch.items()}
+        sub = select(batch, keep)
         with torch.no_grad():
             logits = task.forward(model, sub).detach()
         square = plan([spec], replace(suite, attacks=(ATTACKS["aa-square"],)), steps,
                       square_queries=counts.square_queries)[1]
         worst = _run(square, model, task, sub, eps, (logits, score_fn(task, sub)(logits)))
         correct, counted = correct_and_counted(worst[0], sub["labels"], task.loss_mask(sub))
-        fooled = (correct < counted).float().sum()
+        fooled = (correct < counted).float().sum().cpu()
     key = f"{spec.norm}/square-only"
     pair = torch.stack([fooled, torch.tensor(float(len(robust_wb)))])
     counts.sums[key] = pair if key not in counts.sums else counts.sums[key] + pair

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .attacks import eval_mode
 from .diagnostics import full_set_gaps, masking_diagnostics
-from .suites import DONE_BELOW, Planned, Suite, plan, score_fn, worse
+from .suites import DONE_BELOW, Planned, Suite, plan, score_fn, select, worse
 from .task import AttackSpec, Task
 
 logger = get_logger("samat")
@@ -45,13 +45,6 @@ class _Sums:
 def _radii(planned: list[Planned], norm: str) -> list[tuple[str, float]]:
     radii = dict(le for p in planned if p.norm == norm for le in p.eps)
     return sorted(radii.items(), key=lambda le: le[1])
-
-
-def select(batch: dict, rows: Tensor) -> dict:
-    """The examples ``rows`` of a batch dict (every tensor with the batch's leading size is indexed)."""
-    size = len(batch["labels"])
-    return {k: v[rows] if isinstance(v, Tensor) and v.dim() and v.shape[0] == size else v
-            for k, v in batch.items()}
 
 
 def _attack_alive(p: Planned, model: nn.Module, task: Task, batch: dict, eps: float,
@@ -176,7 +169,9 @@ def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any, att
     members = _suite_members(planned, suite)
     suite_norms = {p.norm for p in planned if suite is not None and suite.key(p.norm) in members}
     sums = _Sums(accelerator)
-    with eval_mode(model):
+    # Eval mode (BatchNorm statistics, no dropout), under the run's mixed precision: the losses and scores
+    # read logits in float32.
+    with eval_mode(model), accelerator.autocast():
         for batch in tqdm(dataloader, desc="eval clean + attacks", leave=False,
                           disable=not accelerator.is_local_main_process):
             _evaluate_batch(model, task, batch, planned, suite_norms, sums)
@@ -210,7 +205,7 @@ def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any, att
         out["suite"] = {**suite.describe(), "members": members}
         if suite.diagnostics and planned:
             gaps = full_set_gaps(robust, planned, _count_metric(clean))
-            with eval_mode(model):
+            with eval_mode(model), accelerator.autocast():
                 out["diagnostics"] = masking_diagnostics(model, task, dataloader, accelerator, attacks, suite,
                                                          steps, gaps)
     return out

@@ -133,6 +133,13 @@ def score_fn(task: Task, batch: dict) -> Callable[[Tensor], Tensor]:
     return lambda logits: example_score(logits, batch["labels"], mask)
 
 
+def select(batch: dict, rows: Tensor) -> dict:
+    """The examples ``rows`` of a batch dict (every tensor with the batch's leading size is indexed)."""
+    size = len(batch["labels"])
+    return {k: v[rows] if isinstance(v, Tensor) and v.dim() and v.shape[0] == size else v
+            for k, v in batch.items()}
+
+
 def worse(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """Per example, whichever of the ``(logits, score)`` pairs ``a``, ``b`` has the lower score (``a`` on ties).
     Logits ``(B, K, ...)``, scores ``(B,)``."""
