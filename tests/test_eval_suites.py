@@ -99,3 +99,22 @@ def test_each_library_attack_runs_through_samats_model_interface(name):
     assert result.logits.shape == clean.shape and result.score.shape == (6,)
     assert torch.allclose(model.eval()(x_adv), result.logits, atol=1e-5)
     assert all(p.grad is None for p in model.parameters())  # FAB's .backward() reached the input only
+
+
+def test_apgd_suite_on_token_embeddings_through_evaluate_all(accelerator):
+    from text_helpers import tiny_bert
+
+    model, task = tiny_bert(vocab_size=40, num_labels=3), TextTask()
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(6, 7, dtype=torch.long)
+    mask[:3, 5:] = 0  # padding never moves
+    batch = {"input_ids": torch.randint(5, 40, (6, 7), generator=g), "attention_mask": mask,
+             "labels": torch.randint(0, 3, (6,), generator=g)}
+    specs = [AttackSpec("pgd-l2", "l2", [("0.1", 0.1), ("0.5", 0.5)], lambda lg, b, s, n: task.loss(lg, b))]
+    suite = resolve_suite(task, EvalArgs(eval_attacks=["apgd"], eval_apgd_steps=5, eval_diagnostics_examples=6))
+    torch.manual_seed(0)
+    out = evaluate_all(model, task, [batch], accelerator, specs, steps=2, suite=suite)
+    robust = out["metrics"]["robust"]
+    assert set(robust) == {"pgd-l2", "apgd-ce-l2", "apgd-dlr-l2", "apgd-suite-l2"}
+    assert out["sanity"]["passed"], out["sanity"]
+    assert {c["name"] for c in out["diagnostics"]["checks"]} == {"pgd_vs_white_box", "more_steps", "huge_radius"}
