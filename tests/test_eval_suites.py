@@ -118,3 +118,26 @@ def test_apgd_suite_on_token_embeddings_through_evaluate_all(accelerator):
     assert set(robust) == {"pgd-l2", "apgd-ce-l2", "apgd-dlr-l2", "apgd-suite-l2"}
     assert out["sanity"]["passed"], out["sanity"]
     assert {c["name"] for c in out["diagnostics"]["checks"]} == {"pgd_vs_white_box", "more_steps", "huge_radius"}
+
+
+def test_apgd_suite_on_segmentation_keeps_the_fewest_correct_pixels(accelerator):
+    from samat.segmentation.task import SegmentationArgs
+
+    task = SegmentationTask(SegmentationArgs())
+    task.num_classes, task.class_names = 3, ["a", "b", "c"]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(8, 3, 1))
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (4, 8, 8), generator=g)
+    labels[:, 0] = task.args.ignore_index
+    batch = {"pixel_values": torch.rand(4, 3, 8, 8, generator=g), "labels": labels}
+    specs = [AttackSpec("pgd-linf", "linf", [("8/255", 8 / 255)], lambda lg, b, s, n: task.loss(lg, b))]
+    specs += task.extra_attacks(EvalArgs(eval_linf=["8/255"]))
+    suite = resolve_suite(task, EvalArgs(eval_attacks=["apgd"], eval_apgd_steps=5, eval_diagnostics_examples=4))
+    out = evaluate_all(model, task, [batch], accelerator, specs, steps=3, suite=suite)
+    robust = out["metrics"]["robust"]
+    assert set(robust) == {"pgd-linf", "segpgd-linf", "apgd-ce-linf", "apgd-dlr-linf", "apgd-suite-linf"}
+    suite_acc = robust["apgd-suite-linf"]["8/255"]["pixel_accuracy"]
+    assert all(suite_acc <= robust[k]["8/255"]["pixel_accuracy"] for k in robust)
+    assert all(c["passed"] for c in out["sanity"]["checks"] if "suite" in c["name"]), out["sanity"]
+    assert "black_box_vs_white_box" not in {c["name"] for c in out["diagnostics"]["checks"]}
