@@ -189,7 +189,8 @@ def _library_runner(attack: AttackDef, norm: str, restarts: int, **budget: int):
                                restarts=restarts, **budget)
         # Trust no library with the threat model: whatever lies outside the ball or box is projected back.
         delta = project(x_adv - surface.x, surface, eps, norm)
-        logits = surface.forward(delta).detach()
+        with torch.no_grad():
+            logits = surface.forward(delta).detach()
         return AttackResult(delta, logits, score_fn(task, batch)(logits))
     return run
 
