@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("run", "train one model with one method on one task, then evaluate it"),
     "sweep": ("sweep", "a grid of methods x rho x eps x seeds, resumable"),
+    "reproduce": ("reproduce", "train the paper's grid for one task and write a verdict per claim (a)-(c)"),
     "report": ("report", "tables, CSVs and figures from finished runs"),
     "toy": ("toy", "the robust/non-robust feature toy model (claim d)"),
     "evaluate": ("evaluate", "attack saved runs or hub/timm/local models side by side, no retraining"),

@@ -1,0 +1,294 @@
+"""``samat reproduce``: the grid of one task at one scale, trained through the sweep machinery, then verdicts.
+
+A *preset* (task × scale) fixes what a reproduction runs: the methods, SAM's rho grid and AT's eps grid, the
+radii the verdicts use (pre-specified, :mod:`samat.analysis.verdicts`), the seeds, the flags of every run and
+the attack suite. :func:`plan_reproduction` turns it into :class:`samat.analysis.sweep.Job` s (finished runs
+skipped, interrupted ones resumed); :func:`run_jobs` runs them with progress across the whole grid;
+:func:`write_verdicts` writes ``<root>/verdicts.md`` and ``verdicts.json``. ``scripts/reproduce.py`` is the
+command line.
+
+Scales: ``quick`` (a few minutes on a 2-core CPU; low-powered: a smoke test of the protocol, not evidence),
+``cpu`` (the paper's radii where they fit in about an hour per seed on a CPU) and ``gpu`` (the paper's grid,
+full data, PGD-10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from samat.common.errors import UsageError
+from samat.common.files import write_json_atomic, write_text_atomic
+
+from .runs import RESULTS_FILE, find_results, load_run, read_results
+from .sweep import SWEEP_FLAGS, TASK_GRIDS, Job, _flag_name, execute, launcher_prefix, plan, split_passthrough
+
+MANIFEST = "reproduce.json"
+SCALES = ("quick", "cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What a reproduction of one task at one scale runs. ``run_flags`` go to every run (method flags only to
+    the methods that read them, as in a sweep); ``primary_rho``/``primary_eps`` are the radii the verdicts
+    use, fixed here, before any result exists."""
+
+    summary: str
+    rho: tuple[str, ...]
+    train_eps: tuple[str, ...]
+    primary_rho: str
+    primary_eps: str
+    seeds: int
+    run_flags: tuple[str, ...]
+    eval_attacks: str
+    train_norm: str = "linf"
+    low_powered: bool = False
+    methods: tuple[str, ...] = ("erm", "sam", "pgd-at")
+
+
+_VISION_EVAL = ("--eval_linf", "1/255", "2/255", "4/255", "8/255", "--eval_l2", "none")
+PRESETS: dict[tuple[str, str], Preset] = {
+    # small_cnn on 5,000 Fashion-MNIST images: converges in a few hundred steps; the 10 % warm-up keeps lr 0.1
+    # out of the divergence guard on this short schedule. PGD-3 AT so that 3 seeds fit.
+    ("vision", "quick"): Preset(
+        summary="LOW-POWERED: small CNN, 5,000 Fashion-MNIST images, 6 epochs, 500 test images, PGD-3 AT; "
+                "one rho and one eps, 3 seeds",
+        rho=("0.1",), train_eps=("2/255",), primary_rho="0.1", primary_eps="2/255", seeds=3,
+        run_flags=("--model", "small_cnn", "--max_train_samples", "5000", "--max_eval_samples", "500",
+                   "--epochs", "6", "--warmup_ratio", "0.1", *_VISION_EVAL, "--train_steps", "3",
+                   "--sharpness_examples", "0", "--log_with", "none"),
+        eval_attacks="pgd", low_powered=True),
+    ("vision", "cpu"): Preset(
+        summary="PreAct ResNet-18 at width 16, 10,000 Fashion-MNIST images, 10 epochs, 1,000 test images, "
+                "PGD-5 AT; rho 0.05/0.1/0.2, eps 1/2/4/8 /255, 3 seeds",
+        rho=("0.05", "0.1", "0.2"), train_eps=("1/255", "2/255", "4/255", "8/255"), primary_rho="0.1",
+        primary_eps="2/255", seeds=3,
+        run_flags=("--model", "preact_resnet18", "--width", "16", "--max_train_samples", "10000",
+                   "--max_eval_samples", "1000", "--epochs", "10", "--warmup_ratio", "0.1", *_VISION_EVAL,
+                   "--train_steps", "5", "--log_with", "none"),
+        eval_attacks="apgd"),
+    ("vision", "gpu"): Preset(
+        summary="the paper's grid: PreAct ResNet-18, full Fashion-MNIST, 10 epochs, full test set, PGD-10 AT; "
+                "rho 0.05/0.1/0.2/0.5, eps 1/2/4/8 /255, 3 seeds",
+        rho=TASK_GRIDS["vision"]["rho"], train_eps=TASK_GRIDS["vision"]["train_eps"]["linf"], primary_rho="0.1",
+        primary_eps="2/255", seeds=3,
+        run_flags=("--model", "preact_resnet18", "--max_train_samples", "0", "--max_eval_samples", "0",
+                   *_VISION_EVAL, "--train_steps", "10"),
+        eval_attacks="apgd"),
+    # Text: MiniLM on Rotten Tomatoes; AT in embedding space (L2, relative radii, half clean loss).
+    ("text", "quick"): Preset(
+        summary="LOW-POWERED: MiniLM, 1,000 sentences, 1 epoch, 200 test sentences, no TextAttack; one rho and "
+                "one eps, 3 seeds",
+        rho=("0.05",), train_eps=("0.02",), primary_rho="0.05", primary_eps="0.02", seeds=3, train_norm="l2",
+        run_flags=("--max_train_samples", "1000", "--max_eval_samples", "200", "--epochs", "1",
+                   "--textattack_recipes", "none", "--sharpness_examples", "0", "--log_with", "none"),
+        eval_attacks="pgd", low_powered=True),
+    ("text", "cpu"): Preset(
+        summary="MiniLM, 2,000 sentences, 3 epochs, 500 test sentences, 30 TextAttack sentences; rho "
+                "0.05/0.1/0.2, L2 eps 0.01/0.02/0.04, 3 seeds",
+        rho=("0.05", "0.1", "0.2"), train_eps=("0.01", "0.02", "0.04"), primary_rho="0.05", primary_eps="0.02",
+        seeds=3, train_norm="l2",
+        run_flags=("--max_train_samples", "2000", "--max_eval_samples", "500", "--log_with", "none"),
+        eval_attacks="apgd"),
+    ("text", "gpu"): Preset(
+        summary="MiniLM, every sentence, 3 epochs, full test split, 500 TextAttack sentences; rho "
+                "0.05/0.1/0.2/0.5, L2 eps 0.005-0.04, 3 seeds",
+        rho=TASK_GRIDS["text"]["rho"], train_eps=TASK_GRIDS["text"]["train_eps"]["l2"], primary_rho="0.05",
+        primary_eps="0.02", seeds=3, train_norm="l2",
+        run_flags=("--max_train_samples", "0", "--max_eval_samples", "0"),
+        eval_attacks="apgd"),
+    # Segmentation: U-Net on fashion-canvas; mIoU under PGD and SegPGD.
+    ("segmentation", "quick"): Preset(
+        summary="LOW-POWERED: the default U-Net, 1,000 canvases, 2 epochs, 100 test canvases, PGD-2 AT; one rho "
+                "and one eps, 3 seeds",
+        rho=("0.05",), train_eps=("2/255",), primary_rho="0.05", primary_eps="2/255", seeds=3,
+        run_flags=("--max_train_samples", "1000", "--max_eval_samples", "100", "--epochs", "2", "--eval_linf",
+                   "2/255", "8/255", "--train_steps", "2", "--sharpness_examples", "0", "--log_with", "none"),
+        eval_attacks="pgd", low_powered=True),
+    ("segmentation", "cpu"): Preset(
+        summary="the default U-Net and CPU subset (8,000 canvases, 10 epochs, 400 test canvases), PGD-3 AT; rho "
+                "0.05/0.1/0.2, eps 2/255 and 8/255, 3 seeds",
+        rho=("0.05", "0.1", "0.2"), train_eps=("2/255", "8/255"), primary_rho="0.05", primary_eps="2/255", seeds=3,
+        run_flags=("--log_with", "none"),
+        eval_attacks="apgd"),
+    ("segmentation", "gpu"): Preset(
+        summary="the default U-Net, every canvas, 10 epochs, PGD-3 AT; rho 0.05/0.1/0.2/0.5, eps 1/2/4/8 /255, "
+                "3 seeds",
+        rho=TASK_GRIDS["segmentation"]["rho"], train_eps=TASK_GRIDS["segmentation"]["train_eps"]["linf"],
+        primary_rho="0.05", primary_eps="2/255", seeds=3,
+        run_flags=("--max_train_samples", "0", "--max_eval_samples", "0"),
+        eval_attacks="apgd"),
+}
+TASKS = tuple(dict.fromkeys(t for t, _ in PRESETS))
+
+
+@dataclass
+class Reproduction:
+    """A checked request: the preset, the seeds, the root and the planned jobs."""
+
+    task: str
+    scale: str
+    preset: Preset
+    seeds: list[str]
+    root: Path
+    eval_attacks: str
+    passthrough: list[str]
+    jobs: list[Job]
+
+    def manifest(self) -> dict:
+        """What the root's runs were asked for; a later call into the same root must ask for the same."""
+        return {"task": self.task, "scale": self.scale, "eval_attacks": self.eval_attacks,
+                "passthrough": self.passthrough}
+
+
+def _check_eval_attacks(value: str, task: str) -> None:
+    """Names from the engine's suite registry; library (AutoAttack) attacks need pixels (the runs check the
+    rest, e.g. a segmentation model)."""
+    from samat.common.suites import ATTACKS, SUITES
+
+    for name in value.split():
+        if name not in SUITES and name not in ATTACKS:
+            raise UsageError(f"--eval_attacks: unknown suite or attack {name!r}; suites: {', '.join(SUITES)}")
+        library = name == "autoattack" or (name in ATTACKS and ATTACKS[name].library)
+        if library and not TASK_GRIDS[task]["pixel_space"]:
+            raise UsageError(f"--eval_attacks: {name} attacks pixel-space image classifiers only, not {task}")
+
+
+def _check_root(root: Path, task: str, manifest: dict) -> None:
+    """Refuse a root that is a file, holds another task's runs, or was filled by another request."""
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--root {root}: is a file, not a folder")
+    if not root.is_dir():
+        return
+    saved = root / MANIFEST
+    if saved.is_file():
+        try:
+            previous = json.loads(saved.read_text())
+        except (OSError, ValueError):
+            raise UsageError(f"--root {root}: unreadable {MANIFEST}; use another --root") from None
+        if previous.get("task") != task:
+            raise UsageError(f"--root {root}: holds a reproduction of task {previous.get('task')!r}, not {task!r}; "
+                             "use another --root")
+        differ = [k for k in manifest if previous.get(k) != manifest[k]]
+        if differ:
+            raise UsageError(f"--root {root}: holds runs of another request ({', '.join(differ)}: "
+                             f"{', '.join(repr(previous.get(k)) for k in differ)}); finished runs would be mixed "
+                             "with new ones: use another --root")
+    for path in find_results([str(root)]):
+        other = read_results(path).get("task")
+        if other != task:
+            raise UsageError(f"--root {root}: holds a {other!r} run ({path.parent}), not {task!r}; use another --root")
+
+
+def plan_reproduction(task: str, scale: str, seeds: Optional[int] = None, root: Optional[str] = None,
+                      eval_attacks: Optional[str] = None, passthrough: Sequence[str] = ()) -> Reproduction:
+    """Check the request and plan its runs (``UsageError`` before anything is run or written)."""
+    if task not in TASKS:
+        raise UsageError(f"--task: unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    if scale not in SCALES:
+        raise UsageError(f"--scale: unknown scale {scale!r}; choose one of: {', '.join(SCALES)}")
+    preset = PRESETS[(task, scale)]
+    n_seeds = preset.seeds if seeds is None else seeds
+    if n_seeds < 1:
+        raise UsageError(f"--seeds: {n_seeds} must be >= 1 (3 or more for verdicts with an interval)")
+    attacks = eval_attacks or preset.eval_attacks
+    _check_eval_attacks(attacks, task)
+    user = split_passthrough(list(passthrough))
+    for g in user:
+        if _flag_name(g) == "eval_attacks":
+            raise UsageError("after --: --eval_attacks is a flag of reproduce itself (before --)")
+        if _flag_name(g) in SWEEP_FLAGS:
+            raise UsageError(f"after --: {g[0]} is set by reproduce itself")
+    # the user's flags replace the preset's of the same name
+    overridden = {_flag_name(g) for g in user}
+    preset_groups = [g for g in split_passthrough(list(preset.run_flags)) if _flag_name(g) not in overridden]
+    flags = [t for g in preset_groups + [["--eval_attacks", *attacks.split()]] + user for t in g]
+    seed_list = [str(s) for s in range(n_seeds)]
+    root_path = Path(root or f"runs/reproduce-{task}-{scale}")
+    args = argparse.Namespace(task=task, model=None, dataset=None, methods=list(preset.methods),
+                              rho=list(preset.rho), train_eps=list(preset.train_eps), train_norm=preset.train_norm,
+                              alpha_ratio=None, seeds=seed_list, root=str(root_path))
+    jobs = plan(args, flags)
+    rep = Reproduction(task, scale, preset, seed_list, root_path, attacks, list(passthrough), jobs)
+    _check_root(root_path, task, rep.manifest())
+    return rep
+
+
+def set_commands(rep: Reproduction, portable: bool) -> None:
+    prefix = launcher_prefix("python", "", portable=portable)
+    for job in rep.jobs:
+        job.command = prefix + job.args
+
+
+def progress_runner(jobs: Sequence[Job], runner: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+    """``runner`` that first prints the run's place in the whole grid: ``reproduce: run 7/21 sam_rho0.1_s0``."""
+    place = {tuple(j.command): (i, j) for i, j in enumerate(jobs, 1)}
+
+    def run(command: list[str]) -> int:
+        i, job = place[tuple(command)]
+        print(f"reproduce: run {i}/{len(jobs)} {job.name} ({'resuming' if job.status == 'resume' else 'training'})",
+              flush=True)
+        return runner(command)
+
+    return run
+
+
+def run_jobs(rep: Reproduction, runner: Callable[[list[str]], int]) -> int:
+    """Write the root's manifest, then run what is left of the grid (every run, even after a failure)."""
+    rep.root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(rep.root / MANIFEST, rep.manifest())
+    done = sum(j.status == "done" for j in rep.jobs)
+    print(f"reproduce: {rep.task} at scale {rep.scale} ({rep.preset.summary}); {len(rep.jobs)} runs, {done} "
+          f"already finished", flush=True)
+    return execute(rep.jobs, progress_runner(rep.jobs, runner), keep_going=True)
+
+
+def header_lines(rep: Reproduction, missing: Sequence[str]) -> list[str]:
+    p = rep.preset
+    lines = []
+    if p.low_powered:
+        lines += ["**LOW-POWERED (`--scale quick`)**: a short schedule and few examples, to check that the protocol "
+                  "runs end to end; its verdicts are not evidence for or against the paper.", ""]
+    lines += [f"Scale `{rep.scale}`: {p.summary}. Seeds: {', '.join(rep.seeds)}. Attack suite: `{rep.eval_attacks}`."
+              + (f" Extra run flags: `{shlex.join(rep.passthrough)}`." if rep.passthrough else ""),
+              f"Runs under `{rep.root}`; generated {datetime.now(timezone.utc).isoformat(timespec='seconds')}. "
+              f"Figures and the full tables: `samat report {rep.root}`."]
+    if missing:
+        lines += ["", f"Unfinished runs (left out; rerun the same command to finish them): {', '.join(missing)}."]
+    return lines
+
+
+def write_verdicts(rep: Reproduction) -> tuple[str, str]:
+    """Decide the claims from the grid's finished runs and write ``verdicts.md``/``verdicts.json`` into the
+    root. Returns (the verdict table, the settings table) for the terminal."""
+    from . import verdicts as V
+
+    finished = [j for j in rep.jobs if (j.output_dir / RESULTS_FILE).is_file()]
+    missing = [j.name for j in rep.jobs if j not in finished]
+    if not finished:
+        raise UsageError(f"no finished runs under {rep.root}: nothing to decide")
+    runs = [load_run(j.output_dir / RESULTS_FILE) for j in finished]
+    v = V.decide(runs, primary_rho=float(rep.preset.primary_rho), primary_eps=rep.preset.primary_eps)
+    lines = header_lines(rep, missing)
+    write_text_atomic(rep.root / "verdicts.md", V.to_markdown(v, lines) + "\n")
+    write_json_atomic(rep.root / "verdicts.json",
+                      _finite(V.to_json(v, {"scale": rep.scale, "low_powered": rep.preset.low_powered,
+                                            "preset": asdict(rep.preset), "seeds": [int(s) for s in rep.seeds],
+                                            "eval_attacks": rep.eval_attacks, "unfinished": missing})))
+    return V.verdict_table(v, pad=True), V.settings_table(v, pad=True)
+
+
+def _finite(value):
+    """NaN/inf as ``None``, so the file is strict JSON."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

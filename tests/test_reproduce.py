@@ -1,0 +1,181 @@
+"""scripts/reproduce.py: --print lists each preset's grid, a fake runner's grid ends in verdicts.md/json with
+progress across the grid, re-runs skip finished runs, a failed run is left out and named, and bad input is one
+`error:` line and exit 2 before anything is run or written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import load_script
+from test_verdicts import results
+
+from samat.analysis.reproduce import PRESETS
+from samat.common.cli import main_guard
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    return load_script("reproduce")
+
+
+def _flag(command: list[str], flag: str):
+    return command[command.index(flag) + 1] if flag in command else None
+
+
+def _print(reproduce, capsys, *argv: str) -> list[list[str]]:
+    assert reproduce.main(["--print", *argv]) == 0
+    return [line.split() for line in capsys.readouterr().out.splitlines()]
+
+
+@pytest.mark.parametrize("task, scale, runs, steps, attacks", [
+    ("vision", "quick", 3 * (1 + 1 + 1), "3", "pgd"),
+    ("vision", "cpu", 3 * (1 + 3 + 4), "5", "apgd"),
+    ("vision", "gpu", 3 * (1 + 4 + 4), "10", "apgd"),
+    ("text", "quick", 3 * 3, None, "pgd"),
+    ("segmentation", "cpu", 3 * (1 + 3 + 2), None, "apgd"),
+])
+def test_print_lists_the_preset_grid(reproduce, capsys, tmp_path, task, scale, runs, steps, attacks):
+    commands = _print(reproduce, capsys, "--task", task, "--scale", scale, "--root", str(tmp_path / "r"))
+    preset = PRESETS[(task, scale)]
+    assert len(commands) == runs
+    names = [Path(_flag(c, "--output_dir")).name for c in commands]
+    assert len(set(names)) == runs and names[0] == "erm_s0"
+    assert {_flag(c, "--seed") for c in commands} == {"0", "1", "2"}
+    assert {_flag(c, "--rho") for c in commands if _flag(c, "--method") == "sam"} == set(preset.rho)
+    at = [c for c in commands if _flag(c, "--method") == "pgd-at"]
+    assert {_flag(c, "--train_eps") for c in at} == set(preset.train_eps)
+    assert all(_flag(c, "--train_norm") == preset.train_norm for c in at)
+    assert all(_flag(c, "--eval_attacks") == attacks for c in commands)
+    if steps:  # a method flag: only the AT runs get it
+        assert all(_flag(c, "--train_steps") == steps for c in at)
+        assert all(_flag(c, "--train_steps") is None for c in commands if c not in at)
+    assert not (tmp_path / "r").exists()  # --print writes nothing
+
+
+def test_print_seeds_attacks_and_passthrough(reproduce, capsys, tmp_path):
+    commands = _print(reproduce, capsys, "--seeds", "2", "--eval_attacks", "apgd", "--root", str(tmp_path),
+                      "--", "--epochs", "9", "--lr", "0.05")
+    assert len(commands) == 2 * 3 and {_flag(c, "--seed") for c in commands} == {"0", "1"}
+    assert all(_flag(c, "--eval_attacks") == "apgd" for c in commands)
+    assert all(c.count("--epochs") == 1 and _flag(c, "--epochs") == "9" for c in commands)  # the user's wins
+    assert all(_flag(c, "--lr") == "0.05" for c in commands)
+
+
+class FakeRunner:
+    """Stands in for scripts/run.py: writes a results.json for the run (SAM +3 pts robust, AT +10 pts robust
+    and -4 pts clean, a per-seed wobble), or fails for the run names in ``fail``."""
+
+    def __init__(self, fail: tuple[str, ...] = ()):
+        self.names: list[str] = []
+        self.fail = fail
+
+    def __call__(self, command: list[str]) -> int:
+        out = Path(_flag(command, "--output_dir"))
+        self.names.append(out.name)
+        if out.name in self.fail:
+            return 1
+        method, seed = _flag(command, "--method"), int(_flag(command, "--seed"))
+        wobble = (0.0, 0.004, -0.003, 0.002)[seed]
+        kw = {}
+        clean, robust = 0.85 + 0.01 * seed, 0.3 + 0.02 * seed
+        if method == "sam":
+            kw["rho"] = float(_flag(command, "--rho"))
+            clean, robust = clean + wobble, robust + 0.03 - wobble
+        elif method == "pgd-at":
+            kw.update(eps=2 / 255, steps=int(_flag(command, "--train_steps")))
+            clean, robust = clean - 0.04 + wobble, robust + 0.10 + wobble
+        out.mkdir(parents=True)
+        (out / "results.json").write_text(json.dumps(results(method, seed, clean, robust, **kw)))
+        return 0
+
+
+def test_grid_to_verdicts_with_progress_resume_and_a_failed_run(reproduce, capsys, tmp_path):
+    root = tmp_path / "grid"
+    runner = FakeRunner(fail=("sam_rho0.1_s2",))
+    assert reproduce.main(["--root", str(root)], runner=runner) == 1  # a run failed
+    out = capsys.readouterr().out
+    assert "reproduce: run 1/9 erm_s0" in out and "reproduce: run 9/9 pgd-at_eps2-255_s2" in out
+    assert "LOW-POWERED" in out and "| (a) SAM raises robustness" in out
+    md = (root / "verdicts.md").read_text()
+    assert "LOW-POWERED" in md
+    assert "Unfinished runs (left out; rerun the same command to finish them): sam_rho0.1_s2" in md
+    assert "dropped seed 2 (only in erm)" in md
+    data = json.loads((root / "verdicts.json").read_text())
+    assert data["scale"] == "quick" and data["low_powered"] and data["unfinished"] == ["sam_rho0.1_s2"]
+    claims = {c["claim"]: c for c in data["claims"]}
+    assert claims["a"]["effects"][0]["seeds"] == [0, 1]
+    assert claims["c"]["verdict"] == "holds"  # ERM 1, SAM 2, PGD-3 4 passes per step
+    assert claims["b"]["verdict"] == "holds"
+
+    again = FakeRunner()
+    assert reproduce.main(["--root", str(root)], runner=again) == 0
+    assert again.names == ["sam_rho0.1_s2"]  # finished runs are skipped
+    data = json.loads((root / "verdicts.json").read_text())
+    assert data["unfinished"] == [] and {c["claim"]: c for c in data["claims"]}["a"]["effects"][0]["seeds"] == [0, 1, 2]
+
+
+def _guarded(reproduce, *argv: str) -> int:
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(lambda: reproduce.main(list(argv), runner=FakeRunner()))
+    return exit_.value.code
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "audio"], "--task: unknown task 'audio'; choose one of: vision, text, segmentation"),
+    (["--scale", "huge"], "--scale: unknown scale 'huge'; choose one of: quick, cpu, gpu"),
+    (["--seeds", "0"], "--seeds: 0 must be >= 1"),
+    (["--seeds", "two"], "--seeds: invalid int value"),
+    (["--eval_attacks", "fgsm"], "--eval_attacks: unknown suite or attack 'fgsm'"),
+    (["--task", "text", "--eval_attacks", "autoattack"], "pixel-space image classifiers only"),
+    (["--", "--seed", "3"], "--seed is set by reproduce itself"),
+    (["--", "--eval_attacks", "apgd"], "--eval_attacks is a flag of reproduce itself"),
+])
+def test_bad_input_is_one_line_and_exit_2(reproduce, capsys, tmp_path, argv, message):
+    root = tmp_path / "r"
+    assert _guarded(reproduce, "--root", str(root), *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err
+    assert not root.exists()
+
+
+def test_root_with_another_tasks_runs_is_refused(reproduce, capsys, tmp_path):
+    other = tmp_path / "r" / "erm_s0"
+    other.mkdir(parents=True)
+    data = results("erm", 0, 0.8, 0.3)
+    data["task"] = "text"
+    (other / "results.json").write_text(json.dumps(data))
+    assert _guarded(reproduce, "--root", str(tmp_path / "r")) == 2
+    assert "holds a 'text' run" in capsys.readouterr().err
+    # and a root filled by another scale or task (its manifest)
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "reproduce.json").write_text(json.dumps({"task": "vision", "scale": "cpu",
+                                                              "eval_attacks": "apgd", "passthrough": []}))
+    assert _guarded(reproduce, "--root", str(tmp_path / "q")) == 2
+    assert "holds runs of another request (scale, eval_attacks" in capsys.readouterr().err
+    assert _guarded(reproduce, "--task", "text", "--root", str(tmp_path / "q")) == 2
+    assert "holds a reproduction of task 'vision'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.environ.get("SAMAT_SLOW"), reason="trains 6 tiny runs (minutes on a busy CPU); SAMAT_SLOW=1")
+def test_end_to_end_tiny_runs(tmp_path):
+    """The real thing on 2 seeds with 2 optimizer steps per run: six scripts/run.py subprocesses, then verdicts
+    from their results.json (cost from the engine's exact pass counts)."""
+    root = tmp_path / "e2e"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--seeds", "2", "--root", str(root), "--",
+         "--max_steps", "2", "--max_train_samples", "64", "--max_eval_samples", "16", "--batch_size", "16",
+         "--eval_linf", "8/255", "--divergence_guard", "false"],
+        capture_output=True, text=True, timeout=1200, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "reproduce: run 6/6 pgd-at_eps2-255_s1" in proc.stdout
+    data = json.loads((root / "verdicts.json").read_text())
+    cost = {c["claim"]: c for c in data["claims"]}["c"]
+    assert cost["verdict"] == "holds", cost  # ERM 1, SAM 2, PGD-3 4 forward-backward passes per step
+    assert [round(e["mean"], 6) for e in cost["effects"]] == [2.0, 4.0]

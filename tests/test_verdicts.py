@@ -1,0 +1,152 @@
+"""samat.analysis.verdicts on hand-made results.json files: the rules for claims (a)-(c) give "holds", "does
+not hold" and "inconclusive" where they should, runs pair by seed (a seed one side lacks is dropped and said),
+one seed gives no interval, and the cost verdict comes from the exact pass counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pytest
+
+from samat.analysis import verdicts as V
+from samat.analysis.runs import load_runs
+
+RADII = ("1/255", "2/255", "4/255", "8/255")
+
+
+def results(method: str, seed: int, clean: float, robust: float | Sequence[float], *, rho: Optional[float] = None,
+            eps: Optional[float] = None, steps: int = 3, passes: Optional[int] = None,
+            suite: Optional[float] = None) -> dict:
+    """A results.json document: ``robust`` per radius (one number for all radii); ``passes`` forward (=
+    backward) passes over 100 optimizer steps (default: ERM 1, SAM 2, PGD-K K+1 per step); ``suite`` adds an
+    ``apgd-suite-linf`` worst case ``suite`` below PGD at every radius."""
+    values = [robust] * len(RADII) if isinstance(robust, (int, float)) else list(robust)
+    per_step = {"erm": 1, "sam": 2, "pgd-at": steps + 1}[method]
+    fwd = 100 * per_step if passes is None else passes
+    resolved = {"method": method}
+    if rho is not None:
+        resolved.update(rho=rho, sam_sync="local")
+    if eps is not None:
+        resolved.update(eps=eps, alpha=eps / 4, steps=steps, norm="linf")
+    metrics = {"clean": {"accuracy": clean},
+               "robust": {"pgd-linf": {e: {"accuracy": v} for e, v in zip(RADII, values)}}}
+    if suite is not None:
+        metrics["robust"]["apgd-suite-linf"] = {e: {"accuracy": v - suite} for e, v in zip(RADII, values)}
+    return {"task": "vision", "method": method, "headline_metric": "accuracy", "schema_version": 1,
+            "config": {"run": {"seed": seed}, "method": {"rho": rho, "train_eps": None}},
+            "method_resolved": resolved, "metrics": metrics,
+            "cost": {"optimizer_steps": 100, "forward_passes": fwd, "backward_passes": fwd}}
+
+
+def write_run(root: Path, method: str, seed: int, clean: float, robust: float | Sequence[float], **kw) -> None:
+    """:func:`results` into ``root/<method>[_rho][_eps]_s<seed>/results.json``."""
+    rho, eps = kw.get("rho"), kw.get("eps")
+    name = method + (f"_rho{rho:g}" if rho else "") + (f"_eps{round(eps * 255)}" if eps else "") + f"_s{seed}"
+    (root / name).mkdir(parents=True)
+    (root / name / "results.json").write_text(json.dumps(results(method, seed, clean, robust, **kw)))
+
+
+NOISE = (0.0, 0.004, -0.003, 0.002)
+
+
+def grid(root: Path, seeds=(0, 1, 2), sam_robust=0.05, sam_clean=0.0, at_robust=0.15, at_clean=-0.05,
+         noise=NOISE, at_passes=None) -> list:
+    """ERM, SAM rho 0.1 and PGD-AT 2/255: per seed, SAM and AT differ from ERM by the given amounts, plus
+    a per-seed wobble ``noise`` (method-specific, so the paired differences have a spread)."""
+    for i, s in enumerate(seeds):
+        base = 0.85 + 0.01 * s
+        write_run(root, "erm", s, base, 0.30 + 0.02 * s)
+        write_run(root, "sam", s, base + sam_clean + noise[i], 0.30 + 0.02 * s + sam_robust - noise[i], rho=0.1)
+        write_run(root, "pgd-at", s, base + at_clean - noise[i], 0.30 + 0.02 * s + at_robust + noise[i],
+                  eps=2 / 255, passes=at_passes)
+    return load_runs([str(root)])
+
+
+def verdicts(runs) -> dict[str, V.Verdict]:
+    return {c.claim: c for c in V.decide(runs, primary_rho=0.1, primary_eps="2/255").claims}
+
+
+def test_all_claims_hold(tmp_path):
+    v = verdicts(grid(tmp_path))
+    assert [v[c].verdict for c in "abc"] == [V.HOLDS] * 3
+    robust, clean = v["a"].effects
+    assert robust.n == 3 and robust.seeds == [0, 1, 2]
+    assert robust.mean == pytest.approx(0.05 - sum(NOISE[:3]) / 3) and robust.lo > 0
+    assert clean.lo > -V.MARGIN
+    assert v["b"].effects[0].mean == pytest.approx(0.10 + 2 * sum(NOISE[:3]) / 3)  # AT - SAM
+    assert all(e.mean == pytest.approx(e.lo) for e in v["c"].effects)  # exact counts: zero-width interval
+    assert {round(e.mean, 6) for e in v["c"].effects} == {2.0, 4.0}
+
+
+@pytest.mark.parametrize("kwargs, claim", [
+    (dict(sam_robust=-0.05), "a"),                # SAM less robust than ERM
+    (dict(sam_clean=-0.05), "a"),                 # clean loss beyond the 1-point margin
+    (dict(at_robust=-0.02), "b"),                 # AT less robust than SAM
+    (dict(at_clean=0.03), "b"),                   # AT gains clean accuracy
+    (dict(at_passes=300), "c"),                   # PGD-3 at 3 passes per step, not 4
+])
+def test_does_not_hold(tmp_path, kwargs, claim):
+    v = verdicts(grid(tmp_path, **kwargs))
+    assert v[claim].verdict == V.FAILS
+    assert "DOES NOT HOLD" in v[claim].rule
+
+
+def test_inconclusive_when_the_interval_straddles_the_threshold(tmp_path):
+    # SAM's gain is +1 pt on average but -3, +4, +2 across seeds: the interval covers 0
+    v = verdicts(grid(tmp_path, sam_robust=0.0, noise=(0.03, -0.04, -0.02)))
+    robust = v["a"].effects[0]
+    assert robust.lo < 0 < robust.hi and v["a"].verdict == V.INCONCLUSIVE
+    # a clean change of -1 pt +- a little straddles the non-inferiority margin
+    v = verdicts(grid(tmp_path / "b", sam_clean=-0.01, noise=(0.004, -0.003, 0.0)))
+    assert v["a"].effects[1].lo < -V.MARGIN < v["a"].effects[1].hi and v["a"].verdict == V.INCONCLUSIVE
+
+
+def test_single_seed_is_inconclusive_with_no_interval(tmp_path):
+    v = verdicts(grid(tmp_path, seeds=(0,)))
+    assert [v[c].verdict for c in "abc"] == [V.INCONCLUSIVE] * 3
+    assert all(e.lo is None and "(no interval)" in e.text() for c in "abc" for e in v[c].effects)
+
+
+def test_pairing_drops_a_seed_one_side_lacks_and_says_so(tmp_path):
+    runs = [r for r in grid(tmp_path, seeds=(0, 1, 2, 3)) if not (r.method == "sam" and r.seed == 2)]
+    a = verdicts(runs)["a"]
+    robust = a.effects[0]
+    assert robust.seeds == [0, 1, 3] and robust.n == 3 and robust.dropped == ["seed 2 (only in erm)"]
+    assert any("dropped seed 2 (only in erm)" in n for n in a.notes)
+    # the difference is taken within a seed: ERM's seed-to-seed spread (2 pts per seed) does not enter it
+    assert robust.hi - robust.lo < 0.02
+
+
+def test_robust_endpoint_is_the_strongest_attack_averaged_over_radii(tmp_path):
+    write_run(tmp_path, "erm", 0, 0.9, (0.8, 0.6, 0.4, 0.2), suite=0.05)
+    write_run(tmp_path, "sam", 0, 0.9, (0.8, 0.6, 0.4, 0.2), rho=0.1)
+    runs = load_runs([str(tmp_path)])
+    ep = V.endpoint(runs)
+    assert ep.norm == "linf" and ep.radii == RADII
+    erm = next(r for r in runs if r.method == "erm")
+    assert ep.mean(erm) == pytest.approx(0.5 - 0.05)  # the suite's worst case, where it was run
+    assert ep.mean(next(r for r in runs if r.method == "sam")) == pytest.approx(0.5)
+
+
+def test_markdown_and_json_carry_rules_effects_and_the_table(tmp_path):
+    v = V.decide(grid(tmp_path, seeds=(0, 1, 2)), primary_rho=0.1, primary_eps="2/255")
+    md = V.to_markdown(v, ["header line"])
+    for text in ("(a) SAM raises robustness", "Rule: Paired by seed", "non-inferiority margin", "pgd-at eps=2/255",
+                 "passes/step", "header line", "holds"):
+        assert text in md
+    row = next(line for line in md.splitlines() if line.startswith("| sam rho=0.1"))
+    assert row.endswith("| 2.00 | 2.00 |")  # forward-backward passes per step and its multiple of ERM's
+    data = V.to_json(v)
+    assert [c["verdict"] for c in data["claims"]] == [V.HOLDS] * 3
+    assert data["settings"][0]["name"] == "erm" and data["settings"][0]["seeds"] == [0, 1, 2]
+    json.dumps(data, allow_nan=False)  # strict JSON
+
+
+def test_missing_settings_are_inconclusive_and_named(tmp_path):
+    write_run(tmp_path, "erm", 0, 0.9, 0.3)
+    write_run(tmp_path, "erm", 1, 0.9, 0.3)
+    v = verdicts(load_runs([str(tmp_path)]))
+    assert [v[c].verdict for c in "abc"] == [V.INCONCLUSIVE] * 3
+    assert "no finished SAM" in v["a"].notes[0] and "PGD-AT" in v["b"].notes[0]
