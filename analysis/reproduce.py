@@ -219,8 +219,10 @@ def plan_reproduction(task: str, scale: str, seeds: Optional[int] = None, root: 
     return rep
 
 
-def set_commands(rep: Reproduction, portable: bool) -> None:
-    prefix = launcher_prefix("python", "", portable=portable)
+def set_commands(rep: Reproduction, launcher: str = "python", accelerate_args: str = "",
+                 portable: bool = False) -> None:
+    """Each job's full command (:func:`samat.analysis.sweep.launcher_prefix`; ``portable`` for ``--print``)."""
+    prefix = launcher_prefix(launcher, accelerate_args, portable=portable)
     for job in rep.jobs:
         job.command = prefix + job.args
 

@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence
 from samat.analysis.reproduce import PRESETS, SCALES, TASKS, plan_reproduction, run_jobs, set_commands, write_verdicts
 from samat.analysis.sweep import run_subprocess
 from samat.common.cli import ArgumentParser, main_guard
+from samat.common.errors import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_attacks", default=None,
                    help="Attack suite for every run (quoted if several names): pgd, apgd, autoattack or attack "
                         "names. Default: pgd for quick, apgd for cpu and gpu.")
+    p.add_argument("--launcher", default="python", choices=["python", "accelerate"],
+                   help="Start each run with `python scripts/run.py` or `accelerate launch scripts/run.py`.")
+    p.add_argument("--accelerate_args", default="",
+                   help="Arguments for `accelerate launch`, e.g. \"--num_processes 8 --mixed_precision bf16\".")
     p.add_argument("--print", dest="print_only", action="store_true",
                    help="Print the commands of the runs still to do, one per line, and stop.")
     return p
@@ -57,8 +62,10 @@ def main(argv: Optional[Sequence[str]] = None, runner: Callable[[list[str]], int
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    if args.accelerate_args and args.launcher != "accelerate":
+        raise UsageError("--accelerate_args needs --launcher accelerate")
     rep = plan_reproduction(args.task, args.scale, args.seeds, args.root, args.eval_attacks, passthrough)
-    set_commands(rep, portable=args.print_only)
+    set_commands(rep, args.launcher, args.accelerate_args, portable=args.print_only)
     if args.print_only:
         for job in rep.jobs:
             if job.status == "done":

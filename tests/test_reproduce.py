@@ -66,6 +66,9 @@ def test_print_seeds_attacks_and_passthrough(reproduce, capsys, tmp_path):
     assert all(_flag(c, "--eval_attacks") == "apgd" for c in commands)
     assert all(c.count("--epochs") == 1 and _flag(c, "--epochs") == "9" for c in commands)  # the user's wins
     assert all(_flag(c, "--lr") == "0.05" for c in commands)
+    commands = _print(reproduce, capsys, "--root", str(tmp_path), "--launcher", "accelerate", "--accelerate_args",
+                      "--num_processes 2")
+    assert all(c[:4] == ["accelerate", "launch", "--num_processes", "2"] for c in commands)
 
 
 class FakeRunner:
@@ -136,6 +139,7 @@ def _guarded(reproduce, *argv: str) -> int:
     (["--task", "text", "--eval_attacks", "autoattack"], "pixel-space image classifiers only"),
     (["--", "--seed", "3"], "--seed is set by reproduce itself"),
     (["--", "--eval_attacks", "apgd"], "--eval_attacks is a flag of reproduce itself"),
+    (["--accelerate_args", "--num_processes 2"], "--accelerate_args needs --launcher accelerate"),
 ])
 def test_bad_input_is_one_line_and_exit_2(reproduce, capsys, tmp_path, argv, message):
     root = tmp_path / "r"

@@ -150,3 +150,24 @@ def test_missing_settings_are_inconclusive_and_named(tmp_path):
     v = verdicts(load_runs([str(tmp_path)]))
     assert [v[c].verdict for c in "abc"] == [V.INCONCLUSIVE] * 3
     assert "no finished SAM" in v["a"].notes[0] and "PGD-AT" in v["b"].notes[0]
+
+
+def test_text_like_runs_use_the_at_norm_and_no_robust_numbers_is_inconclusive(tmp_path):
+    for seed in (0, 1):
+        for method, kw in (("erm", {}), ("pgd-at", {"eps": 0.02})):
+            data = results(method, seed, 0.8, 0.5, **kw)
+            data["metrics"]["robust"]["pgd-l2"] = {"0.02": {"accuracy": 0.4}, "0.05": {"accuracy": 0.2}}
+            if kw:
+                data["method_resolved"]["norm"] = "l2"
+            (tmp_path / f"{method}_{seed}").mkdir()
+            (tmp_path / f"{method}_{seed}" / "results.json").write_text(json.dumps(data))
+    ep = V.endpoint(load_runs([str(tmp_path)]))
+    assert ep.norm == "l2" and ep.radii == ("0.02", "0.05") and ep.attacks == ("pgd-l2",)
+    for d in tmp_path.iterdir():
+        data = json.loads((d / "results.json").read_text())
+        data["metrics"]["robust"] = {}
+        (d / "results.json").write_text(json.dumps(data))
+    v = V.decide(load_runs([str(tmp_path)]))
+    assert v.endpoint is None and [c.verdict for c in v.claims[:2]] == [V.INCONCLUSIVE] * 2
+    assert "no robust metric common to every run" in v.notes[-1]
+    assert "robust mean" in V.to_markdown(v)  # the table still renders
