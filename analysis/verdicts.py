@@ -330,7 +330,9 @@ def decide(runs: Sequence[Run], primary_rho: Optional[float] = None, primary_eps
     AT radii the verdicts use (pre-specified); ``None`` takes the lower median of the radii present (a rule on
     the grid, not on the results)."""
     settings = group(runs)
-    notes = []
+    # a collapsed model is "robust" at its one class: its numbers enter the verdicts, and the reader is told
+    notes = [f"{r.path.name}: {w}" for r in runs for w in r.results.all_warnings()[:1]
+             if r.results.collapsed or (r.results.sanity or {}).get("passed") is False]
     erm = _find(settings, "erm")
     sams = [s for s in settings if s.method == "sam" and not s.variant]
     ats = [s for s in settings if s.method == "pgd-at" and not s.variant]

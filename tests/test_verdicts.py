@@ -144,6 +144,13 @@ def test_markdown_and_json_carry_rules_effects_and_the_table(tmp_path):
     json.dumps(data, allow_nan=False)  # strict JSON
 
 
+def test_collapsed_runs_are_named(tmp_path):
+    runs = grid(tmp_path, seeds=(0, 1))
+    runs[0].results.collapsed = True
+    notes = V.decide(runs, 0.1, "2/255").notes
+    assert len(notes) == 1 and notes[0].startswith(f"{runs[0].path.name}: the model predicts a single class")
+
+
 def test_missing_settings_are_inconclusive_and_named(tmp_path):
     write_run(tmp_path, "erm", 0, 0.9, 0.3)
     write_run(tmp_path, "erm", 1, 0.9, 0.3)
