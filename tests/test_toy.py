@@ -1,6 +1,8 @@
 """The toy model of robust / non-robust features (samat.analysis.toy, scripts/toy.py): the data are what the
 docstring says, ERM relies on the non-robust features, AT at a large eps removes most of that reliance,
-the exact linear worst case matches PGD, and the CLI writes its outputs or fails in one line."""
+the exact linear worst case matches PGD, each loss's derivative and worst case are right, m-SAM is SAM at
+m = batch, ERM at rho = 0 and per-group at m = 1, and the CLI (sweeps included) writes its outputs or fails
+in one line."""
 
 from __future__ import annotations
 
@@ -97,6 +99,99 @@ def test_aggregate_means_and_stds_over_seeds():
     assert entry["robust_accuracy@0.1"] == pytest.approx(0.45) and entry["robust_share_std"] == 0.0
 
 
+@pytest.mark.parametrize("name", list(toy.LOSSES))
+def test_loss_derivative_and_worst_case(name):
+    loss = toy.LOSSES[name]
+    m = torch.tensor([-2.0, -0.3, 0.4, 0.9, 1.3, 3.0], requires_grad=True)  # away from the hinge's kink at 1
+    (auto,) = torch.autograd.grad(loss.value(m).sum(), m)
+    assert torch.allclose(loss.dvalue(m.detach()), auto, atol=1e-6)
+    # worst(m, r) is the largest loss over margins in [m - r, m + r] (a linear model's adversary's reach).
+    r = torch.tensor(0.7)
+    reach = m.detach()[:, None] + torch.linspace(-0.7, 0.7, 1401)[None, :]
+    assert torch.allclose(loss.worst(m.detach(), r), loss.value(reach).max(dim=1).values, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", toy.MODELS)
+@pytest.mark.parametrize("name", list(toy.LOSSES))
+def test_msam_at_batch_size_is_sam_and_at_rho_zero_is_erm(kind, name):
+    torch.manual_seed(0)
+    model = toy.build_model(kind, 4, 6)
+    x, y = toy.make_data(10, 4, 0.9, 0.5, torch.Generator().manual_seed(1))
+    loss = toy.LOSSES[name]
+    loss_fn = lambda: loss.value(y * toy.logits(model, x)).mean()  # noqa: E731
+    before = [p.detach().clone() for p in model.parameters()]
+    sam = toy.sam_gradient(model, loss_fn, 0.3)
+    for m in (10, 25, 0):  # m >= batch, and 0: one group, ordinary SAM
+        for a, b in zip(toy.msam_gradient(model, x, y, loss, 0.3, m), sam):
+            assert torch.allclose(a, b, atol=1e-6), (m, a, b)
+    erm = torch.autograd.grad(loss_fn(), list(model.parameters()))
+    for m in (1, 3, 10):  # 3: a smaller last group, weighted by its size
+        for a, b in zip(toy.msam_gradient(model, x, y, loss, 0.0, m), erm):
+            assert torch.allclose(a, b, atol=1e-6), (m, a, b)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # weights restored
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_msam_perturbs_each_group_at_its_own_weights(m):
+    """m-SAM is the mean of SAM taken on each group alone (groups of m in batch order, weighted by size),
+    and is not SAM on the whole batch."""
+    torch.manual_seed(0)
+    model = toy.build_model("mlp", 4, 6)
+    x, y = toy.make_data(10, 4, 0.9, 0.5, torch.Generator().manual_seed(2))
+    loss = toy.LOSSES["logistic"]
+    want = [torch.zeros_like(p) for p in model.parameters()]
+    for start in range(0, 10, m):
+        xg, yg = x[start:start + m], y[start:start + m]
+        group = toy.sam_gradient(model, lambda: loss.value(yg * toy.logits(model, xg)).mean(), 0.5)
+        for w, g in zip(want, group):
+            w += g * xg.shape[0] / 10
+    got = toy.msam_gradient(model, x, y, loss, 0.5, m)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
+    sam = toy.sam_gradient(model, lambda: loss.value(y * toy.logits(model, x)).mean(), 0.5)
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got, sam))
+
+
+def test_training_with_m_equal_batch_is_ordinary_sam():
+    cfg = toy.ToyConfig(n_train=128, n_test=64, epochs=2, batch_size=32, d=5, eta=0.5)
+    a = toy.run_one(cfg, "linear", "sam", 0.5, seed=0, eval_eps=[0.1])
+    b = toy.run_one(toy.ToyConfig(**{**cfg.__dict__, "sam_m": 32}), "linear", "sam", 0.5, seed=0, eval_eps=[0.1])
+    c = toy.run_one(toy.ToyConfig(**{**cfg.__dict__, "sam_m": 1}), "linear", "sam", 0.5, seed=0, eval_eps=[0.1])
+    assert a["robust_share"] == pytest.approx(b["robust_share"], abs=1e-5)
+    assert c["robust_share"] != pytest.approx(a["robust_share"], abs=1e-5)
+
+
+def test_diag_network_is_linear_in_x_with_weights_u_times_v():
+    torch.manual_seed(0)
+    model = toy.build_model("diag", 6, 0)
+    x, y = toy.make_data(40, 6, 0.9, 0.3, torch.Generator().manual_seed(0))
+    beta = (model.u * model.v).detach()
+    assert torch.allclose(toy.logits(model, x), x @ beta + model.bias.detach(), atol=1e-6)
+    assert toy.robust_share(model, x) == pytest.approx((beta[0].abs() / beta.abs().sum()).item(), rel=1e-5)
+    assert toy.weight_share(model) == pytest.approx(toy.robust_share(model, x), rel=1e-5)
+    exact = toy.adversarial_logits(model, x, y, 0.2, steps=1)
+    assert torch.allclose(exact, toy.logits(model, x) - y * 0.2 * beta.abs().sum(), atol=1e-6)
+
+
+def test_vary_batch_size_keeps_the_number_of_steps():
+    cfg = toy.ToyConfig(n_train=2000, batch_size=64, epochs=20)
+    full, _ = toy.vary(cfg, "linear", "batch_size", 2000)
+    assert full.batch_size == 2000 and full.epochs == 20 * 32
+    assert toy.vary(cfg, "linear", "model", "diag") == (cfg, "diag")
+    with pytest.raises(ValueError, match="choose one of: sam_m"):
+        toy.vary(cfg, "linear", "lr", 1)
+
+
+def test_aggregate_shift_is_paired_by_seed():
+    rows = [{"model": "linear", "method": method, "rho": rho, "eps": 0.0, "seed": s, "clean_accuracy": 0.9,
+             "robust_accuracy": {}, "robust_share": share, "weight_share": share, "sharpness": 0.01, "collapsed": False}
+            for s, (e, m) in enumerate([(0.1, 0.15), (0.3, 0.32)]) for method, rho, share in
+            (("erm", 0.0, e), ("sam", 1.0, m))]
+    erm, sam = toy.aggregate(rows)
+    assert erm["share_shift"] == 0 and sam["share_shift"] == pytest.approx(0.035)
+    assert sam["share_shift_std"] == pytest.approx(math.sqrt(2) * 0.015)
+    assert sam["share_shift_ci95"] == pytest.approx(12.706 * sam["share_shift_std"] / math.sqrt(2))
+
+
 def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "toy.py"), *args], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
@@ -114,6 +209,27 @@ def test_cli_writes_results_csv_and_figures(tmp_path):
     for name in ("toy_sam_rho.png", "toy_at_eps.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "robust_share" in proc.stdout and "linear" in proc.stdout
+
+
+def test_cli_sweep_writes_one_row_per_variant_and_the_sweep_figure(tmp_path):
+    out = tmp_path / "toy"
+    proc = _cli("--output_dir", str(out), "--models", "linear", "--seeds", "0", "1", "--rho", "0.5", "--eps", "0.3",
+                "--n_train", "200", "--n_test", "200", "--epochs", "2", "--vary", "sam_m=1,batch",
+                "--vary", "loss=hinge", "--vary", "batch_size=full")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    names = list(dict.fromkeys(s["variant"] for s in results["summary"]))
+    assert names == ["sam_m=1", "sam_m=batch", "loss=hinge", "batch_size=full"]
+    full = next(v for v in results["variants"] if v["name"] == "batch_size=full")
+    assert full["cfg"]["batch_size"] == 200 and full["cfg"]["epochs"] == 2 * 4
+    # ERM and AT do not depend on m: the two sam_m variants share them, seed by seed.
+    by = {(s["variant"], s["method"]): s for s in results["summary"]}
+    assert by[("sam_m=1", "at")]["robust_share"] == by[("sam_m=batch", "at")]["robust_share"]
+    assert by[("sam_m=1", "sam")]["robust_share"] != by[("sam_m=batch", "sam")]["robust_share"]
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["variant", "knob", "knob_value"] and "share_shift_ci95" in header
+    assert (out / "toy_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "toy_sam_rho.png").exists()
 
 
 def _script():
@@ -136,6 +252,16 @@ def test_cli_bad_value_is_a_one_line_error(tmp_path):
     (["--seeds", "1.5"], "--seeds: '1.5' is not an integer"),
     (["--warmup", "2"], "--warmup: '2'"),
     (["--bogus"], "unrecognized arguments"),
+    (["--loss", "l1"], "--loss: unknown loss 'l1'; choose one of: logistic, hinge, squared"),
+    (["--sam_m", "-2"], "--sam_m: '-2'"),
+    (["--sam_m", "half"], "--sam_m: 'half' is not an integer"),
+    (["--batch_size", "all"], "--batch_size: 'all' is not an integer"),
+    (["--vary", "lr=0.1"], "--vary: unknown knob 'lr'"),
+    (["--vary", "sam_m"], "'sam_m' needs values"),
+    (["--vary", "sam_m=1", "--vary", "sam_m=2"], "knob 'sam_m' given twice"),
+    (["--vary", "model=cnn"], "--vary model: unknown model 'cnn'"),
+    (["--vary", "weight_decay=-1"], "--vary weight_decay: '-1'"),
+    (["--vary", "epochs=0"], "--vary epochs: '0'"),
 ])
 def test_cli_bad_values_in_process(tmp_path, capsys, args, message):
     out = tmp_path / "toy"
