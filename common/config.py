@@ -115,7 +115,8 @@ class RunArgs:
     divergence_guard: bool = field(
         default=True,
         metadata={"help": "Stop with one line (exit 2, no results.json) when the training loss is non-finite, or "
-                  "still at chance (ln K) after the warm-up and 512 examples, naming the likely fix "
+                  "still at chance (ln K) after the warm-up and 512 examples and again at twice that step, naming the "
+                  "likely fix "
                   "(--lr, --warmup_ratio); false trains on regardless."},
     )
     push_to_hub: bool = field(

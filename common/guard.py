@@ -3,11 +3,11 @@
 Two failures are caught while training, on every process alike (the decision is all-reduced):
 
 - a non-finite training loss on a step that was not skipped by the fp16 loss scaler;
-- a loss still at chance after the warm-up and :data:`CHECK_EXAMPLES` training examples: the mean loss over
-  the last :data:`WINDOW` steps at least ``STUCK_SHARE · ln K`` (``K`` classes: ``ln K`` is the loss of a
-  uniform prediction), or the model predicting one class for every example of the window while its loss is
-  still at least ``COLLAPSED_SHARE · ln K`` (a binary model that learned only the class prior sits just below
-  ``ln 2``).
+- a loss still at chance after the warm-up and :data:`CHECK_EXAMPLES` training examples, and again at twice
+  that step (a slow start that then learns is not stopped): the mean loss over the last :data:`WINDOW` steps
+  at least ``STUCK_SHARE · ln K`` (``K`` classes: ``ln K`` is the loss of a uniform prediction), or the model
+  predicting one class for every example of the window while its loss is still at least
+  ``COLLAPSED_SHARE · ln K`` (a binary model that learned only the class prior sits just below ``ln 2``).
 
 Measured cases it stops (issue 11): SAM on Fashion-MNIST with lr 0.1 and no warm-up sat at ln 10 for ~50 steps;
 the same recipe on another small image dataset never left it and reported a collapsed model after 6 minutes.
@@ -38,8 +38,9 @@ class DivergenceGuard:
     """Watches the training loss (fed by the loop) and the predicted classes of training forwards (a forward
     hook on the model: logits ``(B, K)`` or ``(B, K, H, W)``, K read from dim 1)."""
 
-    def __init__(self, model: nn.Module, check_step: int, lr: float, warmup_ratio: float):
-        self.check_step, self.lr, self.warmup_ratio = check_step, lr, warmup_ratio
+    def __init__(self, model: nn.Module, check_steps: tuple[int, ...], lr: float, warmup_ratio: float):
+        self.check_steps, self.lr, self.warmup_ratio = tuple(sorted(set(check_steps))), lr, warmup_ratio
+        self.stuck_at: list[int] = []  # check steps at which the loss was at chance
         self.losses: deque[float] = deque(maxlen=WINDOW)
         self.classes: deque[set] = deque(maxlen=WINDOW)  # predicted classes per step
         self.num_classes: Optional[int] = None
@@ -63,12 +64,14 @@ class DivergenceGuard:
                     f"{self.lr:g}), add warm-up (--warmup_ratio 0.1) or clip (--max_grad_norm 1)")
         self.losses.append(loss)
         self.classes.append(classes)
-        if step != self.check_step or self.num_classes is None or len(self.losses) < WINDOW:
+        if step not in self.check_steps or self.num_classes is None or len(self.losses) < WINDOW:
             return None
         chance = math.log(self.num_classes)
         mean = sum(self.losses) / len(self.losses)
         one_class = len(set().union(*self.classes)) == 1
         if mean >= STUCK_SHARE * chance or (one_class and mean >= COLLAPSED_SHARE * chance):
+            self.stuck_at.append(step)
+        if step == self.check_steps[-1] and self.stuck_at == list(self.check_steps):
             what = "predicts a single class and " if one_class else ""
             return (f"after {step} steps the model {what}still has a training loss of {mean:.3f}, chance level "
                     f"for {self.num_classes} classes (ln {self.num_classes} = {chance:.3f}): it is not learning; "
@@ -80,9 +83,9 @@ class DivergenceGuard:
         self._handle.remove()
 
 
-def check_step(total_steps: int, warmup_ratio: float, examples_per_step: int) -> int:
-    """The step at which the chance-level test runs: after the warm-up, :data:`CHECK_EXAMPLES` examples and
-    one full window, and never later than the last step."""
+def check_steps(total_steps: int, warmup_ratio: float, examples_per_step: int) -> tuple[int, ...]:
+    """The steps at which the chance-level test runs: after the warm-up, :data:`CHECK_EXAMPLES` examples and
+    one full window, and at twice that step; never later than the last step (one check when they meet)."""
     warmup = int(round(warmup_ratio * total_steps))
-    after = warmup + max(WINDOW, math.ceil(CHECK_EXAMPLES / max(examples_per_step, 1)))
-    return min(after, total_steps)
+    first = min(warmup + max(WINDOW, math.ceil(CHECK_EXAMPLES / max(examples_per_step, 1))), total_steps)
+    return tuple(sorted({first, min(2 * first, total_steps)}))

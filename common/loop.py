@@ -28,7 +28,7 @@ from .config import EvalArgs, RunArgs, parse_eps_list, resolve_defaults
 from .cost import PassCounter
 from .evaluate import evaluate_all
 from .guard import DivergenceGuard
-from .guard import check_step as guard_check_step
+from .guard import check_steps as guard_check_steps
 from .methods import ResolvedMethod, StepContext
 from .model_io import check_push_to_hub, publish
 from .results import Cost, RunResults, versions
@@ -131,7 +131,7 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
     if run.divergence_guard:
         per_step = run.batch_size * run.gradient_accumulation_steps * accelerator.num_processes
         guard = DivergenceGuard(accelerator.unwrap_model(built.model), lr=run.lr, warmup_ratio=run.warmup_ratio,
-                                check_step=guard_check_step(built.total_steps, run.warmup_ratio, per_step))
+                                check_steps=guard_check_steps(built.total_steps, run.warmup_ratio, per_step))
     state = train(ctx, built.train_loader, built.train_set, built.scheduler, run, built.total_steps, state,
                   counter, guard)
     save_checkpoint(accelerator, output_dir, state)

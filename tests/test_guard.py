@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from samat.common.guard import CHECK_EXAMPLES, WINDOW, DivergenceGuard, check_step
+from samat.common.guard import CHECK_EXAMPLES, WINDOW, DivergenceGuard, check_steps
 
 
 class FixedLogits(nn.Module):
@@ -29,17 +29,18 @@ def _feed(guard: DivergenceGuard, model: nn.Module, losses: list[float]) -> list
     return reasons
 
 
-def test_check_step_waits_for_warmup_examples_and_a_window():
-    assert check_step(total_steps=400, warmup_ratio=0.05, examples_per_step=128) == 20 + WINDOW
-    assert check_step(total_steps=400, warmup_ratio=0.0, examples_per_step=8) == CHECK_EXAMPLES // 8
-    assert check_step(total_steps=5, warmup_ratio=0.0, examples_per_step=8) == 5
+def test_check_steps_wait_for_warmup_examples_and_a_window_then_twice_that():
+    assert check_steps(total_steps=400, warmup_ratio=0.05, examples_per_step=128) == (20 + WINDOW, 2 * (20 + WINDOW))
+    assert check_steps(total_steps=400, warmup_ratio=0.0, examples_per_step=8) == (CHECK_EXAMPLES // 8, 128)
+    assert check_steps(total_steps=100, warmup_ratio=0.0, examples_per_step=8) == (CHECK_EXAMPLES // 8, 100)
+    assert check_steps(total_steps=5, warmup_ratio=0.0, examples_per_step=8) == (5,)
 
 
 def test_loss_at_chance_after_the_check_step_stops_with_the_fix():
     model = FixedLogits(torch.zeros(4, 10).index_fill_(1, torch.tensor([3]), 1.0))
-    guard = DivergenceGuard(model, check_step=12, lr=0.1, warmup_ratio=0.0)
-    reasons = _feed(guard, model, [math.log(10)] * 12)
-    assert reasons[:-1] == [None] * 11
+    guard = DivergenceGuard(model, check_steps=(12, 24), lr=0.1, warmup_ratio=0.0)
+    reasons = _feed(guard, model, [math.log(10)] * 24)
+    assert reasons[:-1] == [None] * 23
     assert "chance level for 10 classes" in reasons[-1] and "--lr (now 0.1)" in reasons[-1]
     assert "--warmup_ratio" in reasons[-1] and "single class" in reasons[-1]
 
@@ -47,20 +48,23 @@ def test_loss_at_chance_after_the_check_step_stops_with_the_fix():
 def test_a_learning_model_passes_and_a_nonfinite_loss_stops_at_once():
     logits = torch.eye(10)[torch.arange(4)]
     model = FixedLogits(logits)
-    guard = DivergenceGuard(model, check_step=12, lr=0.1, warmup_ratio=0.05)
+    guard = DivergenceGuard(model, check_steps=(12,), lr=0.1, warmup_ratio=0.05)
     assert _feed(guard, model, [2.3 - 0.1 * i for i in range(12)]) == [None] * 12
-    guard = DivergenceGuard(model, check_step=12, lr=0.1, warmup_ratio=0.05)
+    # a slow start that learns before the second check is not stopped
+    guard = DivergenceGuard(model, check_steps=(12, 24), lr=0.1, warmup_ratio=0.05)
+    assert _feed(guard, model, [2.3] * 12 + [1.0] * 12) == [None] * 24
+    guard = DivergenceGuard(model, check_steps=(12,), lr=0.1, warmup_ratio=0.05)
     assert guard.failure(1, float("nan"), skipped=True) is None  # fp16 overflow: the scaler skips the step
     assert "diverged" in guard.failure(2, float("nan"), skipped=False)
 
 
 def test_binary_model_predicting_one_class_just_below_ln2_stops():
     model = FixedLogits(torch.tensor([[2.0, 0.0]] * 8))  # always class 0
-    guard = DivergenceGuard(model, check_step=WINDOW, lr=5e-5, warmup_ratio=0.1)
+    guard = DivergenceGuard(model, check_steps=(WINDOW,), lr=5e-5, warmup_ratio=0.1)
     reasons = _feed(guard, model, [0.68] * WINDOW)  # the class prior's entropy, below ln 2 = 0.693
     assert reasons[-1] is not None and "single class" in reasons[-1]
     model = FixedLogits(torch.tensor([[2.0, 0.0], [0.0, 2.0]] * 4))  # both classes, and learning
-    guard = DivergenceGuard(model, check_step=WINDOW, lr=5e-5, warmup_ratio=0.1)
+    guard = DivergenceGuard(model, check_steps=(WINDOW,), lr=5e-5, warmup_ratio=0.1)
     assert _feed(guard, model, [0.62] * WINDOW)[-1] is None
 
 
