@@ -5,8 +5,11 @@
     accelerate launch --mixed_precision bf16 bench/step_time.py ...
 
 Each method runs ``--warmup`` untimed steps, then ``--steps`` timed ones, through the same
-``common.methods.train_step`` the training loop uses, on a fixed random batch (step time does not depend on
-the pixel values). Methods are interleaved in rounds so that clock drift and thermal state hit all alike;
+``common.methods.train_step`` the training loop uses, on ``--num_batches`` fixed random batches in turn (step
+time does not depend on the pixel values, but AE-SAM's choice of SAM steps depends on the gradients, which a
+single repeated batch would drive to zero). Forward and backward passes per timed step are counted exactly
+with ``common.cost.PassCounter``; the efficient SAM variants run at their defaults (k = 5, alpha 0.7; AE-SAM's
+threshold schedule spans the whole benchmark). Methods are interleaved in rounds so that clock drift and thermal state hit all alike;
 the median over rounds is reported. A plain hand-written SAM loop (per-tensor ops, as davda54/sam) is timed
 as a reference point. Writes ``--out`` (JSON) and prints a table.
 """
@@ -22,6 +25,8 @@ import torch.nn.functional as F
 
 
 from samat.common.cli import main_guard  # noqa: E402
+from samat.common.cost import PassCounter  # noqa: E402
+from samat.common.efficient_sam import update_state  # noqa: E402
 from samat.common.errors import UsageError  # noqa: E402
 from samat.common.methods import METHODS, ResolvedMethod, StepContext, train_step  # noqa: E402
 from samat.common.files import write_json_atomic  # noqa: E402
@@ -58,6 +63,7 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=32, help="side of the square input")
     parser.add_argument("--channels", type=int, default=3, help="input channels")
     parser.add_argument("--methods", nargs="+", default=["erm", "sam", "pgd-at"], help="methods to time")
+    parser.add_argument("--num_batches", type=int, default=8, help="distinct random batches, used in turn")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per method per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per method first")
@@ -67,8 +73,8 @@ def main() -> None:
     for m in args.methods:
         if m not in METHODS:
             raise UsageError(f"--methods: unknown method {m!r}; choose from: {', '.join(METHODS)}")
-    if min(args.steps, args.rounds, args.batch_size) < 1:
-        raise UsageError("--steps, --rounds and --batch_size must be >= 1")
+    if min(args.steps, args.rounds, args.batch_size, args.num_batches) < 1:
+        raise UsageError("--steps, --rounds, --batch_size and --num_batches must be >= 1")
 
     from accelerate import Accelerator
 
@@ -78,19 +84,23 @@ def main() -> None:
     accelerator = Accelerator()
     device = accelerator.device
     task = VisionTask(VisionArgs())
-    batch = {"pixel_values": torch.rand(args.batch_size, args.channels, args.image_size, args.image_size,
-                                        device=device),
-             "labels": torch.randint(0, 10, (args.batch_size,), device=device)}
+    batches = [{"pixel_values": torch.rand(args.batch_size, args.channels, args.image_size, args.image_size,
+                                           device=device),
+                "labels": torch.randint(0, 10, (args.batch_size,), device=device)} for _ in range(args.num_batches)]
+    batch = batches[0]
+    total_steps = args.warmup + args.rounds * args.steps
 
-    runners = {}
+    runners, counters, contexts = {}, {}, {}
     for name in args.methods:
         torch.manual_seed(0)
         model, _ = build_model(args.model, 10, args.channels)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         model, optimizer = accelerator.prepare(model, optimizer)
         method = ResolvedMethod(METHODS[name], rho=0.05, eps=8 / 255, alpha=2 / 255, steps=10)
-        ctx = StepContext(accelerator=accelerator, model=model, optimizer=optimizer, task=task, method=method)
-        runners[name] = lambda ctx=ctx: train_step(ctx, [batch])
+        ctx = StepContext(accelerator=accelerator, model=model, optimizer=optimizer, task=task, method=method,
+                          total_steps=total_steps)
+        counters[name], contexts[name] = PassCounter(model), ctx
+        runners[name] = lambda ctx=ctx, it=iter(range(10 ** 9)): train_step(ctx, [batches[next(it) % len(batches)]])
     if not args.no_handwritten:
         torch.manual_seed(0)
         ref_model, _ = build_model(args.model, 10, args.channels)
@@ -105,6 +115,7 @@ def main() -> None:
     for run in runners.values():
         for _ in range(args.warmup):
             run()
+    passes_before = {name: (c.forward_passes, c.backward_passes) for name, c in counters.items()}
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(args.rounds):
         for name, run in runners.items():
@@ -115,16 +126,28 @@ def main() -> None:
             sync()
             times[name].append((time.perf_counter() - start) / args.steps)
     median = {name: statistics.median(t) for name, t in times.items()}
+    timed = args.rounds * args.steps
+    passes = {name: ((c.forward_passes - passes_before[name][0]) / timed,
+                     (c.backward_passes - passes_before[name][1]) / timed) for name, c in counters.items()}
+    sam_share = {name: update_state(ctx.optimizer)["sam_steps"] / total_steps for name, ctx in contexts.items()
+                 if ctx.method.method.update in ("sam-every-k", "looksam", "ae-sam")}
     erm = median.get("erm")
-    rows = [(name, 1000 * t, (t / erm) if erm else float("nan")) for name, t in median.items()]
+    erm_fwd = passes.get("erm", (0.0, 0.0))[0]
+    rows = [(name, 1000 * t, (t / erm) if erm else float("nan"),
+             *(passes[name] if name in passes else ("-", "-")),
+             passes[name][0] / erm_fwd if name in passes and erm_fwd else "-",
+             f"{sam_share[name]:.2f}" if name in sam_share else "-") for name, t in median.items()]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.model}, batch {args.batch_size}x{args.channels}x{args.image_size}x{args.image_size}, "
           f"{accelerator.mixed_precision} precision, {device_name}")
-    print(format_table(["method", "ms/step", "x ERM"], rows))
+    print(format_table(["method", "ms/step", "x ERM", "fwd/step", "bwd/step", "passes x ERM", "SAM-step share"],
+                       rows))
     write_json_atomic(args.out, {"args": vars(args), "device": device_name,
                                  "mixed_precision": accelerator.mixed_precision, "ms_per_step":
                                  {n: 1000 * t for n, t in median.items()},
-                                 "ratio_to_erm": {n: r for n, _, r in rows}, "versions": versions()})
+                                 "ratio_to_erm": {r[0]: r[2] for r in rows},
+                                 "passes_per_step": {n: {"forward": f, "backward": b} for n, (f, b) in passes.items()},
+                                 "sam_step_share": sam_share, "versions": versions()})
 
 
 if __name__ == "__main__":

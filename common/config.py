@@ -159,6 +159,29 @@ class MethodArgs:
         default=None, metadata={"help": "AT threat model: linf or l2 (task default: linf for pixels)."}
     )
     trades_beta: float = field(default=6.0, metadata={"help": "TRADES robustness weight beta."})
+    sam_interval: Optional[int] = field(
+        default=None,
+        metadata={"help": "sam-every-k, looksam (and -at): k, a full SAM step on every k-th optimizer step, the "
+                  "first included; 1 is SAM (default 5, LookSAM's k, Liu et al. 2022)."},
+    )
+    looksam_alpha: Optional[float] = field(
+        default=None,
+        metadata={"help": "looksam: weight alpha of the reused orthogonal SAM-gradient component between SAM "
+                  "steps; 0 is sam-every-k (default 0.7, Liu et al. 2022)."},
+    )
+    aesam_delta: Optional[float] = field(
+        default=None,
+        metadata={"help": "ae-sam: decay in [0, 1) of the EMA mean and variance of the squared gradient norm "
+                  "(default 0.9, Jiang et al. 2023)."},
+    )
+    aesam_c_start: Optional[float] = field(
+        default=None,
+        metadata={"help": "ae-sam: c at the first step; SAM when ||g||^2 >= mean + c*std, c moving linearly to "
+                  "--aesam_c_end (default 1; -inf for both is SAM, inf is ERM)."},
+    )
+    aesam_c_end: Optional[float] = field(
+        default=None, metadata={"help": "ae-sam: c at the last step (default -1, Jiang et al. 2023)."}
+    )
     at_clean_weight: Optional[float] = field(
         default=None,
         metadata={"help": "pgd-at/fgsm-at/sam-at: train on (1-w)*adversarial + w*clean loss (Goodfellow et al. "
@@ -311,6 +334,7 @@ def validate(run: RunArgs, method: MethodArgs, evals: EvalArgs) -> None:
                 "--max_steps": run.max_steps, "--lr": run.lr, "--epochs": run.epochs,
                 "--gradient_accumulation_steps": run.gradient_accumulation_steps,
                 "--train_steps": method.train_steps, "--eval_steps": evals.eval_steps,
+                "--sam_interval": method.sam_interval,
                 "--sharpness_steps": evals.sharpness_steps, "--logging_steps": run.logging_steps,
                 "--cpu_threads": run.cpu_threads}
     for flag, value in positive.items():
@@ -320,6 +344,7 @@ def validate(run: RunArgs, method: MethodArgs, evals: EvalArgs) -> None:
                     "--checkpoint_every": run.checkpoint_every, "--max_grad_norm": run.max_grad_norm,
                     "--weight_decay": run.weight_decay, "--momentum": run.momentum,
                     "--trades_beta": method.trades_beta, "--asam_eta": method.asam_eta,
+                    "--looksam_alpha": method.looksam_alpha,
                     "--at_clean_weight": method.at_clean_weight,
                     "--num_workers": run.num_workers, "--sharpness_examples": evals.sharpness_examples}
     for flag, value in non_negative.items():
@@ -331,6 +356,13 @@ def validate(run: RunArgs, method: MethodArgs, evals: EvalArgs) -> None:
                                                                      evals.sharpness_asam_rho)):
         for value in values:
             parse_eps(value, pixel_space=False, flag=flag)
+    if method.aesam_delta is not None and not 0 <= method.aesam_delta < 1:
+        raise UsageError(f"--aesam_delta: {method.aesam_delta!r} must be in [0, 1)")
+    c_start, c_end = method.aesam_c_start, method.aesam_c_end
+    for flag, c, other in (("--aesam_c_start", c_start, c_end), ("--aesam_c_end", c_end, c_start)):
+        if c is not None and (math.isnan(c) or (math.isinf(c) and c != other)):
+            raise UsageError(f"{flag}: {c!r} must be a number (inf or -inf only with the same value for "
+                             "--aesam_c_start and --aesam_c_end)")
     if method.at_clean_weight is not None and not 0 <= method.at_clean_weight <= 1:
         raise UsageError(f"--at_clean_weight: {method.at_clean_weight!r} must be in [0, 1]")
     if run.warmup_ratio is not None and not 0 <= run.warmup_ratio < 1:

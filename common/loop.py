@@ -126,7 +126,7 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
     start_trackers(accelerator, run, config_record)
 
     ctx = StepContext(accelerator=accelerator, model=built.model, optimizer=built.optimizer, task=task,
-                      method=method, max_grad_norm=run.max_grad_norm)
+                      method=method, max_grad_norm=run.max_grad_norm, total_steps=built.total_steps)
     guard = None
     if run.divergence_guard:
         per_step = run.batch_size * run.gradient_accumulation_steps * accelerator.num_processes

@@ -10,6 +10,7 @@ Update rules (how the gradient of that loss moves the weights):
     plain   one forward/backward, base optimizer step
     sam     gradient at w + rho·g/||g||, base optimizer step at w (Foret et al. 2021)
     asam    the same with the ball scaled by |w| + eta (Kwon et al. 2021)
+    sam-every-k, looksam, ae-sam   SAM's second pass on only some steps (common/efficient_sam.py)
 
 Adversarial inputs are made once per optimizer step at the current weights ``w``, in eval mode; ``sam-at``
 uses the same ``x_adv`` for both SAM passes (re-attacking at ``w + e`` would double the cost of AT).
@@ -27,7 +28,6 @@ with ``global`` the first gradient is all-reduced and every replica climbs to th
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -38,7 +38,9 @@ from torch import Tensor, nn
 from .attacks import eval_mode, pgd
 from .config import MethodArgs, parse_eps
 from .errors import UsageError, lookup
-from .sam import SAM, frozen_batchnorm_stats
+from .efficient_sam import (AESAM_DEFAULTS, EFFICIENT_FLAGS, EFFICIENT_SUMMARIES, EFFICIENT_UPDATES,
+                            LOOKSAM_ALPHA, SAM_INTERVAL)
+from .sam import StepResult, plain_update, sam_update  # noqa: F401  (StepResult: part of this module's API)
 from .task import Task
 
 
@@ -70,9 +72,15 @@ METHODS: dict[str, Method] = {
         Method("trades", "trades", "plain", "TRADES", _AT_FLAGS | {"trades_beta"}),
         Method("sam-at", "pgd", "sam", "SAM update on the PGD adversarial loss", _MIXED_AT_FLAGS | _SAM_FLAGS),
     ]
+    # The efficient SAM updates (common/efficient_sam.py), each on the clean loss and, as "<name>-at", on the
+    # PGD adversarial loss like sam-at.
+    + [Method(update + suffix, objective, update, summary + tail, flags | extra)
+       for update, summary in EFFICIENT_SUMMARIES.items() for flags in [EFFICIENT_FLAGS[update]]
+       for suffix, objective, tail, extra in (("", "clean", "", frozenset()),
+                                              ("-at", "pgd", ", on the PGD adversarial loss", _MIXED_AT_FLAGS))]
 }
 
-DEFAULT_RHO = {"sam": 0.05, "asam": 0.5}
+DEFAULT_RHO = {"sam": 0.05, "asam": 0.5, **{update: 0.05 for update in EFFICIENT_UPDATES}}
 
 
 @dataclass
@@ -89,14 +97,25 @@ class ResolvedMethod:
     norm: str = "linf"
     trades_beta: float = 6.0
     clean_weight: float = 0.0
+    sam_interval: int = SAM_INTERVAL
+    looksam_alpha: float = LOOKSAM_ALPHA
+    aesam_delta: float = AESAM_DEFAULTS["aesam_delta"]
+    aesam_c_start: float = AESAM_DEFAULTS["aesam_c_start"]
+    aesam_c_end: float = AESAM_DEFAULTS["aesam_c_end"]
 
     def describe(self) -> dict:
         """Only the hyper-parameters the method uses (for results.json and tables)."""
         out: dict[str, Any] = {"method": self.method.name}
-        if self.method.update in ("sam", "asam"):
-            out.update(rho=self.rho, sam_sync=self.sam_sync)
-            if self.method.update == "asam":
-                out["asam_eta"] = self.eta
+        flags = self.method.flags
+        if "rho" in flags:
+            out["rho"] = self.rho
+        if "sam_sync" in flags:
+            out["sam_sync"] = self.sam_sync
+        if self.method.update == "asam":
+            out["asam_eta"] = self.eta
+        for name in ("sam_interval", "looksam_alpha", "aesam_delta", "aesam_c_start", "aesam_c_end"):
+            if name in flags:
+                out[name] = getattr(self, name)
         if self.method.objective != "clean":
             out.update(eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm)
         if self.method.objective == "trades":
@@ -121,8 +140,11 @@ def resolve_method(name: str, args: MethodArgs, task: Task, explicit: set[str]) 
     norm = args.train_norm or defaults.train_norm
     resolved = ResolvedMethod(method=method, sam_sync=args.sam_sync, eta=args.asam_eta,
                               trades_beta=args.trades_beta, norm=norm)
-    if method.update in ("sam", "asam"):
+    if "rho" in method.flags:
         resolved.rho = DEFAULT_RHO[method.update] if args.rho is None else args.rho
+    for name in ("sam_interval", "looksam_alpha", "aesam_delta", "aesam_c_start", "aesam_c_end"):
+        if getattr(args, name) is not None:  # else the paper's default, a field default of ResolvedMethod
+            setattr(resolved, name, getattr(args, name))
     if "at_clean_weight" in method.flags:
         resolved.clean_weight = (defaults.at_clean_weight if args.at_clean_weight is None
                                  else args.at_clean_weight)
@@ -151,6 +173,7 @@ class StepContext:
     task: Task
     method: ResolvedMethod
     max_grad_norm: float = 0.0
+    total_steps: int = 0       # optimizer steps of the whole run (AE-SAM's threshold schedule reads it)
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -243,68 +266,7 @@ OBJECTIVES = {"clean": CleanObjective(), "pgd": AdversarialObjective(), "fgsm": 
 # Updates
 
 
-@dataclass
-class StepResult:
-    loss: float          # training loss at w (mean over the step's micro-batches)
-    skipped: bool        # fp16 overflow: no weight update happened
-
-
-def _sync_context(ctx: StepContext, sync: bool):
-    return contextlib.nullcontext() if sync else ctx.accelerator.no_sync(ctx.model)
-
-
-def _backward_all(ctx: StepContext, objective, micro_batches: list[dict], prepared: list,
-                  sync_last: bool) -> float:
-    """Accumulate ``sum_i loss_i / K`` into ``.grad``; all-reduce (DDP) only on the last micro-batch and
-    only if ``sync_last``. Returns the mean loss."""
-    total = 0.0
-    k = len(micro_batches)
-    for i, (batch, prep) in enumerate(zip(micro_batches, prepared)):
-        with _sync_context(ctx, sync_last and i == k - 1):
-            loss = objective.loss(ctx, batch, prep) / k
-            ctx.accelerator.backward(loss)
-        total += loss.detach().float().item()
-    return total
-
-
-def _descend(ctx: StepContext) -> bool:
-    """Clip the descent gradient, step the base optimizer, clear grads. True if the step was skipped."""
-    if ctx.max_grad_norm > 0:
-        ctx.accelerator.clip_grad_norm_(ctx.model.parameters(), ctx.max_grad_norm)
-    ctx.optimizer.step()
-    ctx.optimizer.zero_grad(set_to_none=True)
-    return bool(getattr(ctx.optimizer, "step_was_skipped", False))
-
-
-def plain_update(ctx: StepContext, objective, micro_batches: list[dict]) -> StepResult:
-    prepared = [objective.prepare(ctx, b) for b in micro_batches]
-    loss = _backward_all(ctx, objective, micro_batches, prepared, sync_last=True)
-    return StepResult(loss=loss, skipped=_descend(ctx))
-
-
-def sam_update(ctx: StepContext, objective, micro_batches: list[dict]) -> StepResult:
-    m = ctx.method
-    sam = SAM(ctx.optimizer, rho=m.rho, adaptive=m.method.update == "asam", eta=m.eta)
-    prepared = [objective.prepare(ctx, b) for b in micro_batches]
-    # Pass 1 at w: the ascent gradient. Local (per-replica) unless --sam_sync global.
-    loss = _backward_all(ctx, objective, micro_batches, prepared, sync_last=m.sam_sync == "global")
-    scaler = ctx.accelerator.scaler
-    loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
-    moved = sam.perturb(grad_scale=loss_scale, check_finite=scaler is not None)
-    ctx.optimizer.zero_grad(set_to_none=True)
-    if not moved:
-        # fp16 overflow in the first pass: skip the step and back the loss scale off, as GradScaler would.
-        if scaler is not None:
-            scaler.update(loss_scale * scaler.get_backoff_factor())
-        return StepResult(loss=loss, skipped=True)
-    # Pass 2 at w + e: the descent gradient, all-reduced; BatchNorm running stats keep pass 1's update.
-    with frozen_batchnorm_stats(ctx.model):
-        _backward_all(ctx, objective, micro_batches, prepared, sync_last=True)
-    sam.restore()
-    return StepResult(loss=loss, skipped=_descend(ctx))
-
-
-UPDATES = {"plain": plain_update, "sam": sam_update, "asam": sam_update}
+UPDATES = {"plain": plain_update, "sam": sam_update, "asam": sam_update, **EFFICIENT_UPDATES}
 
 
 def train_step(ctx: StepContext, micro_batches: list[dict]) -> StepResult:
