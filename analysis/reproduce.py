@@ -265,9 +265,9 @@ def header_lines(rep: Reproduction, missing: Sequence[str]) -> list[str]:
     return lines
 
 
-def write_verdicts(rep: Reproduction) -> tuple[str, str]:
+def write_verdicts(rep: Reproduction) -> tuple[str, str, list[str]]:
     """Decide the claims from the grid's finished runs and write ``verdicts.md``/``verdicts.json`` into the
-    root. Returns (the verdict table, the settings table) for the terminal."""
+    root. Returns the verdict table, the settings table and the notes (collapsed runs, ...) for the terminal."""
     from . import verdicts as V
 
     finished = [j for j in rep.jobs if (j.output_dir / RESULTS_FILE).is_file()]
@@ -282,7 +282,7 @@ def write_verdicts(rep: Reproduction) -> tuple[str, str]:
                       _finite(V.to_json(v, {"scale": rep.scale, "low_powered": rep.preset.low_powered,
                                             "preset": asdict(rep.preset), "seeds": [int(s) for s in rep.seeds],
                                             "eval_attacks": rep.eval_attacks, "unfinished": missing})))
-    return V.verdict_table(v, pad=True), V.settings_table(v, pad=True)
+    return V.verdict_table(v, pad=True), V.settings_table(v, pad=True), v.notes
 
 
 def _finite(value):

@@ -74,10 +74,11 @@ def main(argv: Optional[Sequence[str]] = None, runner: Callable[[list[str]], int
                 print(shlex.join(job.command))
         return 0
     code = run_jobs(rep, runner)
-    verdict_table, settings_table = write_verdicts(rep)
+    verdict_table, settings_table, notes = write_verdicts(rep)
     if rep.preset.low_powered:
         print("\nLOW-POWERED (--scale quick): these verdicts check that the protocol runs; they are not evidence.")
-    print(f"\n{settings_table}\n\n{verdict_table}\n\nreproduce: {rep.root / 'verdicts.md'} "
+    print(f"\n{settings_table}\n\n{verdict_table}\n" + "".join(f"\nnote: {n}" for n in notes)
+          + f"\n\nreproduce: {rep.root / 'verdicts.md'} "
           f"(rules, intervals, notes) and verdicts.json", flush=True)
     return code
 
