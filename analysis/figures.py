@@ -25,6 +25,9 @@ from .tables import column_title, headline_keys, robust_keys  # noqa: E402
 STYLE = {
     "erm": ("black", "o"), "sam": ("tab:blue", "s"), "asam": ("tab:cyan", "D"), "pgd-at": ("tab:red", "^"),
     "fgsm-at": ("tab:orange", "v"), "trades": ("tab:purple", "P"), "sam-at": ("tab:green", "X"),
+    # efficient SAM variants: SAM's colours, hollow-looking markers; their -at forms AT's
+    "sam-every-k": ("tab:blue", "1"), "sam-every-k-at": ("tab:green", "1"), "looksam": ("tab:blue", "2"),
+    "looksam-at": ("tab:green", "2"), "ae-sam": ("tab:blue", "3"), "ae-sam-at": ("tab:green", "3"),
 }
 _EXTRA_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "tab:gray")
 DASHES = ("-", "--", ":", "-.")

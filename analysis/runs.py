@@ -24,7 +24,8 @@ RESULTS_FILE = "results.json"
 # Rows of every table and figure go in this order (ERM, then SAM, then the AT family); other methods last.
 # The order of the engine's registry (samat.common.methods.METHODS, which needs torch to import; a test keeps
 # the two equal).
-METHOD_ORDER = ("erm", "sam", "asam", "pgd-at", "fgsm-at", "trades", "sam-at")
+METHOD_ORDER = ("erm", "sam", "asam", "pgd-at", "fgsm-at", "trades", "sam-at", "sam-every-k", "sam-every-k-at",
+                "looksam", "looksam-at", "ae-sam", "ae-sam-at")
 
 
 @dataclass

@@ -94,7 +94,7 @@ def method_tags(method: str) -> list[str]:
     m = METHODS.get(method)
     if m is None:
         return []
-    tags = ["sam"] if m.update in ("sam", "asam") else []
+    tags = ["sam"] if "rho" in m.flags else []  # every SAM-family update (SAM, ASAM, the efficient variants)
     return tags + (["adversarial-training"] if m.objective != "clean" else []) + [m.name]
 
 
