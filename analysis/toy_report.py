@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from samat.common.files import write_bytes_atomic, write_csv_atomic, write_json_atomic
 from samat.common.stats import Stat
@@ -63,16 +63,38 @@ def summary_table(summary: list[dict], eval_keys: Sequence[str]) -> str:
     return format_table(head, rows)
 
 
+def shift_table(summary: list[dict]) -> str:
+    """One line per (variant, model): the paired shift of the robust share away from ERM (mean ± 95 %
+    interval half-width over seeds) for SAM at each rho and AT at each eps: claim (d) in one table."""
+    def cell(s: Optional[dict]) -> str:
+        if s is None:
+            return "–"
+        ci = "" if s["share_shift_ci95"] is None else f" ± {s['share_shift_ci95']:.3f}"
+        return f"{s['share_shift']:+.3f}{ci}" + (f" ({s['collapsed']} collapsed)" if s["collapsed"] else "")
+
+    rhos = sorted({s["rho"] for s in summary if s["method"] == "sam"})
+    epss = sorted({s["eps"] for s in summary if s["method"] == "at"})
+    index = {(s["variant"], s["model"], s["method"], s["rho"], s["eps"]): s for s in summary}
+    keys = list(dict.fromkeys((s["variant"], s["model"]) for s in summary))
+    head = ["variant", "model", "ERM share", *[f"SAM rho={r:g}" for r in rhos], *[f"AT eps={e:.3g}" for e in epss]]
+    rows = [[v, m, f"{index[(v, m, 'erm', 0.0, 0.0)]['robust_share']:.3f}",
+             *[cell(index.get((v, m, "sam", r, 0.0))) for r in rhos],
+             *[cell(index.get((v, m, "at", 0.0, e))) for e in epss]] for v, m in keys]
+    return format_table(head, rows, pad=False)
+
+
 def plot_sweep(summary: list[dict], runs_variants: list[dict], bayes: float) -> bytes:
-    """PNG: one column per (base model, knob); top row the robust share (mean, 95 % interval over seeds)
-    against SAM's rho with ERM at 0, bottom row against AT's eps; one line per knob value."""
+    """PNG: one column per (base model, knob); top row the shift of the robust share away from ERM's, paired
+    by seed (mean, 95 % interval over seeds), against SAM's rho, bottom row against AT's eps (ERM is 0 at
+    0); one line per knob value. Paired shifts, because the share itself varies more between seeds (data
+    draws) than any SAM effect."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     columns = list(dict.fromkeys((v["base_model"], v["knob"]) for v in runs_variants))
-    fig, axes = plt.subplots(2, len(columns), figsize=(3.6 * len(columns), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(columns), figsize=(max(4.5, 3.6 * len(columns)), 7.4), squeeze=False)
     for col, (base_model, knob) in enumerate(columns):
         members = [v for v in runs_variants if (v["base_model"], v["knob"]) == (base_model, knob)]
         for v, colour in zip(members, plt.get_cmap("viridis")([i / max(1, len(members) - 1) * 0.9
@@ -81,20 +103,28 @@ def plot_sweep(summary: list[dict], runs_variants: list[dict], bayes: float) -> 
             for row, (method, xkey) in enumerate((("sam", "rho"), ("at", "eps"))):
                 pts = sorted((s for s in mine if s["method"] in ("erm", method)), key=lambda s: s[xkey])
                 ax = axes[row][col]
-                ax.errorbar([s[xkey] for s in pts], [s["robust_share"] for s in pts],
-                            [s["robust_share_ci95"] or 0 for s in pts], marker="o", ms=3, capsize=2, color=colour,
+                ax.errorbar([s[xkey] for s in pts], [s["share_shift"] for s in pts],
+                            [s["share_shift_ci95"] or 0 for s in pts], marker="o", ms=3, capsize=2, color=colour,
                             label=f"{v['value']}")
         for row, (xlabel, title) in enumerate((("SAM rho", "SAM"), ("AT eps", "AT"))):
             ax = axes[row][col]
-            ax.axhline(bayes, color="grey", ls=":", lw=1)
-            if row == 0:
-                ax.set_xscale("symlog", linthresh=0.05)
+            ax.axhline(0, color="grey", ls=":", lw=1)
             ax.set(xlabel=xlabel, title=f"{title}: {base_model}, vary {knob}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, title=knob, title_fontsize=7)
-        axes[1][col].set_ylim(-0.02, 1.02)
-    axes[0][0].set_ylabel("robust share (0 = ERM; dotted: Bayes linear)")
-    axes[1][0].set_ylabel("robust share (0 = ERM)")
+        top = axes[0][col]
+        rhos = sorted({s["rho"] for s in summary if s["method"] == "sam"})
+        if rhos:  # rho spans decades: symlog keeps ERM's 0 on the axis
+            top.set_xscale("symlog", linthresh=rhos[0])
+            top.set_xlim(0, rhos[-1] * 1.3)
+            top.set_xticks([0, *rhos], ["0", *[f"{r:g}" for r in rhos]])
+        low, high = top.get_ylim()  # at least +-0.05, so that noise does not look like an effect
+        top.set_ylim(min(low, -0.05), max(high, 0.05))
+        axes[1][col].set_ylim(-0.3, 1.02)
+    for row in axes:
+        row[0].set_ylabel("robust share - ERM's (paired by seed)")
+    fig.suptitle(f"Robust share minus ERM's\n(mean, 95 % interval over seeds; Bayes linear share {bayes:.3f})",
+                 fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

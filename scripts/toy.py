@@ -172,13 +172,16 @@ def run(a: argparse.Namespace, cfg: Any, lists: dict[str, list]) -> dict[str, An
     import torch
 
     from samat.analysis.toy import eps_key
-    from samat.analysis.toy_report import FIGURES, SWEEP_FIGURE, run_experiment, summary_table
+    from samat.analysis.toy_report import FIGURES, SWEEP_FIGURE, run_experiment, shift_table, summary_table
 
     # The matrices are tiny: one thread is faster than several, and far faster on a shared, busy CPU.
     torch.set_num_threads(1)
     out = Path(a.output_dir)
     results = run_experiment(cfg, lists, out)
     print(summary_table(results["summary"], [eps_key(e) for e in lists["eval_eps"]]))
+    if lists["vary"]:
+        print("\nShift of the robust share away from ERM (paired by seed; mean ± 95 % interval):")
+        print(shift_table(results["summary"]))
     print(f"\nd={cfg.d} p={cfg.p} eta={cfg.eta:.4g}; Bayes-optimal linear robust share "
           f"{results['bayes_linear_robust_share']:.3f}; {len(results['runs'])} runs in {results['wall_s']:.1f}s; "
           f"wrote {out}/results.json, results.csv, {SWEEP_FIGURE if lists['vary'] else ', '.join(FIGURES)}")
