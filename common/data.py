@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
+from torch.utils.data import Subset
 
 from .errors import UsageError
 
@@ -48,3 +49,15 @@ def example_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """
     mixed = (seed * 1_000_003 + epoch * 998_244_353 + index * 2_654_435_761) % (2 ** 63 - 1)
     return torch.Generator().manual_seed(mixed)
+
+
+def seeded_subset(dataset: Any, n: int, seed: int) -> Any:
+    """The first ``n`` examples of a seeded permutation, in their original order (all when ``n`` is 0 or at
+    least the set's size). The run's training and evaluation subsets; a task that evaluates on its own (e.g.
+    segmentation's pictures) calls this with the run's seed to see the very same examples."""
+    if not n or n >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    if hasattr(dataset, "select"):
+        return dataset.select(sorted(order))
+    return Subset(dataset, sorted(order))

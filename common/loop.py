@@ -20,11 +20,12 @@ from typing import Any, Optional
 import torch
 from accelerate.logging import get_logger
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from .checkpoint import (RESULTS_FILE, TrainState, check_output_dir, prepare_output_dir,
                          save_checkpoint)
 from .config import EvalArgs, RunArgs, parse_eps_list, resolve_defaults
+from .data import seeded_subset
 from .cost import PassCounter
 from .evaluate import evaluate_all
 from .guard import DivergenceGuard
@@ -66,16 +67,6 @@ def attack_specs(task: Task, evals: EvalArgs) -> list[AttackSpec]:
         if eps:
             specs.append(AttackSpec(f"pgd-{norm}", norm, eps, objective))
     return specs + task.extra_attacks(evals)
-
-
-def _subset(dataset: Any, n: int, seed: int) -> Any:
-    """The first ``n`` examples of a seeded shuffle (all when ``n`` is 0 or larger than the set)."""
-    if not n or n >= len(dataset):
-        return dataset
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    if hasattr(dataset, "select"):
-        return dataset.select(sorted(order))
-    return Subset(dataset, sorted(order))
 
 
 @dataclass
@@ -186,8 +177,8 @@ def build(run: RunArgs, task: Task, accelerator: Any) -> Prepared:
     """Data and model from the task, the seeded subsets and loaders, optimizer and schedule, all prepared."""
     with accelerator.main_process_first():
         data = task.build(run, accelerator)
-    train_set = _subset(data.train_dataset, run.max_train_samples, run.seed)
-    eval_set = _subset(data.eval_dataset, run.max_eval_samples, run.seed + 1)
+    train_set = seeded_subset(data.train_dataset, run.max_train_samples, run.seed)
+    eval_set = seeded_subset(data.eval_dataset, run.max_eval_samples, run.seed + 1)
     loader_generator = torch.Generator().manual_seed(run.seed)
     train_loader = DataLoader(train_set, batch_size=run.batch_size, shuffle=True, collate_fn=data.collate_fn,
                               num_workers=run.num_workers, generator=loader_generator)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samat.common.config import TaskDefaults, parse_eps_list
+from samat.common.data import seeded_subset
 from samat.common.errors import UsageError
 from samat.common.task import AttackSpec, AttackSurface, Task, TaskData
 
@@ -369,12 +370,12 @@ class SegmentationTask(Task):
         bootstrap interval of the clean mIoU over images, and ``figure``: the run folder's
         ``segmentations.png`` (input, truth, clean prediction, PGD and SegPGD at the AT radius).
 
-        Runs on the run's evaluation subset (the engine's seeded selection, see :func:`evaluation_subset`);
+        Runs on the run's evaluation subset (the engine's seeded selection, :func:`samat.common.data.seeded_subset`);
         one clean pass plus PGD and SegPGD on :data:`evaluation.FIGURE_IMAGES` images.
         """
         if self.eval_dataset is None:
             return {}
-        eval_set = evaluation_subset(self.eval_dataset, run.max_eval_samples, run.seed + 1)
+        eval_set = seeded_subset(self.eval_dataset, run.max_eval_samples, run.seed + 1)
         device = next(model.parameters()).device
         num_classes, ignore = self.num_classes, self.args.ignore_index
         loader = torch.utils.data.DataLoader(eval_set, batch_size=run.eval_batch_size or 32, shuffle=False,
@@ -464,12 +465,3 @@ class SegmentationTask(Task):
 
     def load_model(self, path: str) -> nn.Module:
         return models.load_model(path)
-
-
-def evaluation_subset(dataset: Any, n: int, seed: int) -> Any:
-    """The engine's evaluation selection (``common/loop.py``): the first ``n`` of a seeded permutation,
-    sorted; all when ``n`` is 0 or at least the set's size. Kept identical by a test."""
-    if not n or n >= len(dataset):
-        return dataset
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    return dataset.select(sorted(order))

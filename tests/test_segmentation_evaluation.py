@@ -11,7 +11,7 @@ from torch import nn
 
 from samat.common.errors import UsageError
 from samat.segmentation import evaluation, metrics
-from samat.segmentation.task import PRESETS, SegmentationArgs, SegmentationTask, evaluation_subset
+from samat.segmentation.task import PRESETS, SegmentationArgs, SegmentationTask
 from segmentation_helpers import one_thread, save_shapes, tiny_task  # noqa: F401 (fixture)
 
 
@@ -47,16 +47,19 @@ def test_bootstrap_interval_holds_the_estimate():
     assert high - low == pytest.approx(0.0, abs=1e-12)
 
 
-def test_evaluation_subset_matches_the_engine():
-    from samat.common.loop import _subset
+def test_seeded_subset_is_deterministic_sorted_and_whole_when_asked():
+    from samat.common.data import seeded_subset
 
     class Rows(list):
         def select(self, indices):
             return Rows(self[i] for i in indices)
 
     rows = Rows(range(50))
-    for n in (0, 7, 50, 80):
-        assert list(evaluation_subset(rows, n, 3)) == list(_subset(rows, n, 3))
+    for n in (0, 50, 80):
+        assert list(seeded_subset(rows, n, 3)) == list(range(50))
+    picked = list(seeded_subset(rows, 7, 3))
+    assert picked == sorted(picked) and len(set(picked)) == 7 and picked == list(seeded_subset(rows, 7, 3))
+    assert picked != list(seeded_subset(rows, 7, 4))
 
 
 class Constant(nn.Module):
