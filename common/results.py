@@ -136,7 +136,8 @@ class RunResults:
                 if isinstance(m, dict) and self.headline_metric in m]
 
     def all_warnings(self) -> list[str]:
-        """The run's warnings, the collapse guard and failed sanity checks first."""
+        """The run's warnings: the collapse guard, failed sanity checks and failed gradient-masking
+        diagnostics first, then the task's own."""
         out = []
         if self.collapsed:
             out.append(f"the model predicts a single class on the whole evaluation set (collapsed): "
@@ -144,6 +145,11 @@ class RunResults:
         if self.sanity and not self.sanity.get("passed", True):
             failed = [c["name"] for c in self.sanity.get("checks", []) if not c.get("passed", True)]
             out.append(f"sanity checks FAILED: {', '.join(failed)}")
+        diagnostics = self.extra.get("diagnostics")
+        if isinstance(diagnostics, dict) and not diagnostics.get("passed", True):
+            failed = [f"{c.get('name')} ({c.get('detail')})" for c in diagnostics.get("checks", [])
+                      if isinstance(c, dict) and not c.get("passed", True)]
+            out.append(f"robust accuracy may be overestimated: {'; '.join(failed)}")
         return out + [w for w in self.warnings if w not in out]
 
     def summary_line(self) -> str:

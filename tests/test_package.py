@@ -117,7 +117,10 @@ def test_summary_line_carries_collapse_failed_checks_and_task_warnings():
 
     values = {**_legacy_results(), "collapsed": True, "predicted_class_counts": {"0": 10, "1": 0},
               "sanity": {"passed": False, "checks": [{"name": "pgd-l2_le_clean", "passed": False}]},
-              "warnings": ["mIoU 0.11 is within 0.02 of the majority-class baseline 0.10"]}
+              "warnings": ["mIoU 0.11 is within 0.02 of the majority-class baseline 0.10"],
+              "diagnostics": {"passed": False, "checks": [{"name": "huge_radius_at_chance", "passed": False,
+                                                            "detail": "accuracy 0.9 at 64/255"}]}}
     line = RunResults.from_dict(values).summary_line()
     assert "passed" not in line.split(";")[-1]
     assert "collapsed" in line and "pgd-l2_le_clean" in line and "majority-class baseline" in line
+    assert "robust accuracy may be overestimated: huge_radius_at_chance (accuracy 0.9 at 64/255)" in line
