@@ -27,15 +27,14 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samat.common.config import TaskDefaults
 from samat.common.data import pick_split
 from samat.common.errors import UsageError
-from samat.common.metrics import accuracy_from_stats, accuracy_stats
 from samat.common.files import write_json_atomic
-from samat.common.task import AttackSurface, Task, TaskData
+from samat.common.classification import ClassificationTask
+from samat.common.task import AttackSurface, TaskData
 
 from . import data as text_data
 from . import models as text_models
@@ -91,11 +90,10 @@ def _recipe_list(values: list[str]) -> list[str]:
     return [] if [v.lower() for v in values] == ["none"] else list(values)
 
 
-class TextTask(Task):
+class TextTask(ClassificationTask):
     """Sequence classification (any ``AutoModelForSequenceClassification``) on a text dataset."""
 
     name: ClassVar[str] = "text"
-    headline_metric: ClassVar[str] = "accuracy"
     pixel_space: ClassVar[bool] = False
     Args: ClassVar[type] = TextArgs
     # Robust-accuracy radii: per-token L2, relative to the mean token-embedding norm (the FreeLB threat
@@ -229,15 +227,6 @@ class TextTask(Task):
         return AttackSurface(x=x, forward=forward, mask=mask, bounds=None, norm_dims=(-1,),
                              eps_scale=embedding_scale(model))
 
-    def loss(self, logits: Tensor, batch: dict) -> Tensor:
-        """Mean cross-entropy over the batch; ``logits`` ``(B, K)``, ``labels`` ``(B,)`` in ``[0, K)``."""
-        return F.cross_entropy(logits.float(), batch["labels"])
-
-    def example_stats(self, logits: Tensor, batch: dict) -> Tensor:
-        return accuracy_stats(logits, batch["labels"])
-
-    def compute_metrics(self, summed_stats: Tensor) -> dict[str, float]:
-        return accuracy_from_stats(summed_stats)
 
     # ----------------------------------------------------------------------------------------- after
 

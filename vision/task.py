@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samat.common.config import TaskDefaults
 from samat.common.data import find_column, pick_split
 from samat.common.errors import UsageError
-from samat.common.metrics import accuracy_from_stats, accuracy_stats
-from samat.common.task import AttackSurface, Task, TaskData
+from samat.common.classification import ClassificationTask
+from samat.common.task import AttackSurface, TaskData
 
 from . import data as vdata
 from . import models as vmodels
@@ -40,9 +39,8 @@ class VisionArgs:
     )
 
 
-class VisionTask(Task):
+class VisionTask(ClassificationTask):
     name = "vision"
-    headline_metric = "accuracy"
     pixel_space = True
     Args = VisionArgs
     default_model = "preact_resnet18"
@@ -116,14 +114,6 @@ class VisionTask(Task):
         x = batch["pixel_values"].detach()
         return AttackSurface(x=x, forward=lambda delta: model(x + delta), bounds=(0.0, 1.0))
 
-    def loss(self, logits: Tensor, batch: dict) -> Tensor:
-        return F.cross_entropy(logits.float(), batch["labels"])
-
-    def example_stats(self, logits: Tensor, batch: dict) -> Tensor:
-        return accuracy_stats(logits, batch["labels"])
-
-    def compute_metrics(self, summed_stats: Tensor) -> dict[str, float]:
-        return accuracy_from_stats(summed_stats)
 
     def save_model(self, model: nn.Module, path: str) -> None:
         """``samat_model.json`` (name, classes, channels, width, input size, normalisation) and the weights
