@@ -5,9 +5,15 @@ Two failures are caught while training, on every process alike (the decision is 
 - a non-finite training loss on a step that was not skipped by the fp16 loss scaler;
 - a loss still at chance after the warm-up and :data:`CHECK_EXAMPLES` training examples, and again at twice
   that step (a slow start that then learns is not stopped): the mean loss over the last :data:`WINDOW` steps
-  at least ``STUCK_SHARE · ln K`` (``K`` classes: ``ln K`` is the loss of a uniform prediction), or the model
-  predicting one class for every example of the window while its loss is still at least
-  ``COLLAPSED_SHARE · ln K`` (a binary model that learned only the class prior sits just below ``ln 2``).
+  at least ``STUCK_SHARE · ln K`` (``K`` classes: ``ln K`` is the loss of a uniform prediction), or, with
+  three or more classes, the model predicting one class for every example of the window while its loss is
+  still at least ``COLLAPSED_SHARE · ln K``.
+
+The rule is deliberately conservative: a false stop of a run that would have learned costs more than a
+collapsed model finishing (the collapse guard then says so in the summary line). Measured on the text default
+(MiniLM, SAM, lr 5e-5 with 10 % warm-up), the loss was 0.692, 0.684, 0.682, 0.680 over steps 1-40 before it
+learned: a binary fine-tune sits just below ln 2 = 0.693 for a while, often predicting the majority class, so
+neither "below 0.97 ln K" nor "one class" means failure there.
 
 Measured cases it stops (issue 11): SAM on Fashion-MNIST with lr 0.1 and no warm-up sat at ln 10 for ~50 steps;
 the same recipe on another small image dataset never left it and reported a collapsed model after 6 minutes.
@@ -26,7 +32,7 @@ from .errors import UsageError
 
 WINDOW = 10
 CHECK_EXAMPLES = 512
-STUCK_SHARE = 0.97
+STUCK_SHARE = 0.995
 COLLAPSED_SHARE = 0.9
 
 
@@ -68,7 +74,7 @@ class DivergenceGuard:
             return None
         chance = math.log(self.num_classes)
         mean = sum(self.losses) / len(self.losses)
-        one_class = len(set().union(*self.classes)) == 1
+        one_class = self.num_classes >= 3 and len(set().union(*self.classes)) == 1
         if mean >= STUCK_SHARE * chance or (one_class and mean >= COLLAPSED_SHARE * chance):
             self.stuck_at.append(step)
         if step == self.check_steps[-1] and self.stuck_at == list(self.check_steps):
