@@ -105,6 +105,15 @@ def alpha_for(eps_text: str, ratio: float) -> str:
     return str(value) if value.denominator != 1 else str(value.numerator)
 
 
+def split_at_double_dash(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(own flags, run flags)``: what comes before ``--`` and what comes after it (for every run)."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
 def split_passthrough(tokens: Sequence[str]) -> list[list[str]]:
     """``["--a", "1", "--b", "--c", "x", "y"]`` → ``[["--a", "1"], ["--b"], ["--c", "x", "y"]]``."""
     groups: list[list[str]] = []

@@ -25,7 +25,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from samat.analysis.reproduce import PRESETS, SCALES, TASKS, plan_reproduction, run_jobs, set_commands, write_verdicts
-from samat.analysis.sweep import run_subprocess
+from samat.analysis.sweep import run_subprocess, split_at_double_dash
 from samat.common.cli import ArgumentParser, main_guard
 from samat.common.errors import UsageError
 
@@ -56,11 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None, runner: Callable[[list[str]], int] = run_subprocess) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    passthrough: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, passthrough = argv[:cut], argv[cut + 1:]
+    argv, passthrough = split_at_double_dash(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.accelerate_args and args.launcher != "accelerate":
         raise UsageError("--accelerate_args needs --launcher accelerate")

@@ -24,7 +24,8 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from samat.analysis.runs import METHOD_ORDER
-from samat.analysis.sweep import DEFAULT_METHODS, TASK_GRIDS, execute, launcher_prefix, plan, run_subprocess
+from samat.analysis.sweep import (DEFAULT_METHODS, TASK_GRIDS, execute, launcher_prefix, plan, run_subprocess,
+                                  split_at_double_dash)
 from samat.common.cli import ArgumentParser
 from samat.common.errors import UsageError
 
@@ -61,11 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None, runner: Callable[[list[str]], int] = run_subprocess) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    passthrough: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, passthrough = argv[:cut], argv[cut + 1:]
+    argv, passthrough = split_at_double_dash(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
         if args.accelerate_args and args.launcher != "accelerate":
