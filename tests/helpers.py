@@ -32,6 +32,16 @@ def vision_task() -> VisionTask:
     return VisionTask(VisionArgs())
 
 
+def eval_loss(task, model: nn.Module, batch: dict) -> float:
+    """The task loss of ``model`` on ``batch`` in eval mode (BatchNorm on running statistics), no grad; the
+    model is left in train mode."""
+    model.eval()
+    with torch.no_grad():
+        value = task.loss(task.forward(model, batch), batch).item()
+    model.train()
+    return value
+
+
 def resolved(name: str, **kw) -> ResolvedMethod:
     base = dict(rho=0.05, eps=8 / 255, alpha=2 / 255, steps=3, norm="linf")
     if name == "fgsm-at":

@@ -18,7 +18,7 @@ from samat.common.cost import PassCounter
 from samat.common.efficient_sam import EFFICIENT_UPDATES, STATE_KEY, aesam_threshold_c, update_state
 from samat.common.errors import UsageError
 from samat.common.methods import METHODS, Method, ResolvedMethod, StepContext, resolve_method, train_step
-from helpers import context, image_batch, resolved, tiny_cnn, tiny_mlp, vision_task
+from helpers import context, eval_loss, image_batch, resolved, tiny_cnn, tiny_mlp, vision_task
 
 EFFICIENT = sorted(EFFICIENT_UPDATES)
 
@@ -238,17 +238,10 @@ def test_every_objective_composes_and_lowers_its_loss(accelerator, update, objec
     model, batch = tiny_cnn(), image_batch(n=16)
     task = vision_task()
 
-    def clean_loss():
-        model.eval()
-        with torch.no_grad():
-            value = task.loss(task.forward(model, batch), batch).item()
-        model.train()
-        return value
-
-    before = clean_loss()
+    before = eval_loss(task, model, batch)
     ctx, results = _train(accelerator, model, m, [[batch]] * 8, lr=0.05, total_steps=8)
     assert all(not r.skipped and math.isfinite(r.loss) for r in results)
-    assert clean_loss() < before - 0.05
+    assert eval_loss(task, model, batch) < before - 0.05
     assert update_state(ctx.optimizer)["sam_steps"] >= 1
 
 

@@ -10,7 +10,7 @@ import torch
 from samat.common.config import MethodArgs
 from samat.common.errors import UsageError
 from samat.common.methods import METHODS, resolve_method, train_step
-from helpers import context, image_batch, resolved, tiny_cnn, vision_task
+from helpers import context, eval_loss, image_batch, resolved, tiny_cnn, vision_task
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -21,18 +21,11 @@ def test_method_lowers_the_loss_on_a_fixed_batch(accelerator, name):
                   momentum=0.9)
     task = vision_task()
 
-    def clean_loss():
-        model.eval()
-        with torch.no_grad():
-            value = task.loss(task.forward(model, batch), batch).item()
-        model.train()
-        return value
-
-    before = clean_loss()
+    before = eval_loss(task, model, batch)
     for _ in range(8):
         result = train_step(ctx, [batch])
         assert not result.skipped and result.loss == result.loss  # finite, not NaN
-    assert clean_loss() < before - 0.05
+    assert eval_loss(task, model, batch) < before - 0.05
 
 
 def test_resolve_method_defaults_and_unused_flags():
