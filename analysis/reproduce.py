@@ -17,18 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from samat.common.errors import UsageError
-from samat.common.files import write_json_atomic, write_text_atomic
+from samat.common.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 from .runs import RESULTS_FILE, find_results, load_run, read_results
 from .sweep import SWEEP_FLAGS, TASK_GRIDS, Job, _flag_name, execute, launcher_prefix, plan, split_passthrough
 
 MANIFEST = "reproduce.json"
+FRONTIER_FIGURE = "efficient_frontier.png"
 SCALES = ("quick", "cpu", "gpu")
 
 
@@ -139,6 +140,7 @@ class Reproduction:
     eval_attacks: str
     passthrough: list[str]
     jobs: list[Job]
+    efficient: list[str] = field(default_factory=list)  # efficient SAM variants, at the preset's primary rho
 
     def manifest(self) -> dict:
         """What the root's runs were asked for; a later call into the same root must ask for the same."""
@@ -186,8 +188,16 @@ def _check_root(root: Path, task: str, manifest: dict) -> None:
 
 
 def plan_reproduction(task: str, scale: str, seeds: Optional[int] = None, root: Optional[str] = None,
-                      eval_attacks: Optional[str] = None, passthrough: Sequence[str] = ()) -> Reproduction:
-    """Check the request and plan its runs (``UsageError`` before anything is run or written)."""
+                      eval_attacks: Optional[str] = None, passthrough: Sequence[str] = (),
+                      efficient: Sequence[str] = ()) -> Reproduction:
+    """Check the request and plan its runs (``UsageError`` before anything is run or written). ``efficient``:
+    efficient SAM variants (:data:`samat.analysis.efficient.EFFICIENT`) to add at the preset's primary rho,
+    every seed, on the same flags (issue 12's frontier)."""
+    from .efficient import EFFICIENT
+
+    for name in efficient:
+        if name not in EFFICIENT:
+            raise UsageError(f"--efficient_sam: unknown variant {name!r}; choose from: {', '.join(EFFICIENT)}")
     if task not in TASKS:
         raise UsageError(f"--task: unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     if scale not in SCALES:
@@ -214,7 +224,12 @@ def plan_reproduction(task: str, scale: str, seeds: Optional[int] = None, root: 
                               rho=list(preset.rho), train_eps=list(preset.train_eps), train_norm=preset.train_norm,
                               alpha_ratio=None, seeds=seed_list, root=str(root_path))
     jobs = plan(args, flags)
-    rep = Reproduction(task, scale, preset, seed_list, root_path, attacks, list(passthrough), jobs)
+    if efficient:
+        extra = argparse.Namespace(**{**vars(args), "methods": list(dict.fromkeys(efficient)),
+                                      "rho": [preset.primary_rho]})
+        jobs += plan(extra, flags)
+    rep = Reproduction(task, scale, preset, seed_list, root_path, attacks, list(passthrough), jobs,
+                       list(dict.fromkeys(efficient)))
     _check_root(root_path, task, rep.manifest())
     return rep
 
@@ -265,9 +280,12 @@ def header_lines(rep: Reproduction, missing: Sequence[str]) -> list[str]:
     return lines
 
 
-def write_verdicts(rep: Reproduction) -> tuple[str, str, list[str]]:
+def write_verdicts(rep: Reproduction) -> tuple[str, str, list[str], str]:
     """Decide the claims from the grid's finished runs and write ``verdicts.md``/``verdicts.json`` into the
-    root. Returns the verdict table, the settings table and the notes (collapsed runs, ...) for the terminal."""
+    root (with efficient SAM variants in the grid: also their frontier, :mod:`samat.analysis.efficient`, and
+    ``efficient_frontier.png``). Returns the verdict table, the settings table, the notes (collapsed runs, ...)
+    and the frontier table (empty without variants) for the terminal."""
+    from . import efficient as E
     from . import verdicts as V
 
     finished = [j for j in rep.jobs if (j.output_dir / RESULTS_FILE).is_file()]
@@ -277,12 +295,21 @@ def write_verdicts(rep: Reproduction) -> tuple[str, str, list[str]]:
     runs = [load_run(j.output_dir / RESULTS_FILE) for j in finished]
     v = V.decide(runs, primary_rho=float(rep.preset.primary_rho), primary_eps=rep.preset.primary_eps)
     lines = header_lines(rep, missing)
-    write_text_atomic(rep.root / "verdicts.md", V.to_markdown(v, lines) + "\n")
+    frontier = E.frontier(v)
+    markdown, frontier_table = V.to_markdown(v, lines), ""
+    if frontier is not None:
+        png = E.figure(frontier)
+        if png is not None:
+            write_bytes_atomic(rep.root / FRONTIER_FIGURE, png)
+        markdown += "\n" + E.to_markdown(frontier, FRONTIER_FIGURE if png is not None else None)
+        frontier_table = E.table(frontier, pad=True)
+    write_text_atomic(rep.root / "verdicts.md", markdown + "\n")
     write_json_atomic(rep.root / "verdicts.json",
                       _finite(V.to_json(v, {"scale": rep.scale, "low_powered": rep.preset.low_powered,
                                             "preset": asdict(rep.preset), "seeds": [int(s) for s in rep.seeds],
-                                            "eval_attacks": rep.eval_attacks, "unfinished": missing})))
-    return V.verdict_table(v, pad=True), V.settings_table(v, pad=True), v.notes
+                                            "eval_attacks": rep.eval_attacks, "unfinished": missing,
+                                            "efficient_sam": E.to_json(frontier) if frontier else None})))
+    return V.verdict_table(v, pad=True), V.settings_table(v, pad=True), v.notes, frontier_table
 
 
 def _finite(value):

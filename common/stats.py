@@ -51,3 +51,50 @@ def stat(values: Iterable[Optional[float]]) -> Stat:
         return Stat(vals[0], None, 1)
     std = statistics.stdev(vals)
     return Stat(statistics.fmean(vals), std, len(vals), t95(len(vals) - 1) * std / math.sqrt(len(vals)))
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """``mean(num) / mean(den)`` of paired values with Fieller's 95 % interval (``lo``/``hi``; ``None`` where
+    the interval is unbounded: the denominator's mean is not distinguishable from 0 at this sample size)."""
+
+    value: Optional[float]
+    lo: Optional[float]
+    hi: Optional[float]
+    n: int
+
+    @property
+    def bounded(self) -> bool:
+        return self.lo is not None and self.hi is not None
+
+
+def fieller_ratio(num: Iterable[float], den: Iterable[float]) -> Ratio:
+    """The ratio of the means of paired samples ``num[i]``, ``den[i]`` and its 95 % Fieller interval.
+
+    Fieller (1954): the set of theta with ``(mean_n - theta mean_d)^2 <= t^2 var(mean_n - theta mean_d)`` is a
+    bounded interval exactly when the denominator's mean is significantly non-zero (``mean_d^2 > t^2
+    var(mean_d)``); otherwise it is unbounded and ``lo``/``hi`` are ``None``. Uses the paired covariance, so
+    an effect that moves both (a seed that helps every method) does not widen the interval. With fewer than two
+    pairs there is no interval; with a zero denominator mean there is no ratio.
+    """
+    pairs = [(float(a), float(b)) for a, b in zip(num, den) if math.isfinite(a) and math.isfinite(b)]
+    n = len(pairs)
+    if n == 0:
+        return Ratio(None, None, None, 0)
+    mn = statistics.fmean(a for a, _ in pairs)
+    md = statistics.fmean(b for _, b in pairs)
+    value = mn / md if md else None
+    if n < 2:
+        return Ratio(value, None, None, n)
+    vnn = statistics.variance([a for a, _ in pairs]) / n
+    vdd = statistics.variance([b for _, b in pairs]) / n
+    vnd = sum((a - mn) * (b - md) for a, b in pairs) / (n - 1) / n
+    t2 = t95(n - 1) ** 2
+    qa = md * md - t2 * vdd
+    qb = -2 * (mn * md - t2 * vnd)
+    qc = mn * mn - t2 * vnn
+    disc = qb * qb - 4 * qa * qc
+    if qa <= 0 or disc < 0:
+        return Ratio(value, None, None, n)
+    root = math.sqrt(disc)
+    return Ratio(value, (-qb - root) / (2 * qa), (-qb + root) / (2 * qa), n)

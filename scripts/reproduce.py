@@ -6,6 +6,7 @@
     samat reproduce --task text --scale gpu --seeds 5
     samat reproduce --task vision --scale gpu --print    # the commands only, for a scheduler
     samat reproduce --task vision --scale quick -- --epochs 8     # run.py flags for every run, after --
+    samat reproduce --task vision --scale cpu --efficient_sam     # + sam-every-k, looksam, ae-sam (issue 12)
 
 Trains ERM, SAM over the preset's rho grid and PGD-AT over its eps grid, each with every seed, through the
 sweep machinery (a finished run is skipped, an interrupted one resumed: rerun the same command to finish), then
@@ -24,6 +25,7 @@ import shlex
 import sys
 from typing import Callable, Optional, Sequence
 
+from samat.analysis.efficient import EFFICIENT
 from samat.analysis.reproduce import PRESETS, SCALES, TASKS, plan_reproduction, run_jobs, set_commands, write_verdicts
 from samat.analysis.sweep import run_subprocess, split_at_double_dash
 from samat.common.cli import ArgumentParser, main_guard
@@ -46,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_attacks", default=None,
                    help="Attack suite for every run (quoted if several names): pgd, apgd, autoattack or attack "
                         "names. Default: pgd for quick, apgd for cpu and gpu.")
+    p.add_argument("--efficient_sam", nargs="*", default=None, metavar="VARIANT",
+                   help=f"Also train efficient SAM variants ({', '.join(EFFICIENT)}; alone: all three) at the "
+                        "preset's pre-specified rho, every seed, and add their cost-vs-robustness frontier to the "
+                        "verdicts (share of SAM's robust gain kept, Fieller 95 %% interval; efficient_frontier.png). "
+                        "sam-every-k: Liu et al. 2022 (periodic SAM, k=5); looksam: Liu et al. CVPR 2022 (k=5, "
+                        "alpha=0.7); ae-sam: Jiang et al. ICLR 2023 (delta 0.9, c from 1 to -1).")
     p.add_argument("--launcher", default="python", choices=["python", "accelerate"],
                    help="Start each run with `python scripts/run.py` or `accelerate launch scripts/run.py`.")
     p.add_argument("--accelerate_args", default="",
@@ -60,7 +68,8 @@ def main(argv: Optional[Sequence[str]] = None, runner: Callable[[list[str]], int
     args = build_parser().parse_args(argv)
     if args.accelerate_args and args.launcher != "accelerate":
         raise UsageError("--accelerate_args needs --launcher accelerate")
-    rep = plan_reproduction(args.task, args.scale, args.seeds, args.root, args.eval_attacks, passthrough)
+    efficient = [] if args.efficient_sam is None else (args.efficient_sam or list(EFFICIENT))
+    rep = plan_reproduction(args.task, args.scale, args.seeds, args.root, args.eval_attacks, passthrough, efficient)
     set_commands(rep, args.launcher, args.accelerate_args, portable=args.print_only)
     if args.print_only:
         for job in rep.jobs:
@@ -70,10 +79,11 @@ def main(argv: Optional[Sequence[str]] = None, runner: Callable[[list[str]], int
                 print(shlex.join(job.command))
         return 0
     code = run_jobs(rep, runner)
-    verdict_table, settings_table, notes = write_verdicts(rep)
+    verdict_table, settings_table, notes, frontier_table = write_verdicts(rep)
     if rep.preset.low_powered:
         print("\nLOW-POWERED (--scale quick): these verdicts check that the protocol runs; they are not evidence.")
     print(f"\n{settings_table}\n\n{verdict_table}\n" + "".join(f"\nnote: {n}" for n in notes)
+          + (f"\n\nEfficient SAM (cost vs share of SAM's robust gain kept):\n{frontier_table}" if frontier_table else "")
           + f"\n\nreproduce: {rep.root / 'verdicts.md'} "
           f"(rules, intervals, notes) and verdicts.json", flush=True)
     return code

@@ -23,7 +23,7 @@ def results(method: str, seed: int, clean: float, robust: float | Sequence[float
     backward) passes over 100 optimizer steps (default: ERM 1, SAM 2, PGD-K K+1 per step); ``suite`` adds an
     ``apgd-suite-linf`` worst case ``suite`` below PGD at every radius."""
     values = [robust] * len(RADII) if isinstance(robust, (int, float)) else list(robust)
-    per_step = {"erm": 1, "sam": 2, "pgd-at": steps + 1}[method]
+    per_step = {"erm": 1, "sam": 2, "pgd-at": steps + 1}.get(method, 1)
     fwd = 100 * per_step if passes is None else passes
     resolved = {"method": method}
     if rho is not None:

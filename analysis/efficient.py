@@ -1,0 +1,216 @@
+"""What each efficient SAM variant keeps of SAM's robustness gain, and at what cost (issue 12's frontier).
+
+Reads the settings and the robust endpoint that :func:`samat.analysis.verdicts.decide` fixed, so the numbers use
+the same pairing by seed, the same pre-specified SAM rho / AT eps and the same endpoint as the verdicts:
+
+- **cost**: forward-backward passes per optimizer step as a multiple of ERM's (exact counts, paired by seed;
+  AE-SAM's varies with the run, the others' do not). Step *time* ratios are in ``bench/`` (wall time in a
+  grid of separate processes on a shared machine is not a fair comparison);
+- **gain**: the robust endpoint minus ERM's, paired by seed, with its 95 % t-interval;
+- **share of SAM's gain kept**: mean gain of the variant over the mean gain of SAM at the pre-specified rho,
+  per seed paired, with Fieller's 95 % interval (:func:`samat.common.stats.fieller_ratio`) -- unbounded when
+  SAM's own gain is not distinguishable from 0, and then the table says so rather than print a ratio of noise;
+- **clean vs SAM**: the variant's clean metric minus SAM's, paired.
+
+The goal of issue 12 is a variant at <= 1.4x ERM's cost that keeps >= 80 % of SAM's gain and SAM's clean
+accuracy (within the verdicts' 1-point margin). ``meets goal`` is "shown" when the intervals say so (share's
+lower bound >= 0.8, clean change's lower bound >= -1 point), "point estimate only" when only the means do,
+"no" otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+from samat.common.stats import Ratio, Stat, fieller_ratio
+from samat.common.tables import format_table
+
+from .runs import Setting
+from .verdicts import MARGIN, Effect, Verdicts, _find, paired, passes_per_step
+
+# The efficient SAM update rules of the engine's registry on the clean objective (samat.common.efficient_sam;
+# a test keeps this list equal to the registry's).
+EFFICIENT = ("sam-every-k", "looksam", "ae-sam")
+GOAL_COST, GOAL_SHARE = 1.4, 0.8
+
+
+@dataclass
+class Row:
+    """One setting of the frontier: ERM, SAM, AT or an efficient variant."""
+
+    name: str
+    method: str
+    role: str  # "reference" (ERM, SAM, AT) or "variant"
+    cost: Effect  # passes per step / ERM's, paired
+    clean: Stat
+    robust: Stat
+    gain: Optional[Effect]  # robust endpoint - ERM's, paired (None for ERM itself)
+    share: Optional[Ratio]  # of SAM's gain (None for ERM and SAM)
+    clean_vs_sam: Optional[Effect]
+    goal: str = "–"
+
+
+@dataclass
+class Frontier:
+    endpoint: str
+    sam: Optional[str]
+    rows: list[Row]
+    notes: list[str]
+
+    @property
+    def variants(self) -> list[Row]:
+        return [r for r in self.rows if r.role == "variant"]
+
+
+def _by_seed(s: Setting, get) -> dict[int, float]:
+    out = {}
+    for r in s.runs:
+        v = get(r)
+        if r.seed is not None and v is not None and math.isfinite(v):
+            out.setdefault(r.seed, v)
+    return out
+
+
+def _share(erm: Setting, sam: Setting, s: Setting, get) -> Ratio:
+    e, m, v = _by_seed(erm, get), _by_seed(sam, get), _by_seed(s, get)
+    seeds = sorted(set(e) & set(m) & set(v))
+    return fieller_ratio([v[k] - e[k] for k in seeds], [m[k] - e[k] for k in seeds])
+
+
+def _goal(row: Row) -> str:
+    if row.share is None or row.share.value is None or row.cost.mean is None or row.clean_vs_sam is None \
+            or row.clean_vs_sam.mean is None:
+        return "–"
+    cheap = row.cost.mean <= GOAL_COST + 1e-9
+    if not (cheap and row.share.value >= GOAL_SHARE and row.clean_vs_sam.mean >= -MARGIN):
+        return "no"
+    if row.share.bounded and row.share.lo >= GOAL_SHARE and row.clean_vs_sam.lo is not None \
+            and row.clean_vs_sam.lo >= -MARGIN:
+        return "shown"
+    return "point estimate only"
+
+
+def frontier(v: Verdicts) -> Optional[Frontier]:
+    """The frontier of ``v``'s grid, or ``None`` when it holds no efficient SAM variant (or no ERM, SAM at the
+    pre-specified rho or robust endpoint to measure a gain against)."""
+    variants = [s for s in v.settings if s.method in EFFICIENT]
+    if not variants:
+        return None
+    notes = []
+    erm = _find(v.settings, "erm")
+    sam = _find(v.settings, "sam", rho=v.primary_rho) if v.primary_rho is not None else None
+    at = _find(v.settings, "pgd-at", eps_label=v.primary_eps) if v.primary_eps is not None else None
+    ep = v.endpoint
+    if erm is None or sam is None or ep is None or not ep.radii:
+        missing = "ERM runs" if erm is None else ("SAM runs at the pre-specified rho" if sam is None
+                                                   else "a robust endpoint")
+        return Frontier("–", None, [], [f"no {missing}: no gain to measure the variants against"])
+    rows = []
+    for s, role in [(erm, "reference"), (sam, "reference")] + ([(at, "reference")] if at else []) \
+            + [(s, "variant") for s in variants]:
+        cost = paired(f"passes per step ({s.name} / {erm.name})", erm, s, passes_per_step, kind="ratio")
+        gain = None if s is erm else paired(f"robust gain ({s.name} − {erm.name})", erm, s, ep.mean)
+        share = None if s in (erm, sam) else _share(erm, sam, s, ep.mean)
+        vs_sam = None if s in (erm, sam) else paired(f"clean change ({s.name} − {sam.name})", sam, s,
+                                                     lambda r: r.clean)
+        row = Row(s.name, s.method, role, cost, s.of(lambda r: r.clean), s.of(ep.mean), gain, share, vs_sam)
+        row.goal = _goal(row) if role == "variant" else "–"
+        rows.append(row)
+    sam_gain = rows[1].gain
+    if sam_gain is not None and sam_gain.lo is not None and sam_gain.lo <= 0:
+        notes.append(f"SAM's own robust gain over ERM ({sam_gain.text()}) is not distinguishable from 0: the "
+                     "shares of it that the variants keep have unbounded intervals and decide nothing")
+    for s in variants:
+        if v.primary_rho is not None and (s.rho is None or not math.isclose(s.rho, v.primary_rho)):
+            notes.append(f"{s.name}: rho differs from SAM's pre-specified {v.primary_rho:g}; its share compares "
+                         "different radii")
+    return Frontier(ep.describe(), sam.name, rows, notes)
+
+
+# ------------------------------------------------------------------------------------------- output
+
+
+def _pts(st: Stat) -> str:
+    if st.n == 0:
+        return "–"
+    return f"{st.mean * 100:.1f}" + ("" if st.ci95 is None else f" ± {st.ci95 * 100:.1f}")
+
+
+def _effect(e: Optional[Effect]) -> str:
+    if e is None or e.mean is None:
+        return "–"
+    interval = f" [{e.lo * 100:+.1f}, {e.hi * 100:+.1f}]" if e.lo is not None else ""
+    return f"{e.mean * 100:+.1f}{interval}"
+
+
+def _ratio(r: Optional[Ratio]) -> str:
+    if r is None or r.value is None:
+        return "–"
+    if r.bounded:
+        return f"{r.value:.0%} [{r.lo:.0%}, {r.hi:.0%}]"
+    return f"{r.value:.0%} (interval unbounded)" if r.n >= 2 else f"{r.value:.0%} (no interval)"
+
+
+def table(f: Frontier, pad: bool = False) -> str:
+    header = ["setting", "passes × ERM", "clean", "robust (endpoint)", "robust gain vs ERM (pts)",
+              "share of SAM's gain kept", "clean vs SAM (pts)", "meets goal"]
+    rows = [[r.name, f"{r.cost.mean:.2f}" if r.cost.mean is not None else "–", _pts(r.clean), _pts(r.robust),
+             _effect(r.gain), _ratio(r.share) if r.role == "variant" or r.method == "pgd-at" else "–",
+             _effect(r.clean_vs_sam), r.goal] for r in f.rows]
+    return format_table(header, rows, pad=pad)
+
+
+def to_markdown(f: Frontier, figure: Optional[str] = None) -> str:
+    out = ["## Efficient SAM: cost vs robustness gain kept", "",
+           f"Robust endpoint: {f.endpoint} (as the verdicts). Clean and robust: mean ± 95 % half-width over seeds, "
+           "in points. Gains and changes: paired by seed, mean [95 % interval]. Share of SAM's gain kept: ratio of "
+           f"the mean paired gains over ERM (variant / {f.sam}), Fieller's 95 % interval. Goal (issue 12): ≤ "
+           f"{GOAL_COST:g}× ERM's passes, ≥ {GOAL_SHARE:.0%} of SAM's gain and SAM's clean accuracy within "
+           f"{MARGIN * 100:g} point.", ""]
+    out += [table(f), ""] if f.rows else []
+    out += [f"- {n}" for n in f.notes] + ([""] if f.notes else [])
+    if figure:
+        out += [f"![cost vs robustness gain]({figure})", ""]
+    return "\n".join(out)
+
+
+def to_json(f: Frontier) -> dict:
+    return {"endpoint": f.endpoint, "sam": f.sam, "notes": f.notes, "goal": {"cost": GOAL_COST, "share": GOAL_SHARE,
+                                                                            "clean_margin": MARGIN},
+            "rows": [asdict(r) for r in f.rows]}
+
+
+def figure(f: Frontier) -> Optional[bytes]:
+    """Passes per step × ERM on x, robust gain over ERM (points, 95 % interval) on y: a point per setting,
+    with SAM's gain and 80 % of it as horizontal lines and the 1.4× budget as a vertical one."""
+    if not f.rows:
+        return None
+    from .figures import STYLE, _png, plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    sam_gain = f.rows[1].gain
+    for r in f.rows:
+        gain = 0.0 if r.gain is None else r.gain.mean
+        if r.cost.mean is None or gain is None:
+            continue
+        colour, marker = STYLE.get(r.method, ("tab:gray", "*"))
+        err = None
+        if r.gain is not None and r.gain.lo is not None:
+            err = [[(r.gain.mean - r.gain.lo) * 100], [(r.gain.hi - r.gain.mean) * 100]]
+        ax.errorbar([r.cost.mean], [gain * 100], yerr=err, color=colour, marker=marker, ms=9, capsize=3, ls="")
+        ax.annotate(r.name, (r.cost.mean, gain * 100), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    if sam_gain is not None and sam_gain.mean is not None:
+        ax.axhline(sam_gain.mean * 100, color="tab:blue", lw=0.8, ls="--", label="SAM's gain")
+        ax.axhline(GOAL_SHARE * sam_gain.mean * 100, color="tab:blue", lw=0.8, ls=":",
+                   label=f"{GOAL_SHARE:.0%} of SAM's gain")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.axvline(GOAL_COST, color="gray", lw=0.8, ls="-.", label=f"{GOAL_COST:g}× ERM")
+    ax.set_xscale("log")
+    ax.set(xlabel="forward-backward passes per step (× ERM, log scale)",
+           ylabel="robust gain over ERM (points, 95 % interval)",
+           title="Efficient SAM: cost vs robustness gain (paired by seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _png(fig)

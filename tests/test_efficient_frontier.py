@@ -1,0 +1,178 @@
+"""Issue 12's frontier: Fieller's interval for the share of SAM's gain, the frontier table and its goal, the
+reproduce grid with --efficient_sam, and the variant list kept equal to the engine's registry."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+from helpers import load_script
+from test_reproduce import FakeRunner, _flag, _print
+from test_verdicts import results, write_run
+
+from samat.analysis import efficient as E
+from samat.analysis import verdicts as V
+from samat.analysis.runs import load_runs
+from samat.common.stats import fieller_ratio, t95
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    return load_script("reproduce")
+
+
+# ------------------------------------------------------------------------------------------- Fieller
+
+
+def _inside(theta: float, num, den) -> bool:
+    """Fieller's defining inequality, evaluated directly (the reference the closed form must match)."""
+    n = len(num)
+    d = [a - theta * b for a, b in zip(num, den)]
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) / n
+    return mean * mean <= t95(n - 1) ** 2 * var
+
+
+def test_fieller_matches_its_defining_inequality():
+    rng = random.Random(0)
+    for _ in range(20):
+        den = [2.0 + rng.gauss(0, 0.3) for _ in range(4)]
+        num = [0.7 * b + rng.gauss(0, 0.2) for b in den]
+        r = fieller_ratio(num, den)
+        assert r.bounded and r.lo < r.value < r.hi
+        for theta in (r.lo + 1e-6, r.hi - 1e-6, r.value):
+            assert _inside(theta, num, den)
+        for theta in (r.lo - 1e-3, r.hi + 1e-3):
+            assert not _inside(theta, num, den)
+
+
+def test_fieller_edge_cases():
+    exact = fieller_ratio([1.0, 1.0, 1.0], [2.0, 2.0, 2.0])
+    assert exact.value == 0.5 and exact.lo == pytest.approx(0.5) and exact.hi == pytest.approx(0.5)
+    noisy_den = fieller_ratio([1.0, 1.2, 0.9], [0.1, -0.2, 0.15])  # SAM's gain not distinguishable from 0
+    assert noisy_den.value is not None and not noisy_den.bounded
+    one = fieller_ratio([1.0], [2.0])
+    assert one.value == 0.5 and one.lo is None and one.n == 1
+    assert fieller_ratio([], []).value is None and fieller_ratio([1.0, 2.0], [0.0, 0.0]).value is None
+    assert fieller_ratio([1.0, math.nan, 2.0], [2.0, 1.0, 4.0]).n == 2  # a non-finite pair is dropped
+
+
+# ------------------------------------------------------------------------------------------- frontier
+
+
+WOBBLE = (0.0, 0.004, -0.003)
+
+
+def _grid(root, sam_gain=0.05, variants=(("sam-every-k", 0.045, 120, 0.0), ("looksam", 0.01, 120, -0.03))):
+    """ERM, SAM rho 0.1 (+``sam_gain`` robust), PGD-AT 2/255 and efficient variants ``(method, robust gain,
+    forward passes over 100 steps, clean change)``, 3 seeds with a per-seed wobble."""
+    for s in range(3):
+        base, rob = 0.85 + 0.01 * s, 0.30 + 0.02 * s
+        write_run(root, "erm", s, base, rob)
+        write_run(root, "sam", s, base + WOBBLE[s], rob + sam_gain - WOBBLE[s], rho=0.1)
+        write_run(root, "pgd-at", s, base - 0.05, rob + 0.15 + WOBBLE[s], eps=2 / 255)
+        for method, gain, passes, clean in variants:
+            write_run(root, method, s, base + clean + WOBBLE[s] / 2, rob + gain + WOBBLE[s] / 2, rho=0.1,
+                      passes=passes)
+    return V.decide(load_runs([str(root)]), primary_rho=0.1, primary_eps="2/255")
+
+
+def test_frontier_rows_share_and_goal(tmp_path):
+    f = E.frontier(_grid(tmp_path))
+    rows = {r.name: r for r in f.rows}
+    assert [r.role for r in f.rows[:3]] == ["reference"] * 3 and f.sam == "sam rho=0.1"
+    assert rows["sam rho=0.1"].cost.mean == pytest.approx(2.0)
+    every = rows["sam-every-k rho=0.1"]
+    assert every.cost.mean == pytest.approx(1.2) and every.share.bounded
+    assert every.share.value == pytest.approx(0.9, abs=0.02) and every.share.lo < 0.9 < every.share.hi
+    assert every.gain.mean == pytest.approx(0.045, abs=1e-3)
+    assert every.goal in ("shown", "point estimate only")
+    look = rows["looksam rho=0.1"]
+    assert look.share.value == pytest.approx(0.2, abs=0.02) and look.goal == "no"  # keeps 20 %, loses 3 pts clean
+    assert look.clean_vs_sam.mean == pytest.approx(-0.03, abs=0.005)
+    assert rows["pgd-at eps=2/255"].share.value == pytest.approx(3.0, abs=0.1)  # AT: 3x SAM's gain
+    assert f.notes == []
+    md = E.to_markdown(f, "efficient_frontier.png")
+    assert "| sam-every-k rho=0.1 | 1.20 |" in md and "![cost vs robustness gain](efficient_frontier.png)" in md
+    assert json.loads(json.dumps(E.to_json(f)))["rows"][3]["share"]["value"] == pytest.approx(0.9, abs=0.02)
+    assert E.figure(f)[:4] == b"\x89PNG"
+
+
+def test_frontier_says_when_sams_gain_is_noise(tmp_path):
+    f = E.frontier(_grid(tmp_path, sam_gain=0.0))
+    assert any("not distinguishable from 0" in n for n in f.notes)
+    assert all(not r.share.bounded for r in f.variants)
+    assert "(interval unbounded)" in E.table(f)
+
+
+def test_no_variants_no_frontier_and_missing_sam_is_named(tmp_path):
+    assert E.frontier(_grid(tmp_path / "a", variants=())) is None
+    for s in range(2):
+        write_run(tmp_path / "b", "erm", s, 0.8, 0.3)
+        write_run(tmp_path / "b", "ae-sam", s, 0.8, 0.3, rho=0.1, passes=150)
+    f = E.frontier(V.decide(load_runs([str(tmp_path / "b")]), primary_rho=0.1))
+    assert f.rows == [] and "no SAM runs at the pre-specified rho" in f.notes[0]
+
+
+def test_variant_list_is_the_registrys():
+    from samat.common.methods import METHODS
+    from samat.common.efficient_sam import EFFICIENT_UPDATES
+
+    registry = [m.name for m in METHODS.values() if m.update in EFFICIENT_UPDATES and m.objective == "clean"]
+    assert sorted(registry) == sorted(E.EFFICIENT)
+
+
+# ------------------------------------------------------------------------------------------- reproduce
+
+
+class EfficientRunner(FakeRunner):
+    """FakeRunner plus efficient variants: 1.2 passes per step, 90 % of SAM's +3 pts robust gain."""
+
+    def __call__(self, command):
+        method = _flag(command, "--method")
+        if method not in E.EFFICIENT:
+            return super().__call__(command)
+        from pathlib import Path
+
+        out, seed = Path(_flag(command, "--output_dir")), int(_flag(command, "--seed"))
+        self.names.append(out.name)
+        out.mkdir(parents=True)
+        doc = results(method, seed, 0.85 + 0.01 * seed, 0.3 + 0.02 * seed + 0.027 + (0.0, 0.002, -0.001)[seed],
+                      rho=float(_flag(command, "--rho")), passes=120)
+        (out / "results.json").write_text(json.dumps(doc))
+        return 0
+
+
+def test_reproduce_plans_variants_at_the_primary_rho(reproduce, capsys, tmp_path):
+    commands = _print(reproduce, capsys, "--scale", "cpu", "--root", str(tmp_path / "r"), "--efficient_sam",
+                      "looksam", "ae-sam")
+    extra = [c for c in commands if _flag(c, "--method") in E.EFFICIENT]
+    assert len(commands) == 3 * (1 + 3 + 4) + 2 * 3 and len(extra) == 2 * 3
+    assert {_flag(c, "--rho") for c in extra} == {"0.1"} and {_flag(c, "--seed") for c in extra} == {"0", "1", "2"}
+    assert len(_print(reproduce, capsys, "--root", str(tmp_path / "q"), "--efficient_sam")) == 9 + 3 * 3
+
+
+def test_reproduce_writes_the_frontier(reproduce, capsys, tmp_path):
+    root = tmp_path / "grid"
+    assert reproduce.main(["--root", str(root), "--efficient_sam", "sam-every-k"], runner=EfficientRunner()) == 0
+    out = capsys.readouterr().out
+    assert "Efficient SAM (cost vs share of SAM's robust gain kept)" in out and "sam-every-k rho=0.1" in out
+    md = (root / "verdicts.md").read_text()
+    assert "## Efficient SAM: cost vs robustness gain kept" in md and (root / "efficient_frontier.png").is_file()
+    data = json.loads((root / "verdicts.json").read_text())
+    row = [r for r in data["efficient_sam"]["rows"] if r["method"] == "sam-every-k"][0]
+    assert row["cost"]["mean"] == pytest.approx(1.2) and row["share"]["value"] == pytest.approx(0.9, abs=0.05)
+
+
+def test_unknown_variant_is_one_line_exit_2(reproduce, capsys, tmp_path):
+    from samat.common.cli import main_guard
+
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(lambda: reproduce.main(["--root", str(tmp_path / "x"), "--efficient_sam", "esam"],
+                                          runner=FakeRunner()))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --efficient_sam: unknown variant 'esam'; choose from: sam-every-k, looksam, ae-sam"]
+    assert not (tmp_path / "x").exists()
