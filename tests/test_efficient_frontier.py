@@ -149,7 +149,7 @@ def test_reproduce_plans_variants_at_the_primary_rho(reproduce, capsys, tmp_path
     commands = _print(reproduce, capsys, "--scale", "cpu", "--root", str(tmp_path / "r"), "--efficient_sam",
                       "looksam", "ae-sam")
     extra = [c for c in commands if _flag(c, "--method") in E.EFFICIENT]
-    assert len(commands) == 3 * (1 + 3 + 4) + 2 * 3 and len(extra) == 2 * 3
+    assert len(commands) == 3 * (1 + 1 + 1) + 2 * 3 and len(extra) == 2 * 3
     assert {_flag(c, "--rho") for c in extra} == {"0.1"} and {_flag(c, "--seed") for c in extra} == {"0", "1", "2"}
     assert len(_print(reproduce, capsys, "--root", str(tmp_path / "q"), "--efficient_sam")) == 9 + 3 * 3
 

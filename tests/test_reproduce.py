@@ -36,7 +36,7 @@ def _print(reproduce, capsys, *argv: str) -> list[list[str]]:
 
 @pytest.mark.parametrize("task, scale, runs, steps, attacks", [
     ("vision", "quick", 3 * (1 + 1 + 1), "3", "pgd"),
-    ("vision", "cpu", 3 * (1 + 3 + 4), "5", "apgd"),
+    ("vision", "cpu", 3 * (1 + 1 + 1), "3", "apgd"),
     ("vision", "gpu", 3 * (1 + 4 + 4), "10", "apgd"),
     ("text", "quick", 3 * 3, None, "pgd"),
     ("segmentation", "cpu", 3 * (1 + 3 + 2), None, "apgd"),
@@ -184,3 +184,14 @@ def test_end_to_end_tiny_runs(tmp_path):
     cost = {c["claim"]: c for c in data["claims"]}["c"]
     assert cost["verdict"] == "holds", cost  # ERM 1, SAM 2, PGD-3 4 forward-backward passes per step
     assert [round(e["mean"], 6) for e in cost["effects"]] == [2.0, 4.0]
+
+
+def test_few_step_presets_take_a_half_eps_step(reproduce, capsys, tmp_path):
+    """PGD-3 AT with the pixel grid's eps/4 step cannot leave a 3/4-eps ball around its start; the cpu preset
+    asks for eps/2 (its alpha_ratio), which the runs receive as --train_alpha."""
+    commands = _print(reproduce, capsys, "--scale", "cpu", "--root", str(tmp_path / "r"))
+    at = [c for c in commands if _flag(c, "--method") == "pgd-at"]
+    assert at and all(_flag(c, "--train_alpha") == "1/255" and _flag(c, "--train_eps") == "2/255" for c in at)
+    gpu = [c for c in _print(reproduce, capsys, "--scale", "gpu", "--root", str(tmp_path / "g"))
+           if _flag(c, "--method") == "pgd-at" and _flag(c, "--train_eps") == "8/255"]
+    assert gpu and all(_flag(c, "--train_alpha") == "2/255" for c in gpu)  # PGD-10: the grid's eps/4
