@@ -7,6 +7,8 @@ by :mod:`samat.analysis.figures`; ``scripts/report.py`` (``samat report``) is th
 
 from __future__ import annotations
 
+import os
+
 from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -63,9 +65,35 @@ def _sanity_section(runs: list[Run], unfinished: list[Path]) -> list[str]:
     return out
 
 
+def run_pictures(runs: Sequence[Run]) -> list[tuple[Run, Path]]:
+    """Pictures the runs' tasks drew into their run folders and named in results (``metrics.<block>.figure``,
+    a file name relative to the run folder, e.g. segmentation's ``segmentations.png``), where the file exists."""
+    out = []
+    for r in runs:
+        folder = r.path if r.path.is_dir() else r.path.parent
+        for block in r.results.metrics.values():
+            name = block.get("figure") if isinstance(block, dict) else None
+            if isinstance(name, str) and (folder / name).is_file():
+                out.append((r, folder / name))
+    return out
+
+
+def _pictures_section(runs: Sequence[Run], out_dir: Optional[Path]) -> list[str]:
+    pictures = run_pictures(runs)
+    if not pictures:
+        return []
+    lines = ["## Pictures", "", "Drawn by each run on fixed evaluation examples (the run's own file, linked)."
+             "", ""]
+    for r, path in pictures:
+        link = Path(os.path.relpath(path.resolve(), out_dir.resolve())) if out_dir else path.resolve()
+        lines += [f"### {r.label} (`{path.parent.name}`)", "", f"![{r.label}]({link.as_posix()})", ""]
+    return lines
+
+
 def build_markdown(runs: list[Run], settings: list[Setting], figures: list[tuple[str, str]],
-                   unfinished: list[Path], sources: Sequence[str]) -> str:
-    """``report.md``: ``figures`` are ``(file name, title)`` of the PNGs written beside it."""
+                   unfinished: list[Path], sources: Sequence[str], out_dir: Optional[Path] = None) -> str:
+    """``report.md``: ``figures`` are ``(file name, title)`` of the PNGs written beside it; the runs' own
+    pictures are linked relative to ``out_dir`` (the report's folder; absolute paths without it)."""
     out = [f"# samat report: {runs[0].task}", "",
            f"{len(runs)} run(s) in {len(settings)} setting(s) from {', '.join(sources)}; headline metric "
            f"`{runs[0].headline}`; generated {datetime.now(timezone.utc).isoformat(timespec='seconds')}.", "",
@@ -73,6 +101,7 @@ def build_markdown(runs: list[Run], settings: list[Setting], figures: list[tuple
     out += _results_sections(runs, settings)
     out += _sanity_section(runs, unfinished)
     out += ["## Figures", ""] + [f"### {title}\n\n![{title}]({name})\n" for name, title in figures]
+    out += _pictures_section(runs, out_dir)
     devices = OrderedDict((f"{r.results.device or '?'} × {r.results.num_processes} "
                            f"({r.results.mixed_precision})", None) for r in runs)
     out += ["## Runs", "", f"Devices: {', '.join(devices)}. One row per run in `results.csv`.", ""]
@@ -87,9 +116,11 @@ def pick_sharpness_key(runs: Sequence[Run], wanted: Optional[str]) -> Optional[s
     return wanted or (available[0] if available else None)
 
 
-def build_report(paths: Sequence[str], sharpness_key: Optional[str] = None) -> dict[str, bytes]:
+def build_report(paths: Sequence[str], sharpness_key: Optional[str] = None,
+                 out_dir: Optional[Path] = None) -> dict[str, bytes]:
     """Every output file of the report as ``{name: bytes}``; nothing is written here, so a ``UsageError``
-    leaves no half-written report behind."""
+    leaves no half-written report behind. ``out_dir``: where it will be written (for links to the runs'
+    own pictures)."""
     runs = load_runs(paths)
     settings = group(runs)
     sharp_key = pick_sharpness_key(runs, sharpness_key)
@@ -98,7 +129,7 @@ def build_report(paths: Sequence[str], sharpness_key: Optional[str] = None) -> d
     figures = draw_figures(runs, settings, sharp_key)
     files = {name: png for name, _, png in figures}
     files["report.md"] = build_markdown(runs, settings, [(name, title) for name, title, _ in figures],
-                                        find_unfinished(paths), paths).encode()
+                                        find_unfinished(paths), paths, out_dir).encode()
     files["results.csv"] = csv_bytes(*csv_rows(runs))
     files["summary.csv"] = csv_bytes(*summary_rows(runs, settings))
     return files

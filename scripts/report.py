@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Build the report and write it; bad input raises ``UsageError`` before anything is written."""
     args = build_parser().parse_args(argv)
-    files = build_report(args.paths, args.sharpness)
     first = Path(args.paths[0])
     out = Path(args.out) if args.out else (first.parent if first.is_file() else first) / "report"
+    files = build_report(args.paths, args.sharpness, out)
     write_report(out, files)
     print(f"report: {out / 'report.md'} ({len(files)} files: {', '.join(files)})")
     return 0

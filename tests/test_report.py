@@ -255,3 +255,22 @@ def test_results_without_columns_are_upgraded_and_new_columns_are_read_generical
     assert "| erm | 2 (0, 1) | 0.8500 ± 0.0707 |" in md and "| erm | 0.8500 [0.2147, 1.4853] |" in md
     header = (tmp_path / "rep" / "results.csv").read_text().splitlines()[0]
     assert "probe_alpha_queries" in header and "textattack_deepwordbug_avg_queries" in header
+
+
+def test_runs_own_pictures_are_linked_relative_to_the_report(tmp_path):
+    """Segmentation names its picture in metrics.segmentation.figure: the report links it (a run whose file is
+    missing gets no broken link)."""
+    from samat.analysis.report import build_report
+
+    root = tmp_path / "runs"
+    for seed, draw in ((0, True), (1, False)):
+        d = root / f"erm-s{seed}"
+        d.mkdir(parents=True)
+        data = fake_results("segmentation", "erm", seed, 0.6, 0.05)
+        data["metrics"]["segmentation"] = {"figure": "segmentations.png", "clean_miou": 0.6}
+        (d / "results.json").write_text(json.dumps(data))
+        if draw:
+            (d / "segmentations.png").write_bytes(b"\x89PNG fake")
+    md = build_report([str(root)], out_dir=tmp_path / "out")["report.md"].decode()
+    assert "## Pictures" in md and "![erm](../runs/erm-s0/segmentations.png)" in md
+    assert "erm-s1/segmentations.png" not in md
