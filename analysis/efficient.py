@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 from samat.common.stats import Ratio, Stat, fieller_ratio
 from samat.common.tables import format_table
 
 from .runs import Setting
-from .verdicts import MARGIN, Effect, Verdicts, _find, paired, passes_per_step
+from .verdicts import MARGIN, Effect, Verdicts, _find, _pct, by_seed, paired, passes_per_step
 
 # The efficient SAM update rules of the engine's registry on the clean objective (samat.common.efficient_sam;
 # a test keeps this list equal to the registry's).
@@ -64,17 +64,8 @@ class Frontier:
         return [r for r in self.rows if r.role == "variant"]
 
 
-def _by_seed(s: Setting, get) -> dict[int, float]:
-    out = {}
-    for r in s.runs:
-        v = get(r)
-        if r.seed is not None and v is not None and math.isfinite(v):
-            out.setdefault(r.seed, v)
-    return out
-
-
 def _share(erm: Setting, sam: Setting, s: Setting, get) -> Ratio:
-    e, m, v = _by_seed(erm, get), _by_seed(sam, get), _by_seed(s, get)
+    e, m, v = by_seed(erm, get), by_seed(sam, get), by_seed(s, get)
     seeds = sorted(set(e) & set(m) & set(v))
     return fieller_ratio([v[k] - e[k] for k in seeds], [m[k] - e[k] for k in seeds])
 
@@ -132,12 +123,6 @@ def frontier(v: Verdicts) -> Optional[Frontier]:
 # ------------------------------------------------------------------------------------------- output
 
 
-def _pts(st: Stat) -> str:
-    if st.n == 0:
-        return "–"
-    return f"{st.mean * 100:.1f}" + ("" if st.ci95 is None else f" ± {st.ci95 * 100:.1f}")
-
-
 def _effect(e: Optional[Effect]) -> str:
     if e is None or e.mean is None:
         return "–"
@@ -156,7 +141,7 @@ def _ratio(r: Optional[Ratio]) -> str:
 def table(f: Frontier, pad: bool = False) -> str:
     header = ["setting", "passes × ERM", "clean", "robust (endpoint)", "robust gain vs ERM (pts)",
               "share of SAM's gain kept", "clean vs SAM (pts)", "meets goal"]
-    rows = [[r.name, f"{r.cost.mean:.2f}" if r.cost.mean is not None else "–", _pts(r.clean), _pts(r.robust),
+    rows = [[r.name, f"{r.cost.mean:.2f}" if r.cost.mean is not None else "–", _pct(r.clean), _pct(r.robust),
              _effect(r.gain), _ratio(r.share) if r.role == "variant" or r.method == "pgd-at" else "–",
              _effect(r.clean_vs_sam), r.goal] for r in f.rows]
     return format_table(header, rows, pad=pad)

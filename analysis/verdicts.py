@@ -146,18 +146,20 @@ class Effect:
         return f"{head}{interval} ({self.n} seed{'s' if self.n != 1 else ''})"
 
 
+def by_seed(s: Setting, get: Getter) -> dict[int, float]:
+    """``{seed: get(run)}`` over the setting's runs with a seed and a finite value (the first run of a seed)."""
+    out: dict[int, float] = {}
+    for r in s.runs:
+        v = get(r)
+        if r.seed is not None and v is not None and math.isfinite(v):
+            out.setdefault(r.seed, v)
+    return out
+
+
 def paired(name: str, a: Setting, b: Setting, get: Getter, kind: str = "difference") -> Effect:
     """The per-seed ``get(B) - get(A)`` (``kind="ratio"``: ``get(B) / get(A)``) over the seeds both settings
     have a value for; the others are dropped and listed."""
-    def by_seed(s: Setting) -> dict[int, float]:
-        out = {}
-        for r in s.runs:
-            v = get(r)
-            if r.seed is not None and v is not None and math.isfinite(v):
-                out.setdefault(r.seed, v)
-        return out
-
-    va, vb = by_seed(a), by_seed(b)
+    va, vb = by_seed(a, get), by_seed(b, get)
     seeds = sorted(set(va) & set(vb))
     dropped = [f"seed {s} (only in {b.name if s in vb else a.name})" for s in sorted(set(va) ^ set(vb))]
     if kind == "ratio":
