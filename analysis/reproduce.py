@@ -69,9 +69,10 @@ PRESETS: dict[tuple[str, str], Preset] = {
                    "--epochs", "6", "--warmup_ratio", "0.1", *_VISION_EVAL, "--train_steps", "3",
                    "--sharpness_examples", "0", "--log_with", "none"),
         eval_attacks="pgd", low_powered=True),
-    # Measured on the 2-core CPU (RESULTS.md, "Reproduction"), one torch thread: ERM's clean accuracy on 1,000
-    # test images went 0.850 -> 0.876 from 20 to 40 epochs (small CNN, 5,000 images), so 40; PreAct ResNet-18
-    # at width 8 needed 20 epochs to pass 0.87 and costs twice the small CNN per step, which puts its grid past
+    # Measured on the 2-core CPU (RESULTS.md, section 1), seed 0, one torch thread: ERM's clean accuracy on
+    # 1,000 test images was 0.850 / 0.876 / 0.895 after 20 / 40 / 80 epochs (small CNN, 5,000 images), so 40
+    # epochs is NOT converged by the 1-point rule (80 would double a grid that already takes ~1.5 h); PreAct
+    # ResNet-18 at width 8 reached 0.792 / 0.870 at 10 / 20 epochs at twice the small CNN's step time, past
     # the CPU budget. One rho, one eps: SAM's and AT's pre-specified radii, the settings the verdicts use.
     ("vision", "cpu"): Preset(
         summary="small CNN, 5,000 Fashion-MNIST images, 40 epochs, 1,000 test images, APGD at L-inf 2/255 and "
