@@ -72,3 +72,22 @@ def test_saturated_logits_trip_the_pgd_gap_and_the_huge_radius(accelerator, capl
 def test_rounded_inputs_trip_black_box_vs_white_box(accelerator):
     report = _diagnose(Rounded(tiny_mlp()), accelerator)
     assert "black_box_vs_white_box" in _failed(report), report["checks"]
+
+
+def test_a_difference_of_exactly_the_tolerance_does_not_fire():
+    """Measured on the vision default: PGD 0.36 vs 0.35 with twice the steps on 100 examples (one example, one
+    point) fired "more_steps" through float rounding (0.36 - 0.35 = 0.01000000000000001). One point is not
+    "more than a point"; two are."""
+    from samat.common.diagnostics import _judge, full_set_gaps
+    from samat.common.suites import Planned
+
+    counts = {}
+    frac = {"linf/pgd-linf": 0.36, "linf/apgd-ce-linf": 0.33, "linf/pgd-doubled": 0.35, "huge-radius": 0.15}
+    checks = {d.name: d.passed for d in _judge(frac, counts, 10, ["linf"], 100, [])}
+    assert checks == {"pgd_vs_white_box": True, "more_steps": True, "huge_radius": True}
+    frac.update({"linf/pgd-doubled": 0.34, "linf/apgd-ce-linf": 0.32})
+    checks = {d.name: d.passed for d in _judge(frac, counts, 10, ["linf"], 100, [])}
+    assert checks == {"pgd_vs_white_box": False, "more_steps": False, "huge_radius": True}
+    planned = [Planned("pgd-linf", "linf", [], True, None), Planned("apgd-ce-linf", "linf", [], True, None)]
+    robust = {"pgd-linf": {"8/255": {"accuracy": 0.46}}, "apgd-ce-linf": {"8/255": {"accuracy": 0.43}}}
+    assert [d.passed for d in full_set_gaps(robust, planned, "accuracy")] == [True]
