@@ -131,9 +131,9 @@ def _probe_batch(model, task, batch, specs: list[AttackSpec], suite: Suite, step
 
 
 def _within(value: float, tolerance: float) -> bool:
-    """``value <= tolerance`` up to float rounding: fractions of whole examples (0.36 - 0.35) must not trip a
-    check by 1e-17 at exactly its tolerance ("more than a point" means more)."""
-    return value <= tolerance + 1e-9
+    """``value <= tolerance`` up to float rounding: fractions of whole examples, computed in float32 (0.36000001
+    - 0.34999999), must not trip a check at exactly its tolerance ("more than a point" means more)."""
+    return value <= tolerance + 1e-6
 
 
 def _judge(frac: dict[str, float], counts: dict[str, Tensor], classes: int, norms: list[str], examples: int,

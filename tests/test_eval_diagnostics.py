@@ -82,7 +82,10 @@ def test_a_difference_of_exactly_the_tolerance_does_not_fire():
     from samat.common.suites import Planned
 
     counts = {}
-    frac = {"linf/pgd-linf": 0.36, "linf/apgd-ce-linf": 0.33, "linf/pgd-doubled": 0.35, "huge-radius": 0.15}
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32).item()  # noqa: E731  (as the diagnostics compute them)
+    frac = {"linf/pgd-linf": f32(0.36), "linf/apgd-ce-linf": f32(0.33), "linf/pgd-doubled": f32(0.35),
+            "huge-radius": 0.15}
+    assert frac["linf/pgd-linf"] - frac["linf/pgd-doubled"] > 0.01  # the rounding that used to fire
     checks = {d.name: d.passed for d in _judge(frac, counts, 10, ["linf"], 100, [])}
     assert checks == {"pgd_vs_white_box": True, "more_steps": True, "huge_radius": True}
     frac.update({"linf/pgd-doubled": 0.34, "linf/apgd-ce-linf": 0.32})
