@@ -69,7 +69,7 @@ PRESETS: dict[tuple[str, str], Preset] = {
                    "--epochs", "6", "--warmup_ratio", "0.1", *_VISION_EVAL, "--train_steps", "3",
                    "--sharpness_examples", "0", "--log_with", "none"),
         eval_attacks="pgd", low_powered=True),
-    # Measured on the 2-core CPU (RESULTS.md, section 1), seed 0, one torch thread: ERM's clean accuracy on
+    # Measured on the 2-core CPU (RESULTS.md, section A), seed 0, one torch thread: ERM's clean accuracy on
     # 1,000 test images was 0.850 / 0.876 / 0.895 after 20 / 40 / 80 epochs (small CNN, 5,000 images), so 40
     # epochs is NOT converged by the 1-point rule (80 would double a grid that already takes ~1.5 h); PreAct
     # ResNet-18 at width 8 reached 0.792 / 0.870 at 10 / 20 epochs at twice the small CNN's step time, past

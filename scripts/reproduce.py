@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Arguments for `accelerate launch`, e.g. \"--num_processes 8 --mixed_precision bf16\".")
     p.add_argument("--print", dest="print_only", action="store_true",
                    help="Print the commands of the runs still to do, one per line, and stop.")
+    p.add_argument("--verdicts_only", action="store_true",
+                   help="Train nothing: write the verdicts from the runs already finished under --root (e.g. "
+                        "while a scheduler runs the --print commands); unfinished runs are listed as such.")
     return p
 
 
@@ -68,6 +71,8 @@ def main(argv: Optional[Sequence[str]] = None, runner: Callable[[list[str]], int
     args = build_parser().parse_args(argv)
     if args.accelerate_args and args.launcher != "accelerate":
         raise UsageError("--accelerate_args needs --launcher accelerate")
+    if args.print_only and args.verdicts_only:
+        raise UsageError("--print and --verdicts_only: choose one")
     efficient = [] if args.efficient_sam is None else (args.efficient_sam or list(EFFICIENT))
     rep = plan_reproduction(args.task, args.scale, args.seeds, args.root, args.eval_attacks, passthrough, efficient)
     set_commands(rep, args.launcher, args.accelerate_args, portable=args.print_only)
@@ -78,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None, runner: Callable[[list[str]], int
             else:
                 print(shlex.join(job.command))
         return 0
-    code = run_jobs(rep, runner)
+    code = 0 if args.verdicts_only else run_jobs(rep, runner)
     verdict_table, settings_table, notes, frontier_table = write_verdicts(rep)
     if rep.preset.low_powered:
         print("\nLOW-POWERED (--scale quick): these verdicts check that the protocol runs; they are not evidence.")

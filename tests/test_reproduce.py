@@ -196,3 +196,18 @@ def test_few_step_presets_take_a_half_eps_step(reproduce, capsys, tmp_path):
     gpu = [c for c in _print(reproduce, capsys, "--scale", "gpu", "--root", str(tmp_path / "g"))
            if _flag(c, "--method") == "pgd-at" and _flag(c, "--train_eps") == "8/255"]
     assert gpu and all(_flag(c, "--train_alpha") == "2/255" for c in gpu)  # PGD-10: the grid's eps/4
+
+
+def test_verdicts_only_trains_nothing(reproduce, capsys, tmp_path):
+    root = tmp_path / "grid"
+    first = FakeRunner(fail=tuple(f"pgd-at_eps2-255_s{s}" for s in range(3)))
+    assert reproduce.main(["--root", str(root)], runner=first) == 1
+    capsys.readouterr()
+    idle = FakeRunner()
+    assert reproduce.main(["--root", str(root), "--verdicts_only"], runner=idle) == 0
+    assert idle.names == []  # nothing trained
+    data = json.loads((root / "verdicts.json").read_text())
+    assert sorted(data["unfinished"]) == [f"pgd-at_eps2-255_s{s}" for s in range(3)]
+    assert {c["claim"]: c["verdict"] for c in data["claims"]}["b"] == "inconclusive at this sample size"
+    assert _guarded(reproduce, "--root", str(tmp_path / "empty"), "--verdicts_only") == 2
+    assert "no finished runs" in capsys.readouterr().err
