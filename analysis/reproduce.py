@@ -8,9 +8,9 @@ skipped, interrupted ones resumed); :func:`run_jobs` runs them with progress acr
 command line.
 
 Scales: ``quick`` (a few minutes on a 2-core CPU; low-powered: a smoke test of the protocol, not evidence),
-``cpu`` (a fair test that fits a 2-core CPU: the verdicts' pre-specified radii only; vision measured at about
-an hour and a half for 3 seeds, text about an hour, segmentation hours) and ``gpu`` (the paper's grid, full
-data, PGD-10).
+``cpu`` (a fair test that fits a 2-core CPU: the verdicts' pre-specified radii only; vision measured at 66
+one-core minutes for 3 seeds, 121 with ``--efficient_sam``; text about an hour and segmentation hours, both
+estimated) and ``gpu`` (the paper's grid, full data, PGD-10).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ PRESETS: dict[tuple[str, str], Preset] = {
         eval_attacks="pgd", low_powered=True),
     # Measured on the 2-core CPU (RESULTS.md, section A), seed 0, one torch thread: ERM's clean accuracy on
     # 1,000 test images was 0.850 / 0.876 / 0.895 after 20 / 40 / 80 epochs (small CNN, 5,000 images), so 40
-    # epochs is NOT converged by the 1-point rule (80 would double a grid that already takes ~1.5 h); PreAct
+    # epochs is NOT converged by the 1-point rule (80 would double a grid that takes 66 one-core minutes); PreAct
     # ResNet-18 at width 8 reached 0.792 / 0.870 at 10 / 20 epochs at twice the small CNN's step time, past
     # the CPU budget. One rho, one eps: SAM's and AT's pre-specified radii, the settings the verdicts use.
     ("vision", "cpu"): Preset(
