@@ -2,7 +2,7 @@
 """Reproduce the paper's claims on one task: train the grid, then write a verdict per claim.
 
     samat reproduce --task vision --scale quick          # low-powered, minutes on a 2-core CPU
-    samat reproduce --task vision --scale cpu            # PreAct ResNet-18 (width 16), rho and eps grids, 3 seeds
+    samat reproduce --task vision --scale cpu            # small CNN, 40 epochs, SAM rho 0.1 and PGD-3 AT 2/255, 3 seeds
     samat reproduce --task text --scale gpu --seeds 5
     samat reproduce --task vision --scale gpu --print    # the commands only, for a scheduler
     samat reproduce --task vision --scale quick -- --epochs 8     # run.py flags for every run, after --
