@@ -43,7 +43,8 @@ class Run:
     columns: dict[str, float]
     cost: dict[str, float]  # wall times and pass counts; only those the file holds (older runs lack some)
     sharpness: dict[str, float]  # "sam@0.05" / "asam@0.5" -> loss increase
-    # The method's other hyper-parameters (method_resolved without method/rho/eps), e.g. at_clean_weight.
+    # The method's other hyper-parameters (method_resolved without method/rho/eps, e.g. at_clean_weight) and
+    # the run's recipe (its config's run and task flags that change what is trained or measured, e.g. epochs).
     hyper: dict[str, Any] = field(default_factory=dict)
     # Those of ``hyper`` that differ between runs of the same method/rho/eps, as " k=v ..." (set by group()).
     variant: str = ""
@@ -186,6 +187,25 @@ def _sharpness(block: Optional[dict]) -> dict[str, float]:
     return out
 
 
+# Run flags that change neither what is trained nor what is measured: runs that differ only in these (and
+# the seed) are seeds of one setting. Every other run and task flag is part of the setting, so that e.g. a
+# 5-epoch and a 10-epoch run of one seed are never averaged as if they were two seeds.
+_NOT_RECIPE = frozenset({"task", "method", "seed", "output_dir", "resume", "overwrite", "log_with", "logging_steps",
+                         "num_workers", "cpu_threads", "checkpoint_every", "push_to_hub", "hub_model_id", "config",
+                         "divergence_guard", "eval_batch_size"})
+
+
+def _hyper(results: RunResults) -> dict[str, Any]:
+    """The method's resolved hyper-parameters besides method/rho/eps, then the run's recipe flags."""
+    hyper = {k: v for k, v in (results.method_resolved or {}).items() if k not in ("method", "rho", "eps")}
+    config = results.config or {}
+    for block in ("run", "task"):
+        for k, v in (config.get(block) or {}).items():
+            if k not in _NOT_RECIPE and k not in hyper:
+                hyper[k] = v
+    return hyper
+
+
 def load_run(path: Path) -> Run:
     """Read one results.json into a :class:`Run`."""
     raw = read_results(path)
@@ -199,8 +219,7 @@ def load_run(path: Path) -> Run:
     return Run(path=path.parent, results=results, seed=seed if isinstance(seed, int) else None, rho=rho,
                eps_label=label, eps=eps, robust=robust,
                columns={k: float(v) for k, v in results.columns.items() if _number(v)}, cost=cost,
-               sharpness=_sharpness(results.sharpness),
-               hyper={k: v for k, v in (results.method_resolved or {}).items() if k not in ("method", "rho", "eps")})
+               sharpness=_sharpness(results.sharpness), hyper=_hyper(results))
 
 
 def load_runs(paths: Sequence[str]) -> list[Run]:

@@ -239,7 +239,8 @@ class EvalArgs:
 class TaskDefaults:
     """A task's training and evaluation recipe: the values of flags the user left at ``None``.
 
-    ``cpu_*`` fields are the subset sizes used when no GPU is present (a GPU uses the full data); 0 means all.
+    ``cpu_*`` fields are what a run without a GPU uses instead: the subset sizes (a GPU uses the full data; 0
+    means all) and, when set, a shorter schedule (``cpu_epochs``; ``None``: ``epochs`` everywhere).
     """
 
     optimizer: str
@@ -260,6 +261,7 @@ class TaskDefaults:
     cpu_max_train_samples: int = 0
     cpu_max_eval_samples: int = 0
     cpu_sharpness_examples: int = 256
+    cpu_epochs: Optional[float] = None
 
     def __post_init__(self) -> None:  # a task's own recipe is checked like a user's flags
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -273,13 +275,17 @@ class TaskDefaults:
 
 def resolve_defaults(run: RunArgs, evals: EvalArgs, defaults: TaskDefaults, on_gpu: bool) -> list[str]:
     """Fill ``run``/``evals`` fields left at ``None`` from ``defaults``, once, in place. Returns notes for the
-    log (which CPU subsets were chosen). ``max_*_samples`` at ``None``: all on a GPU, the CPU subset on CPU."""
+    log (which CPU subsets and schedule were chosen). ``max_*_samples`` at ``None``: all on a GPU, the CPU subset
+    on CPU; ``epochs`` at ``None``: ``cpu_epochs`` on CPU when the task sets it."""
+    notes = []
+    if run.epochs is None and not on_gpu and defaults.cpu_epochs is not None:
+        run.epochs = defaults.cpu_epochs
+        notes.append(f"no GPU: --epochs defaults to {defaults.cpu_epochs:g} (a GPU trains {defaults.epochs:g})")
     for name in ("optimizer", "lr", "weight_decay", "lr_scheduler", "warmup_ratio", "epochs", "batch_size"):
         if getattr(run, name) is None:
             setattr(run, name, getattr(defaults, name))
     if run.eval_batch_size is None:
         run.eval_batch_size = defaults.eval_batch_size or 2 * run.batch_size
-    notes = []
     for name in ("max_train_samples", "max_eval_samples"):
         if getattr(run, name) is None:
             cpu_default = getattr(defaults, f"cpu_{name}")

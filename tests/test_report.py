@@ -176,6 +176,25 @@ def test_runs_differing_in_another_hyper_parameter_are_separate_settings(tmp_pat
     assert [s.variant for s in group(load_runs([str(runs)]))] == [" at_clean_weight=0", " at_clean_weight=0.5"]
 
 
+def test_runs_differing_in_their_recipe_are_separate_settings_but_not_in_bookkeeping(tmp_path):
+    """A 5-epoch and a 10-epoch run of one seed are two settings, never two 'seeds' of one; runs differing only
+    in where they were written or how many threads they used are seeds of one setting."""
+    from samat.analysis.runs import group, load_runs
+
+    runs = tmp_path / "runs"
+    for epochs, clean in ((5.0, 0.42), (10.0, 0.47)):
+        for seed in (0, 1):
+            data = fake_results("segmentation", "erm", seed, clean, 0.1)
+            data["config"]["run"].update(epochs=epochs, output_dir=f"runs/e{epochs:g}-s{seed}", cpu_threads=seed + 1)
+            d = runs / f"e{epochs:g}-s{seed}"
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps(data))
+    settings = group(load_runs([str(runs)]))
+    assert sorted((s.name, len(s.runs)) for s in settings) == [("erm epochs=10", 2), ("erm epochs=5", 2)]
+    assert {s.name: round(s.of(lambda r: r.clean).mean, 4) for s in settings} == {"erm epochs=5": 0.42,
+                                                                                  "erm epochs=10": 0.47}
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), *args], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)

@@ -117,3 +117,25 @@ def test_flags_have_help_and_do_not_collide_with_common_ones():
     for key in ("optimizer", "lr", "weight_decay", "lr_scheduler", "warmup_ratio", "epochs", "batch_size",
                 "eval_batch_size", "train_eps", "cpu_max_train_samples", "cpu_max_eval_samples"):
         assert hasattr(defaults, key), key  # a typed TaskDefaults (common.config)
+
+
+def test_cpu_epochs_shorten_only_an_unset_schedule_without_a_gpu():
+    """The default preset trains a shorter schedule on CPU (cpu_epochs) and its full one on a GPU; a user's
+    --epochs always wins, and a task without cpu_epochs trains the same everywhere."""
+    from dataclasses import replace
+
+    from samat.common.config import EvalArgs, resolve_defaults
+
+    defaults = SegmentationTask.defaults
+    assert defaults.cpu_epochs is not None and defaults.cpu_epochs < defaults.epochs
+
+    def resolved(on_gpu, task_defaults=defaults, **flags):
+        run = RunArgs(task="segmentation", **flags)
+        notes = resolve_defaults(run, EvalArgs(), task_defaults, on_gpu=on_gpu)
+        return run.epochs, notes
+
+    epochs, notes = resolved(on_gpu=False)
+    assert epochs == defaults.cpu_epochs and any("--epochs defaults to" in n for n in notes)
+    assert resolved(on_gpu=True) == (defaults.epochs, [])
+    assert resolved(on_gpu=False, epochs=7.0)[0] == 7.0
+    assert resolved(on_gpu=False, task_defaults=replace(defaults, cpu_epochs=None))[0] == defaults.epochs
