@@ -39,7 +39,7 @@ def _print(reproduce, capsys, *argv: str) -> list[list[str]]:
     ("vision", "cpu", 3 * (1 + 1 + 1), "3", "apgd"),
     ("vision", "gpu", 3 * (1 + 4 + 4), "10", "apgd"),
     ("text", "quick", 3 * 3, None, "pgd"),
-    ("segmentation", "cpu", 3 * (1 + 1 + 1), None, "apgd"),
+    ("segmentation", "cpu", 3 * (1 + 1 + 1), None, "pgd"),
     ("text", "cpu", 3 * (1 + 1 + 1), None, "apgd"),
 ])
 def test_print_lists_the_preset_grid(reproduce, capsys, tmp_path, task, scale, runs, steps, attacks):
