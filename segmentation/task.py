@@ -161,8 +161,8 @@ class Preset:
 # learns to name them. Random-init U-Nets converge far faster with AdamW than with SGD; small batches (16)
 # gave more mIoU per CPU second than 32, and scale/crop augmentation is left out because the canvases
 # already place and size items at random.
-# Schedule: on CPU, 5 epochs of the 8,000-canvas subset (2,500 steps, about 15 minutes with evaluation on 2
-# idle cores) reach clean mIoU 0.42; 10 epochs reach 0.47 in twice the time (RESULTS.md, section D). A GPU
+# Schedule: on CPU, 5 epochs of the 8,000-canvas subset (2,500 steps, 14 minutes with evaluation on 2 idle
+# cores) reach clean mIoU 0.42-0.44; 10 epochs reach 0.47 in twice the time (RESULTS.md, section D). A GPU
 # trains the full 10 epochs on all 20,000 canvases.
 # PGD-AT: the L-inf budget of segmentation AT papers (8/255, Xu et al. 2021; Gu et al. 2022) with 3 steps
 # of eps/2 (SegPGD-AT's 3 training steps), 4 passes per step instead of PGD-10's 11.

@@ -251,3 +251,20 @@ def test_config_file_with_another_tasks_keys_is_refused(tmp_path):
     proc = run("--config", str(cfg), "--output_dir", str(out), *FAST, timeout=120)
     _one_error_line(proc, "unrecognized arguments: --max_length 64")
     assert not out.exists()
+
+
+def test_read_only_arrays_become_tensors_without_a_warning():
+    """Arrays the datasets library hands out can be read-only; torch warns on (and must not write to) them."""
+    import warnings
+
+    import numpy as np
+
+    from samat.vision.data import to_chw_float
+
+    image = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    image.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = to_chw_float(image)
+    assert out.shape == (3, 2, 2) and out.dtype == torch.float32
+    assert torch.allclose(out[:, 0, 0] * 255, torch.tensor([0.0, 1.0, 2.0]))

@@ -74,7 +74,9 @@ def to_chw_float(image: Any) -> Tensor:
     if hasattr(image, "convert"):  # PIL
         mode = image.mode
         image = np.asarray(image.convert("L" if mode in ("L", "1", "I", "I;16", "F") else "RGB"))
-    arr = torch.as_tensor(np.asarray(image))
+    array = np.asarray(image)
+    # A read-only array (e.g. one that datasets' arrow backend hands out) cannot back a tensor safely: copy it.
+    arr = torch.as_tensor(array if array.flags.writeable else array.copy())
     if arr.dim() == 2:
         arr = arr[None]
     elif arr.dim() == 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[0] not in (1, 3, 4):
