@@ -9,8 +9,8 @@ command line.
 
 Scales: ``quick`` (a few minutes on a 2-core CPU; low-powered: a smoke test of the protocol, not evidence),
 ``cpu`` (a fair test that fits a 2-core CPU: the verdicts' pre-specified radii only; vision measured at 66
-one-core minutes for 3 seeds, 121 with ``--efficient_sam``; text about an hour and segmentation hours, both
-estimated) and ``gpu`` (the paper's grid, full data, PGD-10).
+one-core minutes for 3 seeds, 121 with ``--efficient_sam``; text about an hour, estimated; segmentation about
+5 one-core hours, measured for 2 of its 3 seeds) and ``gpu`` (the paper's grid, full data, PGD-10).
 """
 
 from __future__ import annotations
@@ -123,15 +123,16 @@ PRESETS: dict[tuple[str, str], Preset] = {
                    "2/255", "8/255", "--train_steps", "2", "--sharpness_examples", "0", "--log_with", "none"),
         eval_attacks="pgd", low_powered=True),
     # Segmentation on 2 CPU cores (RESULTS.md section D; one thread per run, two runs side by side): the default
-    # U-Net's 5 CPU epochs take ERM ~14 min of training, SAM ~2x, PGD-3 AT ~4x, plus ~4 min of evaluation each
-    # at two radii: about 1.9 one-core hours per seed. AT trains at the task's default budget, 8/255 with 3
-    # steps of eps/2 (the segmentation AT papers'; chosen before any AT result on this data existed), and the
-    # evaluation is the task's own strong pair, PGD-10 and SegPGD-10 with the worst iterate and the worst of
-    # both per image: APGD-CE + APGD-DLR at 100 steps would cost ~10x the evaluation.
+    # U-Net's 5 CPU epochs take ERM ~14 min of training, SAM ~2x, PGD-3 AT ~3x (4 passes per step, but its
+    # attack steps need no weight gradients), plus ~4 min of evaluation each at two radii: about 1.6 one-core
+    # hours per seed. AT trains at the task's default budget, 8/255 with 3 steps of eps/2 (the segmentation AT
+    # papers'; chosen before any AT result on this data existed), and the evaluation is the task's own strong
+    # pair, PGD-10 and SegPGD-10 with the worst iterate and the worst of both per image: APGD-CE + APGD-DLR at
+    # 100 steps would cost ~10x the evaluation.
     ("segmentation", "cpu"): Preset(
         summary="the default U-Net and CPU subset (8,000 canvases, 5 epochs, 400 test canvases), PGD-10 and "
                 "SegPGD-10 at L-inf 2/255 and 8/255, PGD-3 AT; rho 0.05, eps 8/255 (the verdicts' radii), 3 "
-                "seeds; about 6 one-core hours",
+                "seeds; about 5 one-core hours",
         rho=("0.05",), train_eps=("8/255",), primary_rho="0.05", primary_eps="8/255", seeds=3,
         run_flags=("--eval_linf", "2/255", "8/255", "--log_with", "none"),
         eval_attacks="pgd", alpha_ratio=0.5),
