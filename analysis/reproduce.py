@@ -9,7 +9,7 @@ command line.
 
 Scales: ``quick`` (a few minutes on a 2-core CPU; low-powered: a smoke test of the protocol, not evidence),
 ``cpu`` (a fair test that fits a 2-core CPU: the verdicts' pre-specified radii only; vision measured at 66
-one-core minutes for 3 seeds, 121 with ``--efficient_sam``; text about an hour, estimated; segmentation about
+one-core minutes for 3 seeds, 121 with ``--efficient_sam``; text about 3 one-core hours, measured; segmentation about
 5 one-core hours, measured for 2 of its 3 seeds) and ``gpu`` (the paper's grid, full data, PGD-10).
 """
 
@@ -98,15 +98,23 @@ PRESETS: dict[tuple[str, str], Preset] = {
         run_flags=("--max_train_samples", "1000", "--max_eval_samples", "200", "--epochs", "1",
                    "--textattack_recipes", "none", "--sharpness_examples", "0", "--log_with", "none"),
         eval_attacks="pgd", low_powered=True),
-    # Text on 2 CPU cores (RESULTS.md section 3, idle): ERM 137 s, SAM 270 s, embedding PGD-AT 413 s of training
-    # per seed, so the verdicts' radii only: three seeds of the three take about 45 min plus evaluation.
+    # Text on 2 CPU cores, one thread per run, two runs side by side (measured 2026-12-01): training takes ERM
+    # ~5.5 min, SAM ~2x, embedding PGD-AT ~3x per seed. Attacks in embedding space cost a full forward and
+    # backward pass of the transformer per step (3 s per 64 sentences on one thread), so the `apgd` suite at
+    # its 100 steps on 500 sentences would take ~3 hours per model: the preset attacks 100 sentences with
+    # APGD-CE at 25 steps besides PGD-10 (~7.5 min per model; RESULTS.md section C: APGD-DLR found nothing
+    # beyond APGD-CE on this binary task, and 25 steps already beat PGD-10 on ERM by 5 points). No TextAttack
+    # and no gradient-masking diagnostics (both can be added later on the saved models with `samat evaluate`).
     ("text", "cpu"): Preset(
-        summary="MiniLM, 2,000 sentences, 3 epochs, 500 test sentences, 30 TextAttack sentences; rho 0.05, "
-                "L2 eps 0.02 (the verdicts' radii), 3 seeds",
+        summary="MiniLM, 2,000 sentences, 3 epochs, 100 test sentences, PGD-10 + APGD-CE (25 steps) at "
+                "embedding L2 0.02 and 0.05, no TextAttack; rho 0.05, L2 eps 0.02 (the verdicts' radii), 3 "
+                "seeds; about 3 one-core hours",
         rho=("0.05",), train_eps=("0.02",), primary_rho="0.05", primary_eps="0.02",
         seeds=3, train_norm="l2",
-        run_flags=("--max_train_samples", "2000", "--max_eval_samples", "500", "--log_with", "none"),
-        eval_attacks="apgd"),
+        run_flags=("--max_train_samples", "2000", "--max_eval_samples", "100", "--eval_apgd_steps", "25",
+                   "--eval_diagnostics", "false", "--textattack_recipes", "none", "--sharpness_examples", "0",
+                   "--log_with", "none"),
+        eval_attacks="apgd-ce"),
     ("text", "gpu"): Preset(
         summary="MiniLM, every sentence, 3 epochs, full test split, 500 TextAttack sentences; rho "
                 "0.05/0.1/0.2/0.5, L2 eps 0.005-0.04, 3 seeds",

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "runs/reproduce-<task>-<scale>.")
     p.add_argument("--eval_attacks", default=None,
                    help="Attack suite for every run (quoted if several names): pgd, apgd, autoattack or attack "
-                        "names. Default: pgd for quick, apgd for cpu and gpu.")
+                        "names. Default: the preset's: pgd for quick, apgd for cpu and gpu (text cpu: apgd-ce, 25 "
+                        "steps, as its preset says).")
     p.add_argument("--efficient_sam", nargs="*", default=None, metavar="VARIANT",
                    help=f"Also train efficient SAM variants ({', '.join(EFFICIENT)}; alone: all three) at the "
                         "preset's pre-specified rho, every seed, and add their cost-vs-robustness frontier to the "

@@ -40,7 +40,7 @@ def _print(reproduce, capsys, *argv: str) -> list[list[str]]:
     ("vision", "gpu", 3 * (1 + 4 + 4), "10", "apgd"),
     ("text", "quick", 3 * 3, None, "pgd"),
     ("segmentation", "cpu", 3 * (1 + 1 + 1), None, "pgd"),
-    ("text", "cpu", 3 * (1 + 1 + 1), None, "apgd"),
+    ("text", "cpu", 3 * (1 + 1 + 1), None, "apgd-ce"),
 ])
 def test_print_lists_the_preset_grid(reproduce, capsys, tmp_path, task, scale, runs, steps, attacks):
     commands = _print(reproduce, capsys, "--task", task, "--scale", scale, "--root", str(tmp_path / "r"))
