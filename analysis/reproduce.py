@@ -9,7 +9,7 @@ command line.
 
 Scales: ``quick`` (a few minutes on a 2-core CPU; low-powered: a smoke test of the protocol, not evidence),
 ``cpu`` (a fair test that fits a 2-core CPU: the verdicts' pre-specified radii only; vision measured at 66
-one-core minutes for 3 seeds, 121 with ``--efficient_sam``; text about 3 one-core hours, measured; segmentation about
+one-core minutes for 3 seeds, 121 with ``--efficient_sam``; text about 2 one-core hours, measured; segmentation about
 5 one-core hours, measured for 2 of its 3 seeds) and ``gpu`` (the paper's grid, full data, PGD-10).
 """
 
@@ -98,17 +98,18 @@ PRESETS: dict[tuple[str, str], Preset] = {
         run_flags=("--max_train_samples", "1000", "--max_eval_samples", "200", "--epochs", "1",
                    "--textattack_recipes", "none", "--sharpness_examples", "0", "--log_with", "none"),
         eval_attacks="pgd", low_powered=True),
-    # Text on 2 CPU cores, one thread per run, two runs side by side (measured 2026-12-01): training takes ERM
-    # ~5.5 min, SAM ~2x, embedding PGD-AT ~3x per seed. Attacks in embedding space cost a full forward and
-    # backward pass of the transformer per step (3 s per 64 sentences on one thread), so the `apgd` suite at
-    # its 100 steps on 500 sentences would take ~3 hours per model: the preset attacks 100 sentences with
-    # APGD-CE at 25 steps besides PGD-10 (~7.5 min per model; RESULTS.md section C: APGD-DLR found nothing
-    # beyond APGD-CE on this binary task, and 25 steps already beat PGD-10 on ERM by 5 points). No TextAttack
-    # and no gradient-masking diagnostics (both can be added later on the saved models with `samat evaluate`).
+    # Text on 2 CPU cores, one thread per run, two runs side by side (RESULTS.md section E, 2026-12-01): training
+    # took ERM 293-333 s, SAM 1.8-2.0x, embedding PGD-AT 3.2-3.6x per seed. Attacks in embedding space cost a full
+    # forward and backward pass of the transformer per step (~3 s per 64 sentences on one thread), so the `apgd`
+    # suite at its 100 steps on 500 sentences would take ~3 hours per model: the preset attacks 100 sentences
+    # with APGD-CE at 25 steps besides PGD-10 (154-241 s per model; RESULTS.md section C: APGD-DLR found nothing
+    # beyond APGD-CE on this binary task, and 25 steps already beat PGD-10 on ERM). No TextAttack and no
+    # gradient-masking diagnostics (both can be run later on the saved models with `samat evaluate`). The 9
+    # runs took 125 one-core minutes.
     ("text", "cpu"): Preset(
         summary="MiniLM, 2,000 sentences, 3 epochs, 100 test sentences, PGD-10 + APGD-CE (25 steps) at "
                 "embedding L2 0.02 and 0.05, no TextAttack; rho 0.05, L2 eps 0.02 (the verdicts' radii), 3 "
-                "seeds; about 3 one-core hours",
+                "seeds; about 2 one-core hours",
         rho=("0.05",), train_eps=("0.02",), primary_rho="0.05", primary_eps="0.02",
         seeds=3, train_norm="l2",
         run_flags=("--max_train_samples", "2000", "--max_eval_samples", "100", "--eval_apgd_steps", "25",
