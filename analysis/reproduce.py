@@ -10,7 +10,7 @@ command line.
 Scales: ``quick`` (a few minutes on a 2-core CPU; low-powered: a smoke test of the protocol, not evidence),
 ``cpu`` (a fair test that fits a 2-core CPU: the verdicts' pre-specified radii only; vision measured at 66
 one-core minutes for 3 seeds, 121 with ``--efficient_sam``; text about 2 one-core hours, measured; segmentation about
-5 one-core hours, measured for 2 of its 3 seeds) and ``gpu`` (the paper's grid, full data, PGD-10).
+5 one-core hours, measured) and ``gpu`` (the paper's grid, full data, PGD-10).
 """
 
 from __future__ import annotations
