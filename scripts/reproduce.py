@@ -34,6 +34,10 @@ from samat.common.errors import UsageError
 
 def build_parser() -> argparse.ArgumentParser:
     scales = "; ".join(f"{t}/{s}: {p.summary}" for (t, s), p in PRESETS.items() if t == "vision")
+    suites: dict[str, list[str]] = {}  # each preset's default suite, read from the presets so it cannot drift
+    for (task, scale), preset in PRESETS.items():
+        suites.setdefault(preset.eval_attacks, []).append(f"{task}/{scale}")
+    suite_defaults = "; ".join(f"{suite} for {', '.join(names)}" for suite, names in suites.items())
     p = ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s [options] [-- run.py flags]")
     p.add_argument("--task", default="vision", help=f"Task: {', '.join(TASKS)} (default: vision).")
     p.add_argument("--scale", default="quick",
@@ -47,8 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "runs/reproduce-<task>-<scale>.")
     p.add_argument("--eval_attacks", default=None,
                    help="Attack suite for every run (quoted if several names): pgd, apgd, autoattack or attack "
-                        "names. Default: the preset's: pgd for quick, apgd for cpu and gpu (text cpu: apgd-ce, 25 "
-                        "steps, as its preset says).")
+                        f"names. Default: the preset's: {suite_defaults}.")
     p.add_argument("--efficient_sam", nargs="*", default=None, metavar="VARIANT",
                    help=f"Also train efficient SAM variants ({', '.join(EFFICIENT)}; alone: all three) at the "
                         "preset's pre-specified rho, every seed, and add their cost-vs-robustness frontier to the "
