@@ -17,15 +17,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from samat.common.errors import UsageError
+from samat.common.registry import METHODS
 from samat.common.results import RunResults
 from samat.common.stats import Stat, stat
 
 RESULTS_FILE = "results.json"
-# Rows of every table and figure go in this order (ERM, then SAM, then the AT family); other methods last.
-# The order of the engine's registry (samat.common.methods.METHODS, which needs torch to import; a test keeps
-# the two equal).
-METHOD_ORDER = ("erm", "sam", "asam", "pgd-at", "fgsm-at", "trades", "sam-at", "sam-every-k", "sam-every-k-at",
-                "looksam", "looksam-at", "ae-sam", "ae-sam-at")
+# Rows of every table and figure go in the method registry's order (ERM, then SAM, then the AT family); other
+# methods last.
+METHOD_ORDER = tuple(METHODS)
 
 
 @dataclass

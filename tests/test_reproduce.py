@@ -8,13 +8,15 @@ import json
 import os
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 from helpers import load_script
 from test_verdicts import results
 
-from samat.analysis.reproduce import PRESETS
+from samat.analysis.reproduce import PRESETS, resolve_preset
+from samat.common.registry import task_recipe
 from samat.common.cli import main_guard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,10 +43,13 @@ def _print(reproduce, capsys, *argv: str) -> list[list[str]]:
     ("text", "quick", 3 * 3, None, "pgd"),
     ("segmentation", "cpu", 3 * (1 + 1 + 1), None, "pgd"),
     ("text", "cpu", 3 * (1 + 1 + 1), None, "apgd-ce"),
+    ("text", "gpu", 3 * (1 + 4 + 4), None, "apgd"),
+    ("segmentation", "quick", 3 * (1 + 1 + 1), "2", "pgd"),
+    ("segmentation", "gpu", 3 * (1 + 4 + 4), None, "apgd"),
 ])
 def test_print_lists_the_preset_grid(reproduce, capsys, tmp_path, task, scale, runs, steps, attacks):
     commands = _print(reproduce, capsys, "--task", task, "--scale", scale, "--root", str(tmp_path / "r"))
-    preset = PRESETS[(task, scale)]
+    preset = resolve_preset(task, PRESETS[(task, scale)])
     assert len(commands) == runs
     names = [Path(_flag(c, "--output_dir")).name for c in commands]
     assert len(set(names)) == runs and names[0] == "erm_s0"
@@ -53,6 +58,9 @@ def test_print_lists_the_preset_grid(reproduce, capsys, tmp_path, task, scale, r
     at = [c for c in commands if _flag(c, "--method") == "pgd-at"]
     assert {_flag(c, "--train_eps") for c in at} == set(preset.train_eps)
     assert all(_flag(c, "--train_norm") == preset.train_norm for c in at)
+    # the AT step is the preset's stated ratio, else the task recipe's, of each eps (no copy can drift)
+    ratio = PRESETS[(task, scale)].alpha_ratio or task_recipe(task).alpha_ratio
+    assert all(Fraction(_flag(c, "--train_alpha")) == Fraction(_flag(c, "--train_eps")) * Fraction(ratio) for c in at)
     assert all(_flag(c, "--eval_attacks") == attacks for c in commands)
     if steps:  # a method flag: only the AT runs get it
         assert all(_flag(c, "--train_steps") == steps for c in at)
