@@ -3,7 +3,8 @@
 ``RunArgs`` (what to train, how long, where), ``MethodArgs`` (SAM / adversarial-training knobs) and
 ``EvalArgs`` (the robustness evaluation) are shared by every task; each task adds its own args dataclass
 (``vision.task.VisionArgs`` ...). Fields left at ``None`` take the task's recipe, a typed
-:class:`TaskDefaults` (``Task.defaults``), resolved once by :func:`resolve_defaults` before anything touches the
+:class:`TaskDefaults` (``Task.defaults``), resolved once by :func:`resolve_defaults` (into new objects; see
+:mod:`samat.common.resolve` for the frozen record of a whole run) before anything touches the
 output folder, so "SGD lr 0.1 for a ResNet" and "AdamW lr 5e-5 for BERT" both come from the papers' recipes
 without flags, and a misspelled default is an error at import rather than a silent fallback.
 
@@ -14,7 +15,7 @@ Precision (fp32/bf16/fp16) and the number of processes are not flags here: they 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
 from typing import Optional
 
@@ -243,28 +244,31 @@ class EvalArgs:
     sharpness_steps: int = field(default=5, metadata={"help": "Projected ascent steps of the sharpness probe."})
 
 
-def resolve_defaults(run: RunArgs, evals: EvalArgs, defaults: TaskDefaults, on_gpu: bool) -> list[str]:
-    """Fill ``run``/``evals`` fields left at ``None`` from ``defaults``, once, in place. Returns notes for the
-    log (which CPU subsets and schedule were chosen). ``max_*_samples`` at ``None``: all on a GPU, the CPU subset
-    on CPU; ``epochs`` at ``None``: ``cpu_epochs`` on CPU when the task sets it."""
-    notes = []
+def resolve_defaults(run: RunArgs, evals: EvalArgs, defaults: TaskDefaults,
+                     on_gpu: bool) -> tuple[RunArgs, EvalArgs, list[str]]:
+    """``run`` and ``evals`` with the fields left at ``None`` filled from ``defaults``, as new objects (the
+    inputs are not changed), and notes for the log (which CPU subsets and schedule were chosen).
+    ``max_*_samples`` at ``None``: all on a GPU, the CPU subset on CPU; ``epochs`` at ``None``: ``cpu_epochs``
+    on CPU when the task sets it."""
+    notes, filled = [], {}
     if run.epochs is None and not on_gpu and defaults.cpu_epochs is not None:
-        run.epochs = defaults.cpu_epochs
+        filled["epochs"] = defaults.cpu_epochs
         notes.append(f"no GPU: --epochs defaults to {defaults.cpu_epochs:g} (a GPU trains {defaults.epochs:g})")
     for name in ("optimizer", "lr", "weight_decay", "lr_scheduler", "warmup_ratio", "epochs", "batch_size"):
-        if getattr(run, name) is None:
-            setattr(run, name, getattr(defaults, name))
+        if getattr(run, name) is None and name not in filled:
+            filled[name] = getattr(defaults, name)
     if run.eval_batch_size is None:
-        run.eval_batch_size = defaults.eval_batch_size or 2 * run.batch_size
+        filled["eval_batch_size"] = defaults.eval_batch_size or 2 * filled.get("batch_size", run.batch_size)
     for name in ("max_train_samples", "max_eval_samples"):
         if getattr(run, name) is None:
             cpu_default = getattr(defaults, f"cpu_{name}")
-            setattr(run, name, 0 if on_gpu else cpu_default)
+            filled[name] = 0 if on_gpu else cpu_default
             if not on_gpu and cpu_default:
                 notes.append(f"no GPU: --{name} defaults to {cpu_default} (pass --{name} 0 for all)")
-    if evals.sharpness_examples is None:
-        evals.sharpness_examples = 256 if on_gpu else defaults.cpu_sharpness_examples
-    return notes
+    sharpness = evals.sharpness_examples
+    if sharpness is None:
+        sharpness = 256 if on_gpu else defaults.cpu_sharpness_examples
+    return replace(run, **filled), replace(evals, sharpness_examples=sharpness), notes
 
 
 def parse_eps(text: str, *, pixel_space: bool, flag: str) -> float:

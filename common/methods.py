@@ -28,7 +28,7 @@ with ``global`` the first gradient is all-reduced and every replica climbs to th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
