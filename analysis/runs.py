@@ -65,6 +65,12 @@ class Run:
     def clean(self) -> float:
         return float(self.results.clean)
 
+    @property
+    def eval_examples(self) -> Optional[int]:
+        """How many examples the run was evaluated on (``data.eval_examples``); ``None`` where not recorded."""
+        n = (self.results.data or {}).get("eval_examples")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
     def metric(self, key: str) -> Optional[float]:
         """A robust key (``"pgd-linf@8/255"``) or an extra column name, ``None`` where the run lacks it."""
         return self.robust.get(key, self.columns.get(key))
