@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -294,3 +296,34 @@ def group(runs: Sequence[Run]) -> list[Setting]:
             settings[r.label] = Setting(r.label, r.method, r.rho, r.eps_label, r.eps, [], r.variant)
         settings[r.label].runs.append(r)
     return list(settings.values())
+
+
+# ------------------------------------------------------------------------------------------- portability
+
+# An absolute path inside a string: "/" not preceded by a word character, a dot, a colon or a slash (so
+# "8/255", "a/b" and "https://..." are left alone), up to whitespace or a delimiter.
+_ABSOLUTE = re.compile(r"(?<![\w.:/])/[^\s\"'`,;()\[\]<>|]+")
+
+
+def portable_path(path: str, base: Path, repo: Optional[Path] = None) -> str:
+    """``path`` as committed evidence may hold it: relative to ``base`` (the results folder) where it lies
+    inside ``repo`` (default: the working directory); elsewhere ``.../`` and its last three parts (the machine's
+    own folders say nothing to a reader of a clone). Relative paths are returned as they are."""
+    if not os.path.isabs(path):
+        return path
+    root = os.path.abspath(repo or Path.cwd())
+    if os.path.commonpath([root, os.path.abspath(path)]) == root:
+        return Path(os.path.relpath(path, os.path.abspath(base))).as_posix()
+    return ".../" + "/".join(Path(path).parts[-3:])
+
+
+def portable(value: Any, base: Path, repo: Optional[Path] = None) -> Any:
+    """``value`` (a JSON-like document or a string) with every absolute path in its strings made portable
+    (:func:`portable_path`)."""
+    if isinstance(value, str):
+        return _ABSOLUTE.sub(lambda m: portable_path(m.group(0), base, repo), value)
+    if isinstance(value, dict):
+        return {k: portable(v, base, repo) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, base, repo) for v in value]
+    return value
