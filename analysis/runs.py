@@ -216,15 +216,19 @@ def _hyper(results: RunResults) -> dict[str, Any]:
 
 def load_run(path: Path) -> Run:
     """Read one results.json into a :class:`Run`."""
-    raw = read_results(path)
-    results = RunResults.from_dict(raw, source=str(path))  # upgrades older schemas (e.g. adds columns)
+    return load_run_dict(read_results(path), path.parent, source=str(path))
+
+
+def load_run_dict(raw: dict, run_dir: Path, source: str = "results") -> Run:
+    """A results document (a results.json's contents) of the run in ``run_dir`` as a :class:`Run`."""
+    results = RunResults.from_dict(raw, source=source)  # upgrades older schemas (e.g. adds columns)
     rho, label, eps = _rho_and_eps(results)
     robust = {f"{attack}@{radius}": float(value) for attack, radius, value in
               sorted(results.robust(), key=lambda t: eps_value(t[1])) if _number(value)}
     # The counts the file holds: RunResults.cost reads a count older runs did not record as 0.
     cost = {k: float(v) for k, v in (raw.get("cost") or {}).items() if _number(v)}
     seed = ((results.config or {}).get("run") or {}).get("seed")
-    return Run(path=path.parent, results=results, seed=seed if isinstance(seed, int) else None, rho=rho,
+    return Run(path=run_dir, results=results, seed=seed if isinstance(seed, int) else None, rho=rho,
                eps_label=label, eps=eps, robust=robust,
                columns={k: float(v) for k, v in results.columns.items() if _number(v)}, cost=cost,
                sharpness=_sharpness(results.sharpness), hyper=_hyper(results))

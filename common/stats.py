@@ -162,7 +162,8 @@ def effect_interval(values: Sequence[float], test_se: Optional[Sequence[float]] 
       already holds the test-set noise, but a few seeds can show less of it than there is (100 examples move an
       accuracy in 1-point steps: identical effects on every seed). The variance of one seed's effect is taken as
       ``max(s^2, mean(test_se^2))``: never below its known test-set part. Degrees of freedom by Satterthwaite:
-      ``k - 1`` where the spread decides, growing to the normal's where the known part does.
+      ``k - 1`` where the spread decides, growing to the normal's where the known part does; never narrower
+      than the seed-to-seed t-interval alone.
     - Every seed evaluated on the same examples: their test-set noise is shared and does not average out over
       seeds; ``s^2 / k + mean(test_se^2)`` (the shared part taken as fully correlated: conservative).
 
@@ -181,7 +182,10 @@ def effect_interval(values: Sequence[float], test_se: Optional[Sequence[float]] 
         var_mean = per_seed / k
         dof = math.inf if s2 == 0 else (k - 1) * (per_seed / s2) ** 2
     se = math.sqrt(var_mean)
-    h95, h90 = t_quantile(dof) * se, t_quantile(dof, 0.90) * se
+    # never narrower than the seed-to-seed t-interval alone: a known extra source of noise must not shrink it
+    seed_se = math.sqrt(s2 / k)
+    h95 = max(t_quantile(dof) * se, t_quantile(k - 1) * seed_se)
+    h90 = max(t_quantile(dof, 0.90) * se, t_quantile(k - 1, 0.90) * seed_se)
     return Interval(mean, mean - h95, mean + h95, mean - h90, mean + h90, se, dof, per_seed, shared)
 
 

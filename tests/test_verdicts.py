@@ -298,3 +298,12 @@ def test_interval_coverage_with_seed_and_binomial_noise_is_95_percent():
     se = math.sqrt(2 * 0.16 / 1000)
     assert abs(coverage(5, 1000, se) - 0.95) <= 0.02  # seed and test-set noise alike
     assert abs(coverage(5, 100, 0.0) - 0.95) <= 0.03  # binomial noise only, 1-point steps: never below ~92 %
+
+
+def test_test_set_noise_never_narrows_the_seed_only_interval():
+    rng = random.Random(3)
+    for _ in range(200):
+        values = [rng.gauss(0.01, 0.02) for _ in range(3)]
+        ses = [abs(rng.gauss(0.015, 0.01)) for _ in range(3)]
+        both, seeds_only = effect_interval(values, ses), effect_interval(values)
+        assert both.hi - both.lo >= seeds_only.hi - seeds_only.lo - 1e-12
