@@ -26,9 +26,9 @@ from typing import Callable, Optional, Sequence
 from samat.common.errors import UsageError
 from samat.common.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 
-from .runs import RESULTS_FILE, find_results, load_run, read_results
 from samat.common.registry import task_recipe
 
+from .runs import RESULTS_FILE, find_results, load_run, portable, read_results
 from .sweep import SWEEP_FLAGS, Job, execute, flag_name, plan, split_passthrough
 
 MANIFEST = "reproduce.json"
@@ -330,44 +330,71 @@ def header_lines(rep: Reproduction, missing: Sequence[str]) -> list[str]:
     return lines
 
 
-def write_verdicts(rep: Reproduction) -> tuple[str, str, list[str], str]:
-    """Decide the claims from the grid's finished runs and write ``verdicts.md``/``verdicts.json`` into the
-    root (with efficient SAM variants in the grid: also their frontier, :mod:`samat.analysis.efficient`, and
-    ``efficient_frontier.png``). Returns the verdict table, the settings table, the notes (collapsed runs, ...)
-    and the frontier table (empty without variants) for the terminal."""
+EVIDENCE = "runs"  # <results folder>/runs/<run name>/results.json: every run's record, committed with the verdicts
+
+
+def write_evidence(rep: Reproduction, out: Path) -> list[Path]:
+    """Every finished run's results.json into ``out/runs/<run name>/`` (a few kB each; no checkpoints or
+    models), with absolute paths made relative to ``out`` (:func:`samat.analysis.runs.portable`), so that the
+    numbers behind the verdicts can be checked from a clone. Nothing where ``out`` is the root itself (the runs
+    are there already; copies would be read twice by ``samat report``)."""
+    written: list[Path] = []
+    if out.resolve() == rep.root.resolve():
+        return written
+    for job in rep.jobs:
+        source = job.output_dir / RESULTS_FILE
+        if source.is_file():
+            target = out / EVIDENCE / job.output_dir.name / RESULTS_FILE
+            write_json_atomic(target, portable(json.loads(source.read_text()), target.parent))
+            written.append(target)
+    return written
+
+
+def write_verdicts(rep: Reproduction, results_dir: Optional[Path] = None,
+                   allow_unlike: bool = False) -> tuple[str, str, list[str], str]:
+    """Decide the claims from the grid's finished runs and write ``verdicts.md``/``verdicts.json`` and every
+    run's results.json (:func:`write_evidence`) into ``results_dir`` (default: the root; with efficient SAM
+    variants in the grid: also their frontier, :mod:`samat.analysis.efficient`, and ``efficient_frontier.png``).
+    ``allow_unlike``: pair runs that differ in more than method and seed, with a warning in the verdicts.
+    Returns the verdict table, the settings table, the notes (collapsed runs, ...) and the frontier table
+    (empty without variants) for the terminal."""
     from . import efficient as E
     from . import verdicts as V
 
+    out = Path(results_dir) if results_dir is not None else rep.root
     finished = [j for j in rep.jobs if (j.output_dir / RESULTS_FILE).is_file()]
     missing = [j.name for j in rep.jobs if j not in finished]
     if not finished:
         raise UsageError(f"no finished runs under {rep.root}: nothing to decide")
     runs = [load_run(j.output_dir / RESULTS_FILE) for j in finished]
-    v = V.decide(runs, primary_rho=float(rep.preset.primary_rho), primary_eps=rep.preset.primary_eps)
+    v = V.decide(runs, primary_rho=float(rep.preset.primary_rho), primary_eps=rep.preset.primary_eps,
+                 allow_unlike=allow_unlike)
     lines = header_lines(rep, missing)
+    if write_evidence(rep, out):
+        lines += ["", f"Every run's results.json is beside this file, in `{EVIDENCE}/<run>/results.json` (paths in "
+                      "them relative to it)."]
     frontier = E.frontier(v)
     markdown, frontier_table = V.to_markdown(v, lines), ""
     if frontier is not None:
         png = E.figure(frontier)
         if png is not None:
-            write_bytes_atomic(rep.root / FRONTIER_FIGURE, png)
+            write_bytes_atomic(out / FRONTIER_FIGURE, png)
         markdown += "\n" + E.to_markdown(frontier, FRONTIER_FIGURE if png is not None else None)
         frontier_table = E.table(frontier, pad=True)
-    write_text_atomic(rep.root / "verdicts.md", markdown + "\n")
-    write_json_atomic(rep.root / "verdicts.json",
-                      _finite(V.to_json(v, {"scale": rep.scale, "low_powered": rep.preset.low_powered,
-                                            "preset": rep.preset.record(), "seeds": [int(s) for s in rep.seeds],
-                                            "eval_attacks": rep.eval_attacks, "unfinished": missing,
-                                            "efficient_sam": E.to_json(frontier) if frontier else None})))
+    write_text_atomic(out / "verdicts.md", portable(markdown, out) + "\n")
+    extra = {"scale": rep.scale, "low_powered": rep.preset.low_powered, "preset": rep.preset.record(),
+             "seeds": [int(s) for s in rep.seeds], "eval_attacks": rep.eval_attacks, "unfinished": missing,
+             "efficient_sam": E.to_json(frontier) if frontier else None}
+    write_json_atomic(out / "verdicts.json", portable(strict_json(V.to_json(v, extra)), out))
     return V.verdict_table(v, pad=True), V.settings_table(v, pad=True), v.notes, frontier_table
 
 
-def _finite(value):
+def strict_json(value):
     """NaN/inf as ``None``, so the file is strict JSON."""
     if isinstance(value, float):
         return value if value == value and abs(value) != float("inf") else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: strict_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [strict_json(v) for v in value]
     return value

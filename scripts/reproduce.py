@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from samat.analysis.efficient import EFFICIENT
@@ -48,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "the preset's (3). Fewer than 2 gives no interval: every verdict is inconclusive.")
     p.add_argument("--root", default=None, help="Folder of the runs and the verdicts. Default: "
                                                 "runs/reproduce-<task>-<scale>.")
+    p.add_argument("--results_dir", default=None,
+                   help="Folder of the verdicts and of every run's results.json (the evidence to commit; no "
+                        "checkpoints or models). Default: results/reproduce-<task>-<scale> with the default --root, "
+                        "else the root.")
+    p.add_argument("--allow_unlike", action="store_true",
+                   help="Pair runs that differ in more than method, method flags and seed (recipe, evaluation "
+                        "examples, attacks, suite) with a warning in the verdicts, instead of refusing.")
     p.add_argument("--eval_attacks", default=None,
                    help="Attack suite for every run (quoted if several names): pgd, apgd, autoattack or attack "
                         f"names. Default: the preset's: {suite_defaults}.")
@@ -76,12 +84,14 @@ def main(argv: Optional[Sequence[str]] = None, runner: Callable[[list[str]], int
         print_commands(rep.jobs)
         return 0
     code = 0 if args.verdicts_only else run_jobs(rep, runner)
-    verdict_table, settings_table, notes, frontier_table = write_verdicts(rep)
+    results_dir = Path(args.results_dir or (f"results/reproduce-{rep.task}-{rep.scale}" if args.root is None
+                                            else rep.root))
+    verdict_table, settings_table, notes, frontier_table = write_verdicts(rep, results_dir, args.allow_unlike)
     if rep.preset.low_powered:
         print("\nLOW-POWERED (--scale quick): these verdicts check that the protocol runs; they are not evidence.")
     print(f"\n{settings_table}\n\n{verdict_table}\n" + "".join(f"\nnote: {n}" for n in notes)
           + (f"\n\nEfficient SAM (cost vs share of SAM's robust gain kept):\n{frontier_table}" if frontier_table else "")
-          + f"\n\nreproduce: {rep.root / 'verdicts.md'} "
+          + f"\n\nreproduce: {results_dir / 'verdicts.md'} "
           f"(rules, intervals, notes) and verdicts.json", flush=True)
     return code
 

@@ -118,7 +118,7 @@ def test_grid_to_verdicts_with_progress_resume_and_a_failed_run(reproduce, capsy
     md = (root / "verdicts.md").read_text()
     assert "LOW-POWERED" in md
     assert "Unfinished runs (left out; rerun the same command to finish them): sam_rho0.1_s2" in md
-    assert "dropped seed 2 (only in erm)" in md
+    assert "erm_s2 (erm, seed 2): no usable run of seed 2 in sam rho=0.1" in md
     data = json.loads((root / "verdicts.json").read_text())
     assert data["scale"] == "quick" and data["low_powered"] and data["unfinished"] == ["sam_rho0.1_s2"]
     claims = {c["claim"]: c for c in data["claims"]}
@@ -131,6 +131,19 @@ def test_grid_to_verdicts_with_progress_resume_and_a_failed_run(reproduce, capsy
     assert again.names == ["sam_rho0.1_s2"]  # finished runs are skipped
     data = json.loads((root / "verdicts.json").read_text())
     assert data["unfinished"] == [] and {c["claim"]: c for c in data["claims"]}["a"]["effects"][0]["seeds"] == [0, 1, 2]
+    assert not (root / "runs").exists()  # the root holds the runs themselves: no copies to be read twice
+
+
+def test_verdicts_and_every_runs_results_json_go_to_the_results_folder(reproduce, tmp_path):
+    """Issue 25: the evidence behind the verdicts (every run's results.json, with no absolute path) is written
+    next to them, in the folder meant to be committed."""
+    root, results = tmp_path / "grid", tmp_path / "results" / "reproduce-vision-quick"
+    assert reproduce.main(["--root", str(root), "--results_dir", str(results)], runner=FakeRunner()) == 0
+    copies = sorted(p.parent.name for p in (results / "runs").glob("*/results.json"))
+    assert copies == sorted(p.parent.name for p in root.glob("*/results.json")) and len(copies) == 9
+    assert (results / "verdicts.md").is_file() and not list(results.rglob("model"))
+    for path in [*results.rglob("*.json"), results / "verdicts.md"]:
+        assert str(tmp_path) not in path.read_text(), path  # portable: relative paths only
 
 
 def _guarded(reproduce, *argv: str) -> int:
