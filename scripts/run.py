@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional
 
 
 from samat.common.cli import main_guard, read_config_file, setup_logging  # noqa: E402
@@ -46,9 +47,10 @@ def _config_to_argv(values: dict) -> list[str]:
     return argv
 
 
-def main() -> None:
-    setup_logging()
-    probe_hub()
+def parse(argv: list[str]):
+    """The flags of one run, parsed: ``(run, method_args, eval_args, task)`` (the task object holds its own
+    flags). ``--config`` file values come first, so command-line flags win. ``UsageError`` for an unknown
+    task or flag."""
     from samat.common.errors import lookup
     from samat.common.registry import TASKS, task_class
 
@@ -56,28 +58,40 @@ def main() -> None:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--task")
     pre.add_argument("--config")
-    known, _ = pre.parse_known_args()
+    known, _ = pre.parse_known_args(argv)
     file_values = read_config_file(known.config) if known.config else {}
     task_name = known.task or file_values.get("task") or "vision"
     lookup(TASKS, "task", task_name)
     task_cls = task_class(task_name)
 
-    # Stage 2: the full typed parse; command-line flags come after the file's, so they win.
+    # Stage 2: the full typed parse.
     parser = _parser(task_cls.Args)
-    argv = _config_to_argv({k: v for k, v in file_values.items() if k != "config"}) + sys.argv[1:]
+    argv = _config_to_argv({k: v for k, v in file_values.items() if k != "config"}) + list(argv)
     run, method_args, eval_args, task_args, unknown = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True)
     if unknown:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (flags of this task: "
                          f"scripts/run.py --task {task_name} --help)")
+    return run, method_args, eval_args, task_cls(task_args)
 
+
+def resolve(argv: list[str]):
+    """Parse and check ``argv`` into ``(ResolvedRun, task)``, writing nothing (see
+    :func:`samat.common.resolve.resolve_run`)."""
     from accelerate import PartialState
 
-    from samat.common.loop import run_experiment
     from samat.common.resolve import resolve_run
 
-    task = task_cls(task_args)
-    resolved = resolve_run(run, method_args, eval_args, task, on_gpu=PartialState().device.type != "cpu")
+    run, method_args, eval_args, task = parse(argv)
+    return resolve_run(run, method_args, eval_args, task, on_gpu=PartialState().device.type != "cpu"), task
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    setup_logging()
+    probe_hub()
+    from samat.common.loop import run_experiment
+
+    resolved, task = resolve(sys.argv[1:] if argv is None else argv)
     run_experiment(resolved, task)
 
 
