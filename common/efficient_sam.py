@@ -12,10 +12,11 @@
                  region), a plain step otherwise; c_t moves linearly from c_start to c_end over the run.
                  Passes: 1 + the share of SAM steps (about half with the paper's c from 1 to -1).
 
-Each is an update rule (:data:`EFFICIENT_UPDATES`, gathered in ``common/methods.py``'s ``UPDATES``) and composes with every objective there: the SAM steps
-reuse :func:`samat.common.sam.regrad_at_ascent_point` (BatchNorm running stats untouched at ``w + e``, exact
-restore, fp16 loss scale and overflow), gradient accumulation sums the ascent and descent gradients over the
-step's micro-batches like SAM's, and clipping applies to the final descent direction.
+Each is an update rule (:data:`EFFICIENT_UPDATES`, gathered in ``common/methods.py``'s ``UPDATES``) and
+composes with every objective there: the SAM steps reuse :func:`samat.common.sam.regrad_at_ascent_point`
+(BatchNorm running stats untouched at ``w + e``, exact restore, fp16 loss scale and overflow), gradient
+accumulation sums the ascent and descent gradients over the step's micro-batches like SAM's, and clipping
+applies to the final descent direction.
 
 State (step counter, SAM-step count, LookSAM's cached direction, AE-SAM's EMAs) lives in the base optimizer's
 ``state`` under :data:`STATE_KEY`: ``torch.optim.Optimizer.state_dict`` keeps non-parameter keys as they are,
@@ -144,4 +145,5 @@ def aesam_update(ctx: StepContext, objective: Objective, micro_batches: list[dic
     return _finish(state, sam_step, StepResult(loss=loss, skipped=descend(ctx)))
 
 
-EFFICIENT_UPDATES: dict[str, UpdateRule] = {"sam-every-k": every_k_update, "looksam": looksam_update, "ae-sam": aesam_update}
+EFFICIENT_UPDATES: dict[str, UpdateRule] = {"sam-every-k": every_k_update, "looksam": looksam_update,
+                                             "ae-sam": aesam_update}

@@ -126,8 +126,8 @@ class TradesObjective:
         return ctx.task.loss(clean, batch) + ctx.method.trades_beta * kl
 
 
-OBJECTIVES: dict[str, Objective] = {"clean": CleanObjective(), "pgd": AdversarialObjective(), "fgsm": AdversarialObjective(),
-              "trades": TradesObjective()}
+OBJECTIVES: dict[str, Objective] = {"clean": CleanObjective(), "pgd": AdversarialObjective(),
+                                    "fgsm": AdversarialObjective(), "trades": TradesObjective()}
 
 
 # ----------------------------------------------------------------------------------------------------
