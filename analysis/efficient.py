@@ -30,8 +30,8 @@ from samat.common.stats import Ratio, Stat, fieller_ratio
 from samat.common.tables import format_table
 
 from .runs import Setting
-from .verdicts import (MARGIN, Effect, Verdicts, _find, _pct, by_seed, clean_se, endpoint_se, exact, paired,
-                       passes_per_step)
+from .verdicts import (MARGIN, Effect, Verdicts, by_seed, clean_se, endpoint_se, exact, find_setting, format_pct,
+                       paired, passes_per_step)
 
 # The efficient SAM update rules of the engine's registry on the clean objective (samat.common.efficient_sam;
 # a test keeps this list equal to the registry's).
@@ -94,9 +94,9 @@ def frontier(v: Verdicts) -> Optional[Frontier]:
     if not variants:
         return None
     notes = []
-    erm = _find(v.settings, "erm")
-    sam = _find(v.settings, "sam", rho=v.primary_rho) if v.primary_rho is not None else None
-    at = _find(v.settings, "pgd-at", eps_label=v.primary_eps) if v.primary_eps is not None else None
+    erm = find_setting(v.settings, "erm")
+    sam = find_setting(v.settings, "sam", rho=v.primary_rho) if v.primary_rho is not None else None
+    at = find_setting(v.settings, "pgd-at", eps_label=v.primary_eps) if v.primary_eps is not None else None
     ep = v.endpoint
     if erm is None or sam is None or ep is None or not ep.radii:
         missing = "ERM runs" if erm is None else ("SAM runs at the pre-specified rho" if sam is None
@@ -150,8 +150,8 @@ def _ratio(r: Optional[Ratio]) -> str:
 def table(f: Frontier, pad: bool = False) -> str:
     header = ["setting", "passes × ERM", "clean", "robust (endpoint)", "robust gain vs ERM (pts)",
               "share of SAM's gain kept", "clean vs SAM (pts)", "meets goal"]
-    rows = [[r.name, f"{r.cost.mean:.2f}" if r.cost.mean is not None else "–", _pct(r.clean), _pct(r.robust),
-             _effect(r.gain), _ratio(r.share) if r.role == "variant" or r.method == "pgd-at" else "–",
+    rows = [[r.name, f"{r.cost.mean:.2f}" if r.cost.mean is not None else "–", format_pct(r.clean),
+             format_pct(r.robust), _effect(r.gain), _ratio(r.share) if r.role == "variant" or r.method == "pgd-at" else "–",
              _effect(r.clean_vs_sam), r.goal] for r in f.rows]
     return format_table(header, rows, pad=pad)
 
@@ -181,7 +181,7 @@ def figure(f: Frontier) -> Optional[bytes]:
     with SAM's gain and 80 % of it as horizontal lines and the 1.4× budget as a vertical one."""
     if not f.rows:
         return None
-    from .figures import STYLE, _png, plt
+    from .figures import STYLE, png_bytes, plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     sam_gain = f.rows[1].gain
@@ -214,4 +214,4 @@ def figure(f: Frontier) -> Optional[bytes]:
            title="Efficient SAM: cost vs robustness gain (paired by seed)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    return _png(fig)
+    return png_bytes(fig)

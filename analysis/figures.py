@@ -57,7 +57,8 @@ def _panel_grid(n: int, width: float = 4.2, height: float = 3.4):
     return fig, flat[:n]
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
+    """``fig`` laid out and rendered as PNG bytes (110 dpi); the figure is closed."""
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
@@ -105,7 +106,7 @@ def fig_clean_vs_robust(runs: list[Run], extra: dict) -> Optional[bytes]:
         ax.grid(alpha=0.3)
         _method_legend(ax, methods, extra)
     fig.suptitle("Accuracy–robustness trade-off (one point per run)", y=1.0)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def fig_robust_vs_eps(runs: list[Run], settings: list[Setting], extra: dict) -> Optional[bytes]:
@@ -129,7 +130,7 @@ def fig_robust_vs_eps(runs: list[Run], settings: list[Setting], extra: dict) -> 
         ax.set(xlabel=f"{attack} radius (0 = clean)", ylabel=headline, title=attack)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _sweep_lines(settings: Sequence[Setting], axis: str) -> "OrderedDict[tuple, list[Setting]]":
@@ -193,7 +194,7 @@ def fig_sweep(runs: list[Run], settings: list[Setting], extra: dict) -> bytes:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=6)
     fig.suptitle("Clean and robust performance against SAM's rho and AT's eps (0 = ERM)", y=1.0)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def fig_cost(settings: list[Setting], extra: dict) -> bytes:
@@ -215,7 +216,7 @@ def fig_cost(settings: list[Setting], extra: dict) -> bytes:
     for ax in (ax_t, ax_p):
         ax.set_xticks(list(xs), names, rotation=45, ha="right", fontsize=7)
         ax.grid(alpha=0.3, axis="y")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def fig_sharpness(runs: list[Run], sharp_key: str, extra: dict) -> Optional[bytes]:
@@ -238,7 +239,7 @@ def fig_sharpness(runs: list[Run], sharp_key: str, extra: dict) -> Optional[byte
         ax.grid(alpha=0.3)
         _method_legend(ax, methods, extra)
     fig.suptitle("Weight-space sharpness vs input-space robustness (one point per run)", y=1.0)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def draw_figures(runs: list[Run], settings: list[Setting], sharp_key: Optional[str]) -> list[tuple[str, str, bytes]]:

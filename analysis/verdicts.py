@@ -348,8 +348,10 @@ class Verdict:
         return out
 
 
-def _find(settings: Sequence[Setting], method: str, rho: Optional[float] = None,
-          eps_label: Optional[str] = None) -> Optional[Setting]:
+def find_setting(settings: Sequence[Setting], method: str, rho: Optional[float] = None,
+                 eps_label: Optional[str] = None) -> Optional[Setting]:
+    """The first plain (no variant) setting of ``method``, at SAM radius ``rho`` and training radius
+    ``eps_label`` when given (compared with ``math.isclose``); ``None`` when there is none."""
     for s in settings:
         if s.method != method or s.variant:
             continue
@@ -575,7 +577,7 @@ def decide(runs: Sequence[Run], primary_rho: Optional[float] = None, primary_eps
     notes = [f"{r.path.name}: {w} (kept in the comparisons: a measurement of the method, not a harness error)"
              for r in runs for w in r.results.all_warnings()[:1]
              if r.results.collapsed or (r.results.sanity or {}).get("passed") is False]
-    erm = _find(settings, "erm")
+    erm = find_setting(settings, "erm")
     sams = [s for s in settings if s.method == "sam" and not s.variant]
     ats = [s for s in settings if s.method == "pgd-at" and not s.variant]
     if primary_rho is None and sams:
@@ -584,8 +586,8 @@ def decide(runs: Sequence[Run], primary_rho: Optional[float] = None, primary_eps
     if primary_eps is None and ats:
         primary_eps = _lower_median([(s.eps, s.eps_label) for s in ats if s.eps is not None])[1]
         notes.append(f"no pre-specified eps: the lower median of the grid's, {primary_eps}")
-    sam = _find(settings, "sam", rho=primary_rho) if primary_rho is not None else None
-    at = _find(settings, "pgd-at", eps_label=primary_eps) if primary_eps is not None else None
+    sam = find_setting(settings, "sam", rho=primary_rho) if primary_rho is not None else None
+    at = find_setting(settings, "pgd-at", eps_label=primary_eps) if primary_eps is not None else None
     ep = endpoint(runs)
     compared = [r for s in settings if not s.variant for r in s.runs]
     differ = unlike(compared, ep)
@@ -613,7 +615,7 @@ def decide(runs: Sequence[Run], primary_rho: Optional[float] = None, primary_eps
 # ------------------------------------------------------------------------------------------- output
 
 
-def _pct(st: Stat) -> str:
+def format_pct(st: Stat) -> str:
     """``86.5 ± 1.2`` (mean ± 95 % half-width, in points); mean alone for one seed; en dash for none."""
     if st.n == 0:
         return "–"
@@ -625,7 +627,7 @@ def settings_table(v: Verdicts, pad: bool = False) -> str:
     points), the endpoint, passes per step and its multiple of ERM's."""
     ep = v.endpoint
     radii = list(ep.radii) if ep else []
-    erm = _find(v.settings, "erm")
+    erm = find_setting(v.settings, "erm")
     erm_pps = erm.of(passes_per_step).mean if erm else math.nan
     header = ["setting", "seeds", f"clean {v.headline}", *[f"robust {r}" for r in radii],
               "robust mean (endpoint)", "passes/step", "× ERM"]
@@ -633,8 +635,8 @@ def settings_table(v: Verdicts, pad: bool = False) -> str:
     for s in v.settings:
         pps = s.of(passes_per_step)
         seeds = sorted(r.seed for r in s.runs if r.seed is not None)
-        rows.append([s.name, ",".join(map(str, seeds)), _pct(s.of(lambda r: r.clean)),
-                     *[_pct(s.of(ep.at(r))) for r in radii], _pct(s.of(ep.mean)) if ep else "–",
+        rows.append([s.name, ",".join(map(str, seeds)), format_pct(s.of(lambda r: r.clean)),
+                     *[format_pct(s.of(ep.at(r))) for r in radii], format_pct(s.of(ep.mean)) if ep else "–",
                      f"{pps.mean:.2f}" if pps.n else "–",
                      f"{pps.mean / erm_pps:.2f}" if pps.n and erm_pps and math.isfinite(erm_pps) else "–"])
     return format_table(header, rows, pad=pad)

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from .errors import UsageError
 from .files import write_json_atomic
+from .results import PassCounts
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -23,15 +24,20 @@ KEEP_CHECKPOINTS = 2
 
 
 @dataclass
-class TrainState:
-    """What a checkpoint records besides Accelerate's state (``trainer_state.json``)."""
+class _Progress:
+    """The fields of :class:`TrainState` before the pass counts (a base class, so the file keeps its key order)."""
 
     step: int = 0
     train_wall_s: float = 0.0
-    forward_passes: int = 0
-    backward_passes: int = 0
-    forward_examples: int = 0   # examples through the forward pass (a doubled batch counts twice)
-    backward_examples: int = 0
+
+
+@dataclass
+class TrainState(PassCounts, _Progress):
+    """What a checkpoint records besides Accelerate's state (``trainer_state.json``).
+
+    Fields in file order: ``step``, ``train_wall_s`` (:class:`_Progress`), the four
+    :class:`~samat.common.results.PassCounts`, ``train_examples``, ``task``."""
+
     train_examples: int = 0
     task: str = ""              # the task that wrote the checkpoint ("" in checkpoints of older versions)
 

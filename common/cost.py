@@ -6,6 +6,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .results import PassCounts
+
 
 class PassCounter:
     """Counts forward calls of a model and backward passes through its output (training cost), both as calls
@@ -13,12 +15,12 @@ class PassCounter:
     one call but twice the examples.
 
     A forward hook counts calls; a tensor hook on the output's logits counts every gradient that flows back
-    through it (``loss.backward()`` and the attacks' ``autograd.grad`` alike). The counts carry
-    :class:`samat.common.checkpoint.TrainState`'s field names, so a checkpoint saves and restores them with
-    :meth:`copy_counts`.
+    through it (``loss.backward()`` and the attacks' ``autograd.grad`` alike). The counts carry the field names
+    of :class:`samat.common.results.PassCounts`, which ``checkpoint.TrainState`` and ``results.Cost`` inherit,
+    so a checkpoint saves and restores them with :meth:`copy_counts`.
     """
 
-    FIELDS = ("forward_passes", "backward_passes", "forward_examples", "backward_examples")
+    FIELDS = PassCounts.names()
 
     def __init__(self, model: nn.Module):
         self.forward_passes = self.backward_passes = self.forward_examples = self.backward_examples = 0

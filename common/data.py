@@ -53,11 +53,22 @@ def example_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 def seeded_subset(dataset: Any, n: int, seed: int) -> Any:
     """The first ``n`` examples of a seeded permutation, in their original order (all when ``n`` is 0 or at
-    least the set's size). The run's training and evaluation subsets; a task that evaluates on its own (e.g.
-    segmentation's pictures) calls this with the run's seed to see the very same examples."""
+    least the set's size). The run's subsets are :func:`train_subset` and :func:`eval_subset`."""
     if not n or n >= len(dataset):
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     if hasattr(dataset, "select"):
         return dataset.select(sorted(order))
     return Subset(dataset, sorted(order))
+
+
+def train_subset(dataset: Any, run: Any) -> Any:
+    """The run's training subset: ``run.max_train_samples`` examples (0: all) drawn with ``run.seed``."""
+    return seeded_subset(dataset, run.max_train_samples, run.seed)
+
+
+def eval_subset(dataset: Any, run: Any) -> Any:
+    """The run's evaluation subset: ``run.max_eval_samples`` examples (0: all) drawn with ``run.seed + 1``, so
+    that it is not the same permutation as the training subset's. The engine's evaluation and a task that
+    evaluates on its own (e.g. segmentation's pictures) both call this, and so see the very same examples."""
+    return seeded_subset(dataset, run.max_eval_samples, run.seed + 1)

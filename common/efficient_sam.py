@@ -12,10 +12,11 @@
                  region), a plain step otherwise; c_t moves linearly from c_start to c_end over the run.
                  Passes: 1 + the share of SAM steps (about half with the paper's c from 1 to -1).
 
-Each is an update of ``common/methods.py`` (``UPDATES``) and composes with every objective there: the SAM steps
-reuse :func:`samat.common.sam.regrad_at_ascent_point` (BatchNorm running stats untouched at ``w + e``, exact
-restore, fp16 loss scale and overflow), gradient accumulation sums the ascent and descent gradients over the
-step's micro-batches like SAM's, and clipping applies to the final descent direction.
+Each is an update rule (:data:`EFFICIENT_UPDATES`, gathered in ``common/methods.py``'s ``UPDATES``) and
+composes with every objective there: the SAM steps reuse :func:`samat.common.sam.regrad_at_ascent_point`
+(BatchNorm running stats untouched at ``w + e``, exact restore, fp16 loss scale and overflow), gradient
+accumulation sums the ascent and descent gradients over the step's micro-batches like SAM's, and clipping
+applies to the final descent direction.
 
 State (step counter, SAM-step count, LookSAM's cached direction, AE-SAM's EMAs) lives in the base optimizer's
 ``state`` under :data:`STATE_KEY`: ``torch.optim.Optimizer.state_dict`` keeps non-parameter keys as they are,
@@ -30,24 +31,17 @@ gradient, and LookSAM's g_v and AE-SAM's decision must be the same on every repl
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .registry import UPDATE_RULES
-from .sam import (SAM, StepResult, backward_all, descend, global_norm, loss_scale, plain_update,
-                  regrad_at_ascent_point, sam_update)
-
-if TYPE_CHECKING:
-    from .methods import StepContext
+from .method_config import ResolvedMethod
+from .sam import SAM, regrad_at_ascent_point, sam_update
+from .step import (Objective, StepContext, StepResult, UpdateRule, backward_all, descend, global_norm,
+                   loss_scale, plain_update)
 
 STATE_KEY = "samat_efficient_sam"
-
-# The papers' hyper-parameters, from the method registry (common/registry.py).
-SAM_INTERVAL = UPDATE_RULES["looksam"].defaults["sam_interval"]
-LOOKSAM_ALPHA = UPDATE_RULES["looksam"].defaults["looksam_alpha"]
-AESAM_DEFAULTS = {k: v for k, v in UPDATE_RULES["ae-sam"].defaults.items() if k != "rho"}
 
 
 def update_state(optimizer: Any) -> dict:
@@ -71,7 +65,7 @@ def _finish(state: dict, sam_step: bool, result: StepResult) -> StepResult:
     return result
 
 
-def every_k_update(ctx: "StepContext", objective: Any, micro_batches: list[dict]) -> StepResult:
+def every_k_update(ctx: StepContext, objective: Objective, micro_batches: list[dict]) -> StepResult:
     """SAM on steps 0, k, 2k, ... of the run, plain steps between."""
     state = update_state(ctx.optimizer)
     sam_step = state["step"] % ctx.method.sam_interval == 0
@@ -90,7 +84,7 @@ def _orthogonal_unit(g_s: list[Tensor], g: list[Tensor]) -> list[Tensor]:
     return torch._foreach_div(g_v, global_norm(g_v).clamp_min(1e-30).to(g_v[0].dtype))
 
 
-def looksam_update(ctx: "StepContext", objective: Any, micro_batches: list[dict]) -> StepResult:
+def looksam_update(ctx: StepContext, objective: Objective, micro_batches: list[dict]) -> StepResult:
     """LookSAM: SAM steps on 0, k, 2k, ... (and whenever no direction is cached), reusing g_v between."""
     m = ctx.method
     state = update_state(ctx.optimizer)
@@ -117,7 +111,7 @@ def looksam_update(ctx: "StepContext", objective: Any, micro_batches: list[dict]
     return _finish(state, True, StepResult(loss=loss, skipped=descend(ctx)))
 
 
-def aesam_threshold_c(method: Any, step: int, total_steps: int) -> float:
+def aesam_threshold_c(method: ResolvedMethod, step: int, total_steps: int) -> float:
     """AE-SAM's ``c_t``: linear from ``aesam_c_start`` at step 0 to ``aesam_c_end`` at the last step."""
     start, end = method.aesam_c_start, method.aesam_c_end
     if start == end:  # also +-inf, where the interpolation would give nan
@@ -127,7 +121,7 @@ def aesam_threshold_c(method: Any, step: int, total_steps: int) -> float:
     return start + (end - start) * min(step / max(total_steps - 1, 1), 1.0)
 
 
-def aesam_update(ctx: "StepContext", objective: Any, micro_batches: list[dict]) -> StepResult:
+def aesam_update(ctx: StepContext, objective: Objective, micro_batches: list[dict]) -> StepResult:
     """AE-SAM: one pass at ``w``; the EMAs of ||g||^2 decide whether to take the SAM pass too."""
     m = ctx.method
     state = update_state(ctx.optimizer)
@@ -151,4 +145,5 @@ def aesam_update(ctx: "StepContext", objective: Any, micro_batches: list[dict]) 
     return _finish(state, sam_step, StepResult(loss=loss, skipped=descend(ctx)))
 
 
-EFFICIENT_UPDATES = {"sam-every-k": every_k_update, "looksam": looksam_update, "ae-sam": aesam_update}
+EFFICIENT_UPDATES: dict[str, UpdateRule] = {"sam-every-k": every_k_update, "looksam": looksam_update,
+                                             "ae-sam": aesam_update}

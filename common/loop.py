@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import RESULTS_FILE, TrainState, prepare_output_dir, save_checkpoint
 from .config import EvalArgs, RunArgs
-from .data import seeded_subset
+from .data import eval_subset, train_subset
 from .cost import PassCounter
 from .evaluate import evaluate_all
 from .guard import DivergenceGuard
@@ -153,8 +153,8 @@ def build(run: RunArgs, task: Task, accelerator: Any) -> Prepared:
     """Data and model from the task, the seeded subsets and loaders, optimizer and schedule, all prepared."""
     with accelerator.main_process_first():
         data = task.build(run, accelerator)
-    train_set = seeded_subset(data.train_dataset, run.max_train_samples, run.seed)
-    eval_set = seeded_subset(data.eval_dataset, run.max_eval_samples, run.seed + 1)
+    train_set = train_subset(data.train_dataset, run)
+    eval_set = eval_subset(data.eval_dataset, run)
     loader_generator = torch.Generator().manual_seed(run.seed)
     train_loader = DataLoader(train_set, batch_size=run.batch_size, shuffle=True, collate_fn=data.collate_fn,
                               num_workers=run.num_workers, generator=loader_generator)

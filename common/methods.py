@@ -7,10 +7,14 @@ Objectives (what loss is minimised):
     trades  CE(clean) + beta · KL(f(x) || f(x_adv)), x_adv maximising the KL (Zhang et al. 2019)
 
 Update rules (how the gradient of that loss moves the weights):
-    plain   one forward/backward, base optimizer step
-    sam     gradient at w + rho·g/||g||, base optimizer step at w (Foret et al. 2021)
-    asam    the same with the ball scaled by |w| + eta (Kwon et al. 2021)
+    plain   one forward/backward, base optimizer step (common/step.py)
+    sam     gradient at w + rho·g/||g||, base optimizer step at w (Foret et al. 2021; common/sam.py)
+    asam    the same with the ball scaled by |w| + eta (Kwon et al. 2021; common/sam.py)
     sam-every-k, looksam, ae-sam   SAM's second pass on only some steps (common/efficient_sam.py)
+
+The rules' names, summaries, flags and defaults are ``common/registry.py``'s ``UPDATE_RULES``; their
+implementations are :data:`UPDATES` here, under the same names. A method's hyper-parameters are resolved in
+``common/method_config.py``; one optimizer step's context and shared passes are in ``common/step.py``.
 
 Adversarial inputs are made once per optimizer step at the current weights ``w``, in eval mode; ``sam-at``
 uses the same ``x_adv`` for both SAM passes (re-attacking at ``w + e`` would double the cost of AT).
@@ -28,120 +32,20 @@ with ``global`` the first gradient is all-reduced and every replica climbs to th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .attacks import eval_mode, pgd
-from .config import MethodArgs, parse_eps
-from .errors import UsageError, lookup
-from .efficient_sam import AESAM_DEFAULTS, EFFICIENT_UPDATES, LOOKSAM_ALPHA, SAM_INTERVAL
-from .registry import METHODS, UPDATE_RULES, Method  # noqa: F401  (Method: part of this module's API)
-from .sam import StepResult, plain_update, sam_update  # noqa: F401  (StepResult: part of this module's API)
-from .task import Task
-
-
-DEFAULT_RHO = {name: rule.defaults["rho"] for name, rule in UPDATE_RULES.items() if "rho" in rule.defaults}
-
-
-@dataclass
-class ResolvedMethod:
-    """A method with every hyper-parameter decided (floats, not strings)."""
-
-    method: Method
-    rho: float = 0.0
-    eta: float = 0.01
-    sam_sync: str = "local"
-    eps: float = 0.0
-    alpha: float = 0.0
-    steps: int = 0
-    norm: str = "linf"
-    trades_beta: float = 6.0
-    clean_weight: float = 0.0
-    sam_interval: int = SAM_INTERVAL
-    looksam_alpha: float = LOOKSAM_ALPHA
-    aesam_delta: float = AESAM_DEFAULTS["aesam_delta"]
-    aesam_c_start: float = AESAM_DEFAULTS["aesam_c_start"]
-    aesam_c_end: float = AESAM_DEFAULTS["aesam_c_end"]
-
-    def describe(self) -> dict:
-        """Only the hyper-parameters the method uses (for results.json and tables)."""
-        out: dict[str, Any] = {"method": self.method.name}
-        flags = self.method.flags
-        if "rho" in flags:
-            out["rho"] = self.rho
-        if "sam_sync" in flags:
-            out["sam_sync"] = self.sam_sync
-        if self.method.update == "asam":
-            out["asam_eta"] = self.eta
-        for name in ("sam_interval", "looksam_alpha", "aesam_delta", "aesam_c_start", "aesam_c_end"):
-            if name in flags:
-                out[name] = getattr(self, name)
-        if self.method.objective != "clean":
-            out.update(eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm)
-        if self.method.objective == "trades":
-            out["trades_beta"] = self.trades_beta
-        elif self.method.objective != "clean":
-            out["at_clean_weight"] = self.clean_weight
-        return out
-
-
-def resolve_method(name: str, args: MethodArgs, task: Task, explicit: set[str]) -> ResolvedMethod:
-    """Check the flags against the method and fill the task's defaults.
-
-    ``explicit`` is the set of MethodArgs fields the user set; a flag the method does not read is an error
-    rather than silently ignored.
-    """
-    method = lookup(METHODS, "method", name)
-    unused = sorted(explicit - method.flags)
-    if unused:
-        raise UsageError(f"--{unused[0]} does not apply to --method {name} (it uses: "
-                         f"{', '.join('--' + f for f in sorted(method.flags)) or 'no method flags'})")
-    defaults = task.defaults
-    norm = args.train_norm or defaults.train_norm
-    resolved = ResolvedMethod(method=method, sam_sync=args.sam_sync, eta=args.asam_eta,
-                              trades_beta=args.trades_beta, norm=norm)
-    if "rho" in method.flags:
-        resolved.rho = DEFAULT_RHO[method.update] if args.rho is None else args.rho
-    for name in ("sam_interval", "looksam_alpha", "aesam_delta", "aesam_c_start", "aesam_c_end"):
-        if getattr(args, name) is not None:  # else the paper's default, a field default of ResolvedMethod
-            setattr(resolved, name, getattr(args, name))
-    if "at_clean_weight" in method.flags:
-        resolved.clean_weight = (defaults.at_clean_weight if args.at_clean_weight is None
-                                 else args.at_clean_weight)
-    if method.objective != "clean":
-        eps_text = args.train_eps or defaults.train_eps(norm)
-        resolved.eps = parse_eps(eps_text, pixel_space=task.pixel_space and norm == "linf", flag="--train_eps")
-        resolved.steps = 1 if method.objective == "fgsm" else (args.train_steps or defaults.train_steps)
-        if args.train_alpha:
-            resolved.alpha = parse_eps(args.train_alpha, pixel_space=task.pixel_space and norm == "linf",
-                                       flag="--train_alpha")
-        elif method.objective == "fgsm":
-            resolved.alpha = 1.25 * resolved.eps  # Wong et al. 2020
-        else:
-            # Madry's 2/255 steps for an 8/255 ball: alpha = eps/4 unless the task says otherwise.
-            resolved.alpha = defaults.train_alpha_ratio * resolved.eps
-    return resolved
-
-
-@dataclass
-class StepContext:
-    """What an update needs for one optimizer step."""
-
-    accelerator: Any
-    model: nn.Module           # as prepared (possibly DDP-wrapped, autocast-wrapped)
-    optimizer: Any             # as prepared
-    task: Task
-    method: ResolvedMethod
-    max_grad_norm: float = 0.0
-    total_steps: int = 0       # optimizer steps of the whole run (AE-SAM's threshold schedule reads it)
-
-    @property
-    def unwrapped(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+from .efficient_sam import EFFICIENT_UPDATES
+# Re-exported: this module is where a caller finds everything about methods (the registry's table, the
+# resolved hyper-parameters, the step's context and result).
+from .method_config import DEFAULT_RHO, ResolvedMethod, resolve_method  # noqa: F401
+from .registry import METHODS, UPDATE_RULES, Method  # noqa: F401
+from .sam import SAM_UPDATES
+from .step import Objective, StepContext, StepResult, UpdateRule, plain_update  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,15 +126,16 @@ class TradesObjective:
         return ctx.task.loss(clean, batch) + ctx.method.trades_beta * kl
 
 
-OBJECTIVES = {"clean": CleanObjective(), "pgd": AdversarialObjective(), "fgsm": AdversarialObjective(),
-              "trades": TradesObjective()}
+OBJECTIVES: dict[str, Objective] = {"clean": CleanObjective(), "pgd": AdversarialObjective(),
+                                    "fgsm": AdversarialObjective(), "trades": TradesObjective()}
 
 
 # ----------------------------------------------------------------------------------------------------
 # Updates
 
 
-UPDATES = {"plain": plain_update, "sam": sam_update, "asam": sam_update, **EFFICIENT_UPDATES}
+# Every update rule of the registry's UPDATE_RULES, by the same name; each family's module lists its own.
+UPDATES: dict[str, UpdateRule] = {"plain": plain_update, **SAM_UPDATES, **EFFICIENT_UPDATES}
 
 
 def train_step(ctx: StepContext, micro_batches: list[dict]) -> StepResult:

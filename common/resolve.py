@@ -15,7 +15,7 @@ from typing import Any
 
 from .checkpoint import check_output_dir
 from .config import EvalArgs, MethodArgs, RunArgs, non_default_fields, parse_eps_list, resolve_defaults, validate
-from .methods import ResolvedMethod, resolve_method
+from .method_config import ResolvedMethod, resolve_method
 from .model_io import check_push_to_hub
 from .suites import Suite, resolve_suite
 from .task import AttackSpec, Task

@@ -37,16 +37,39 @@ def versions() -> dict[str, str]:
 
 
 @dataclass
-class Cost:
-    """Training and evaluation cost: wall times and exact pass counts (see ``samat.common.cost``)."""
+class PassCounts:
+    """Training cost as exact pass counts, counted by :class:`samat.common.cost.PassCounter`: forward calls of
+    the model and backward passes through its output, as calls and as examples (rows of the logits; a doubled
+    clean+adversarial batch is one call but twice the examples). The one declaration of these fields:
+    :class:`Cost` (results.json) and ``checkpoint.TrainState`` (``trainer_state.json``) inherit them."""
 
-    train_wall_s: float = 0.0
-    eval_wall_s: float = 0.0
-    optimizer_steps: int = 0
     forward_passes: int = 0
     backward_passes: int = 0
     forward_examples: int = 0
     backward_examples: int = 0
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The four count fields, in declaration (and file) order."""
+        return tuple(f.name for f in fields(PassCounts))
+
+
+@dataclass
+class _CostClock:
+    """The fields of :class:`Cost` before the pass counts (a base class, so results.json keeps its key order)."""
+
+    train_wall_s: float = 0.0
+    eval_wall_s: float = 0.0
+    optimizer_steps: int = 0
+
+
+@dataclass
+class Cost(PassCounts, _CostClock):
+    """Training and evaluation cost: wall times and exact pass counts (see ``samat.common.cost``).
+
+    Fields in results.json order: ``train_wall_s``, ``eval_wall_s``, ``optimizer_steps`` (:class:`_CostClock`),
+    the :class:`PassCounts`, then ``train_examples`` (examples the optimizer steps trained on, all processes)."""
+
     train_examples: int = 0
 
 

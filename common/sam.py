@@ -9,22 +9,22 @@ and then descends with the gradient taken at ``w + e(w)``. :class:`SAM` moves th
 (:meth:`SAM.perturb`) and back (:meth:`SAM.restore`); the functions below it run one optimizer step's passes
 (no_sync, gradient accumulation, fp16 loss scale, BatchNorm, clipping) around the optimizer that
 ``accelerator.prepare`` returned, used unchanged: its state (momentum, Adam moments) is saved by
-``accelerator.save_state`` like any other run's, and schedulers keep working. ``plain_update`` and
-``sam_update`` are the ``plain``/``sam``/``asam`` update rules of ``common/methods.py``; the efficient variants
-(``common/efficient_sam.py``) are built from the same pieces.
+``accelerator.save_state`` like any other run's, and schedulers keep working. :func:`sam_update` is the
+``sam`` and ``asam`` update rule (:data:`SAM_UPDATES`); the efficient variants (``common/efficient_sam.py``)
+reuse :func:`regrad_at_ascent_point`. The passes they share (``StepContext``, ``backward_all``, ``descend``...)
+are in ``common/step.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:  # type hints only: methods.py imports this module
-    from .methods import StepContext
+from .step import (Objective, StepContext, StepResult, UpdateRule, backward_all, descend, global_norm,
+                   loss_scale, params_with_grad)
 
 _TINY = 1e-12
 
@@ -123,62 +123,11 @@ def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(tracked)
 
 
-def params_with_grad(optimizer: Any) -> list[Tensor]:
-    """The parameters of ``optimizer`` that hold a gradient, in ``param_groups`` order."""
-    return [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-
-
-def global_norm(tensors: list[Tensor]) -> Tensor:
-    """The L2 norm of the concatenation of ``tensors`` (0-dim float32 tensor, on their device)."""
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(tensors)]))
-
-
 # ----------------------------------------------------------------------------------------------------
-# One optimizer step: the passes every update rule is built from. ``ctx`` is a ``methods.StepContext``;
-# ``objective`` has ``prepare(ctx, batch)`` (the attack, once per micro-batch at w) and ``loss(ctx, batch,
-# prepared)`` (differentiable, may run twice).
+# The SAM passes of one optimizer step (the shared ones are in common/step.py).
 
 
-@dataclass
-class StepResult:
-    loss: float          # training loss at w (mean over the step's micro-batches)
-    skipped: bool        # fp16 overflow: no weight update happened
-
-
-def _sync_context(ctx: "StepContext", sync: bool):
-    return contextlib.nullcontext() if sync else ctx.accelerator.no_sync(ctx.model)
-
-
-def backward_all(ctx: "StepContext", objective: Any, micro_batches: list[dict], prepared: list,
-                 sync_last: bool) -> float:
-    """Accumulate ``sum_i loss_i / K`` into ``.grad``; all-reduce (DDP) only on the last micro-batch and
-    only if ``sync_last``. Returns the mean loss."""
-    total = 0.0
-    k = len(micro_batches)
-    for i, (batch, prep) in enumerate(zip(micro_batches, prepared)):
-        with _sync_context(ctx, sync_last and i == k - 1):
-            loss = objective.loss(ctx, batch, prep) / k
-            ctx.accelerator.backward(loss)
-        total += loss.detach().float().item()
-    return total
-
-
-def descend(ctx: "StepContext") -> bool:
-    """Clip the descent gradient, step the base optimizer, clear grads. True if the step was skipped."""
-    if ctx.max_grad_norm > 0:
-        ctx.accelerator.clip_grad_norm_(ctx.model.parameters(), ctx.max_grad_norm)
-    ctx.optimizer.step()
-    ctx.optimizer.zero_grad(set_to_none=True)
-    return bool(getattr(ctx.optimizer, "step_was_skipped", False))
-
-
-def loss_scale(ctx: "StepContext") -> float:
-    """The fp16 loss scale the gradients in ``.grad`` carry (1 without a GradScaler)."""
-    scaler = ctx.accelerator.scaler
-    return float(scaler.get_scale()) if scaler is not None else 1.0
-
-
-def regrad_at_ascent_point(ctx: "StepContext", objective: Any, micro_batches: list[dict], prepared: list,
+def regrad_at_ascent_point(ctx: StepContext, objective: Objective, micro_batches: list[dict], prepared: list,
                            sam: SAM) -> bool:
     """From the gradient at ``w`` in ``.grad``: move to ``w + e``, replace ``.grad`` by the all-reduced
     gradient there (BatchNorm running stats untouched), move back to ``w`` exactly. Returns False, with
@@ -199,14 +148,7 @@ def regrad_at_ascent_point(ctx: "StepContext", objective: Any, micro_batches: li
     return True
 
 
-def plain_update(ctx: "StepContext", objective: Any, micro_batches: list[dict]) -> StepResult:
-    """One forward/backward per micro-batch at ``w``, base optimizer step (ERM, PGD-AT, TRADES...)."""
-    prepared = [objective.prepare(ctx, b) for b in micro_batches]
-    loss = backward_all(ctx, objective, micro_batches, prepared, sync_last=True)
-    return StepResult(loss=loss, skipped=descend(ctx))
-
-
-def sam_update(ctx: "StepContext", objective: Any, micro_batches: list[dict]) -> StepResult:
+def sam_update(ctx: StepContext, objective: Objective, micro_batches: list[dict]) -> StepResult:
     """SAM (or ASAM): the gradient at ``w`` sets ``e``, the gradient at ``w + e`` moves ``w``."""
     m = ctx.method
     sam = SAM(ctx.optimizer, rho=m.rho, adaptive=m.method.update == "asam", eta=m.eta)
@@ -216,3 +158,6 @@ def sam_update(ctx: "StepContext", objective: Any, micro_batches: list[dict]) ->
     if not regrad_at_ascent_point(ctx, objective, micro_batches, prepared, sam):
         return StepResult(loss=loss, skipped=True)
     return StepResult(loss=loss, skipped=descend(ctx))
+
+
+SAM_UPDATES: dict[str, UpdateRule] = {"sam": sam_update, "asam": sam_update}

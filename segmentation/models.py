@@ -6,6 +6,8 @@ Names (``--model``):
                          ``tu-<timm name>``; ``--encoder_weights none`` (random init) or ``imagenet`` (hub)
     <hub id | folder>    a transformers ``AutoModelForSemanticSegmentation`` (SegFormer, ...): its logits at
                          1/4 resolution are upsampled bilinearly to the input size
+    <run's model/ folder> a model written by :func:`save_model` (``samat_segmentation.json`` marks it), reloaded
+                         with no training flags and refused when its classes differ from the data's
 
 Every model maps ``(B, 3, H, W)`` in ``[0, 1]`` to logits ``(B, K, H, W)``.
 """
@@ -183,10 +185,8 @@ def build_model(name: str, num_classes: int, id2label: dict[int, str], *, encode
                 encoder_depth: int = 5, decoder_channels: Optional[Sequence[int]] = None,
                 extra: Optional[dict] = None) -> NormalizedSegmenter:
     """smp when ``name`` is an smp architecture, else transformers (hub id with a ``/`` or a folder)."""
-    from . import checkpoint
-
-    if checkpoint.is_saved(name):  # a run's model/ folder: its own architecture and weights
-        return checkpoint.load_saved(name, num_classes)
+    if is_saved_model(name):  # a run's model/ folder: its own architecture and weights
+        return load_saved_model(name, num_classes)
     if name.lower() in architectures() or not (os.path.isdir(name) or "/" in name):
         return build_smp(name, encoder, weights, num_classes, encoder_depth=encoder_depth,
                          decoder_channels=decoder_channels, extra=extra)
@@ -273,3 +273,19 @@ def load_model(path: str) -> NormalizedSegmenter:
         net = AutoModelForSemanticSegmentation.from_pretrained(str(folder))
     keep = {k: v for k, v in config.items() if k not in ("mean", "std")}
     return NormalizedSegmenter(net, config["mean"], config["std"], keep).eval()
+
+
+def is_saved_model(name: str) -> bool:
+    """Whether ``name`` is a folder written by :func:`save_model`."""
+    return (Path(name).expanduser() / CONFIG_FILE).is_file()
+
+
+def load_saved_model(name: str, num_classes: int) -> NormalizedSegmenter:
+    """The saved model in ``name``, in train mode (as a freshly built one); ``UsageError`` when it predicts
+    another number of classes than ``num_classes``."""
+    model = load_model(str(Path(name).expanduser()))
+    saved = int(model.config.get("num_classes") or len(model.config.get("class_names") or []))
+    if saved != num_classes:
+        raise UsageError(f"--model {name!r} predicts {saved} classes, but the dataset has {num_classes}; "
+                         "evaluate it on the data it was trained for (or pass --dataset/--num_classes)")
+    return model.train()

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samat.common.config import parse_eps_list
-from samat.common.data import seeded_subset
+from samat.common.data import eval_subset
 from samat.common.errors import UsageError
 from samat.common.task import AttackSpec, AttackSurface, Task, TaskData
 
@@ -301,12 +301,12 @@ class SegmentationTask(Task):
         bootstrap interval of the clean mIoU over images, and ``figure``: the run folder's
         ``segmentations.png`` (input, truth, clean prediction, PGD and SegPGD at the AT radius).
 
-        Runs on the run's evaluation subset (the engine's seeded selection, :func:`samat.common.data.seeded_subset`);
+        Runs on the run's evaluation subset (the engine's, :func:`samat.common.data.eval_subset`);
         one clean pass plus PGD and SegPGD on :data:`evaluation.FIGURE_IMAGES` images.
         """
         if self.eval_dataset is None:
             return {}
-        eval_set = seeded_subset(self.eval_dataset, run.max_eval_samples, run.seed + 1)
+        eval_set = eval_subset(self.eval_dataset, run)
         device = next(model.parameters()).device
         num_classes, ignore = self.num_classes, self.args.ignore_index
         loader = torch.utils.data.DataLoader(eval_set, batch_size=run.eval_batch_size or 32, shuffle=False,

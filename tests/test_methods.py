@@ -13,6 +13,15 @@ from samat.common.methods import METHODS, resolve_method, train_step
 from helpers import context, eval_loss, image_batch, resolved, tiny_cnn, vision_task
 
 
+def test_every_update_rule_of_the_registry_is_implemented_under_its_name():
+    from samat.common.methods import UPDATES
+    from samat.common.registry import UPDATE_RULES
+
+    assert set(UPDATES) == set(UPDATE_RULES)
+    assert {m.update for m in METHODS.values()} <= set(UPDATES)
+    assert all(callable(rule) for rule in UPDATES.values())
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_lowers_the_loss_on_a_fixed_batch(accelerator, name):
     torch.manual_seed(0)

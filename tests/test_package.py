@@ -112,6 +112,27 @@ def test_results_refuse_other_documents_and_newer_schemas(tmp_path):
         RunResults.read(tmp_path / "bad.json")
 
 
+def test_pass_counts_are_declared_once_and_the_files_keep_their_key_order(tmp_path):
+    from dataclasses import asdict
+
+    from samat.common.checkpoint import STATE_FILE, TrainState
+    from samat.common.cost import PassCounter
+    from samat.common.results import Cost, PassCounts
+
+    counts = ["forward_passes", "backward_passes", "forward_examples", "backward_examples"]
+    assert list(PassCounts.names()) == list(PassCounter.FIELDS) == counts
+    # The key order of trainer_state.json and results.json's "cost", as before the counts were shared.
+    assert list(asdict(TrainState())) == ["step", "train_wall_s", *counts, "train_examples", "task"]
+    assert list(asdict(Cost())) == ["train_wall_s", "eval_wall_s", "optimizer_steps", *counts, "train_examples"]
+    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 4, "forward_passes": 9, "unknown": 1}))
+    state = TrainState.read(tmp_path)
+    assert (state.step, state.forward_passes, state.backward_passes) == (4, 9, 0)
+    target = Cost()
+    PassCounter.copy_counts(TrainState(forward_passes=1, backward_passes=2, forward_examples=3,
+                                       backward_examples=4), target)
+    assert [getattr(target, name) for name in counts] == [1, 2, 3, 4]
+
+
 def test_summary_line_carries_collapse_failed_checks_and_task_warnings():
     from samat.common.results import RunResults
 
@@ -124,3 +145,103 @@ def test_summary_line_carries_collapse_failed_checks_and_task_warnings():
     assert "passed" not in line.split(";")[-1]
     assert "collapsed" in line and "pgd-l2_le_clean" in line and "majority-class baseline" in line
     assert "robust accuracy may be overestimated: huge_radius_at_chance (accuracy 0.9 at 64/255)" in line
+
+
+# ------------------------------------------------------------------------------------------ module graph
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the installed packages (pyproject.toml's list; the repository root is ``samat``):
+    dotted name -> file."""
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    out = {}
+    for package in packages:
+        for path in sorted(ROOT.joinpath(*package.split(".")[1:]).glob("*.py")):
+            out[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return out
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, str, int]]:
+    """``[(imported samat module, imported name or "", line)]`` for every import statement of a module:
+    top level, under ``if TYPE_CHECKING:`` and inside functions alike. ``from pkg import mod`` counts as an
+    import of ``pkg.mod``; relative imports are resolved against the module's package."""
+    import ast
+
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, "", node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+            for alias in node.names:
+                child = f"{base}.{alias.name}"
+                out.append((child, "", node.lineno) if child in modules else (base, alias.name, node.lineno))
+    return [(target, what, line) for target, what, line in out if target.split(".")[0] == "samat"]
+
+
+def _import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: {t for t, _, _ in _imports(name, path, modules) if t in modules and t != name}
+            for name, path in modules.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted; self-loops aside."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_import_scan_sees_type_only_lazy_and_relative_imports_and_finds_cycles(tmp_path):
+    source = tmp_path / "sam.py"
+    source.write_text("from typing import TYPE_CHECKING\nimport torch\nfrom . import step\n"
+                      "if TYPE_CHECKING:\n    from .methods import StepContext\n"
+                      "def f():\n    from ..vision.task import _private\n")
+    modules = {"samat.common.step": source, "samat.common.methods": source}
+    assert _imports("samat.common.sam", source, modules) == [
+        ("samat.common.step", "", 3), ("samat.common.methods", "StepContext", 5),
+        ("samat.vision.task", "_private", 7)]
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_between_samat_modules_type_only_and_lazy_ones_included():
+    graph = _import_graph()
+    assert len(graph) > 60 and "samat.common.step" in graph["samat.common.sam"]
+    assert _cycles(graph) == []
+
+
+def test_no_module_imports_another_modules_private_names():
+    modules = _modules()
+    private = [f"{name}:{line} imports {what} from {target}"
+               for name, path in modules.items() for target, what, line in _imports(name, path, modules)
+               if what.startswith("_") and not what.startswith("__")
+               or target.rpartition(".")[2].startswith("_") and not target.endswith("__")]
+    assert private == []

@@ -62,6 +62,19 @@ def test_seeded_subset_is_deterministic_sorted_and_whole_when_asked():
     assert picked != list(seeded_subset(rows, 7, 4))
 
 
+def test_the_runs_subsets_draw_training_with_the_seed_and_evaluation_with_seed_plus_one():
+    from types import SimpleNamespace
+
+    from samat.common.data import eval_subset, seeded_subset, train_subset
+
+    rows = list(range(50))
+    run = SimpleNamespace(seed=3, max_train_samples=7, max_eval_samples=5)
+    assert list(train_subset(rows, run)) == list(seeded_subset(rows, 7, 3))
+    assert list(eval_subset(rows, run)) == list(seeded_subset(rows, 5, 4))
+    # The evaluation draw is not the training permutation cut shorter.
+    assert list(eval_subset(rows, run)) != list(seeded_subset(rows, 5, 3))
+
+
 class Constant(nn.Module):
     """Logits that always pick class ``k``."""
 

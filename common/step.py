@@ -1,0 +1,113 @@
+"""One optimizer step: what an update rule is given (:class:`StepContext`), what it returns (:class:`StepResult`),
+and the passes every update rule is built from.
+
+An update rule is ``update(ctx, objective, micro_batches) -> StepResult``. ``objective`` (an
+:class:`Objective` of ``common/methods.py``) has ``prepare(ctx, batch)``, the attack, run once per micro-batch at
+the current weights ``w``, and ``loss(ctx, batch, prepared)``, the differentiable training loss, which may run
+twice (SAM). The rules live by family: ``plain`` here (:func:`plain_update`, one pass), ``sam``/``asam`` in
+``common/sam.py``, the efficient SAM rules in ``common/efficient_sam.py``; ``common/methods.py`` gathers them
+in ``UPDATES`` under the names of ``common/registry.py``'s ``UPDATE_RULES``.
+
+This module imports none of those, so they all import it and no import cycle runs between them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .method_config import ResolvedMethod
+from .task import Task
+
+
+@dataclass
+class StepContext:
+    """What an update needs for one optimizer step."""
+
+    accelerator: Any
+    model: nn.Module           # as prepared (possibly DDP-wrapped, autocast-wrapped)
+    optimizer: Any             # as prepared
+    task: Task
+    method: ResolvedMethod
+    max_grad_norm: float = 0.0
+    total_steps: int = 0       # optimizer steps of the whole run (AE-SAM's threshold schedule reads it)
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+
+@dataclass
+class StepResult:
+    loss: float          # training loss at w (mean over the step's micro-batches)
+    skipped: bool        # fp16 overflow: no weight update happened
+
+
+class Objective(Protocol):
+    """A training objective (clean, PGD, FGSM, TRADES: ``common/methods.py``)."""
+
+    def prepare(self, ctx: StepContext, batch: dict) -> Any:
+        """Once per micro-batch at ``w`` (eval mode): e.g. the adversarial ``delta``; ``None`` for clean."""
+
+    def loss(self, ctx: StepContext, batch: dict, prepared: Any) -> Tensor:
+        """The differentiable scalar training loss of ``batch`` at the current weights."""
+
+
+UpdateRule = Callable[[StepContext, Objective, list[dict]], StepResult]
+
+
+def params_with_grad(optimizer: Any) -> list[Tensor]:
+    """The parameters of ``optimizer`` that hold a gradient, in ``param_groups`` order."""
+    return [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+
+def global_norm(tensors: list[Tensor]) -> Tensor:
+    """The L2 norm of the concatenation of ``tensors`` (0-dim float32 tensor, on their device)."""
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(tensors)]))
+
+
+def sync_context(ctx: StepContext, sync: bool) -> ContextManager:
+    """Nothing when ``sync``, else ``accelerator.no_sync``: the backward inside keeps its gradient local to
+    this replica (DDP skips the all-reduce)."""
+    return contextlib.nullcontext() if sync else ctx.accelerator.no_sync(ctx.model)
+
+
+def backward_all(ctx: StepContext, objective: Objective, micro_batches: list[dict], prepared: list,
+                 sync_last: bool) -> float:
+    """Accumulate ``sum_i loss_i / K`` into ``.grad``; all-reduce (DDP) only on the last micro-batch and
+    only if ``sync_last``. Returns the mean loss."""
+    total = 0.0
+    k = len(micro_batches)
+    for i, (batch, prep) in enumerate(zip(micro_batches, prepared)):
+        with sync_context(ctx, sync_last and i == k - 1):
+            loss = objective.loss(ctx, batch, prep) / k
+            ctx.accelerator.backward(loss)
+        total += loss.detach().float().item()
+    return total
+
+
+def descend(ctx: StepContext) -> bool:
+    """Clip the descent gradient, step the base optimizer, clear grads. True if the step was skipped."""
+    if ctx.max_grad_norm > 0:
+        ctx.accelerator.clip_grad_norm_(ctx.model.parameters(), ctx.max_grad_norm)
+    ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    return bool(getattr(ctx.optimizer, "step_was_skipped", False))
+
+
+def loss_scale(ctx: StepContext) -> float:
+    """The fp16 loss scale the gradients in ``.grad`` carry (1 without a GradScaler)."""
+    scaler = ctx.accelerator.scaler
+    return float(scaler.get_scale()) if scaler is not None else 1.0
+
+
+def plain_update(ctx: StepContext, objective: Objective, micro_batches: list[dict]) -> StepResult:
+    """The ``plain`` update rule: one forward/backward per micro-batch at ``w``, base optimizer step (ERM,
+    PGD-AT, TRADES...)."""
+    prepared = [objective.prepare(ctx, b) for b in micro_batches]
+    loss = backward_all(ctx, objective, micro_batches, prepared, sync_last=True)
+    return StepResult(loss=loss, skipped=descend(ctx))
