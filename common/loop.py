@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader
 from .checkpoint import (RESULTS_FILE, TrainState, check_output_dir, prepare_output_dir,
                          save_checkpoint)
 from .config import EvalArgs, RunArgs, parse_eps_list, resolve_defaults
-from .data import seeded_subset
+from .data import dataset_labels, seeded_subset
 from .cost import PassCounter
 from .evaluate import evaluate_all
-from .guard import DivergenceGuard
+from .guard import DivergenceGuard, label_prior
 from .guard import check_steps as guard_check_steps
 from .methods import ResolvedMethod, StepContext
 from .model_io import check_push_to_hub, publish
@@ -121,8 +121,11 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
     guard = None
     if run.divergence_guard:
         per_step = run.batch_size * run.gradient_accumulation_steps * accelerator.num_processes
+        # the loss a model that learned only the label prior has, measured from the training labels
+        prior = label_prior(dataset_labels(built.train_set), int(built.data.info.get("num_classes") or 0))
         guard = DivergenceGuard(accelerator.unwrap_model(built.model), lr=run.lr, warmup_ratio=run.warmup_ratio,
-                                check_steps=guard_check_steps(built.total_steps, run.warmup_ratio, per_step))
+                                check_steps=guard_check_steps(built.total_steps, run.warmup_ratio, per_step),
+                                prior=prior)
     state = train(ctx, built.train_loader, built.train_set, built.scheduler, run, built.total_steps, state,
                   counter, guard)
     save_checkpoint(accelerator, output_dir, state)
