@@ -14,6 +14,7 @@ class ClassificationTask(Task):
     ``(B,)`` int in ``[0, K)``; the headline metric is accuracy, from summed per-example statistics."""
 
     headline_metric = "accuracy"
+    single_label = True
 
     def loss(self, logits: Tensor, batch: dict) -> Tensor:
         """Mean cross-entropy over the batch, in fp32 (logits may come from an autocast forward)."""

@@ -233,6 +233,13 @@ class EvalArgs:
         metadata={"help": "Radii of the adaptive (ASAM-form) sharpness probe, in units of |w| + 0.01."},
     )
     sharpness_steps: int = field(default=5, metadata={"help": "Projected ascent steps of the sharpness probe."})
+    attack_collapsed: bool = field(
+        default=False,
+        metadata={"help": "Attack a model that predicts a single class for every evaluation example (and run the "
+                  "task's attacks and the sharpness probe on it). By default its evaluation stops after the clean "
+                  "pass: no attack can flip a constant prediction, so its robust accuracy would only repeat the "
+                  "clean one at the attacks' full cost; results.json and the summary say so."},
+    )
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from .guard import DivergenceGuard, label_prior
 from .guard import check_steps as guard_check_steps
 from .methods import ResolvedMethod, StepContext
 from .model_io import check_push_to_hub, publish
-from .results import Cost, RunResults, versions
+from .results import Cost, RunResults, baseline_columns, versions
 from .sharpness import measure_sharpness
 from .suites import resolve_suite
 from .task import AttackSpec, Task, TaskData
@@ -217,12 +217,15 @@ def evaluate(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: Task, 
              built: Prepared, specs: list[AttackSpec]) -> RunResults:
     """Clean and robust metrics with sanity checks, the task's own evaluation and columns, sharpness."""
     evaluation = evaluate_all(built.model, task, built.eval_loader, accelerator, specs, evals.eval_steps,
-                              suite=resolve_suite(task, evals))
+                              suite=resolve_suite(task, evals), attack_collapsed=evals.attack_collapsed)
     unwrapped = accelerator.unwrap_model(built.model)
-    extra = dict(task.extra_evaluation(unwrapped, accelerator, run))
+    # A collapsed model's evaluation stops after the clean pass: no task attacks (TextAttack), no sharpness.
+    stopped = evaluation.get("attacks_skipped") is not None
+    extra = {} if stopped else dict(task.extra_evaluation(unwrapped, accelerator, run))
     warnings = list(extra.pop("warnings", []))
     evaluation["metrics"].update(extra)
-    sharpness = measure_sharpness(unwrapped, task, built.eval_set, built.data.collate_fn, evals, accelerator)
+    sharpness = None if stopped else measure_sharpness(unwrapped, task, built.eval_set, built.data.collate_fn,
+                                                       evals, accelerator)
     return RunResults.from_dict({
         **evaluation,
         "task": task.name,
@@ -231,7 +234,8 @@ def evaluate(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: Task, 
         "method_resolved": method.describe(),
         "data": {**built.data.info, "train_examples": len(built.train_set), "eval_examples": len(built.eval_set)},
         "sharpness": sharpness,
-        "columns": task.extra_columns(evaluation["metrics"]),
+        "columns": {**baseline_columns(evaluation.get("majority_baseline")),
+                    **task.extra_columns(evaluation["metrics"])},
         "warnings": warnings,
         "device": _device_name(accelerator),
         "num_processes": accelerator.num_processes,

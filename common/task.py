@@ -92,6 +92,9 @@ class Task(abc.ABC):
     # Default eps lists for the robustness evaluation, as strings (parsed by common.config.parse_eps).
     default_eval_linf: ClassVar[tuple[str, ...]] = ("1/255", "2/255", "4/255", "8/255")
     default_eval_l2: ClassVar[tuple[str, ...]] = ("0.25", "0.5")
+    # One class per example (``labels`` ``(B,)``, logits ``(B, K)``)? Then evaluation adds macro-F1 and the
+    # majority-class baseline, and the divergence guard prices the label prior (see ClassificationTask).
+    single_label: ClassVar[bool] = False
     # Does the perturbation live in pixel space with a [0, 1] box? (then eps > 1 is a unit mistake)
     pixel_space: ClassVar[bool] = True
     # The task's own flags (a dataclass parsed next to RunArgs/MethodArgs/EvalArgs).
