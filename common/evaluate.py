@@ -230,9 +230,9 @@ def collapse_reason(predicted: dict[str, int]) -> Optional[str]:
     if len(used) != 1 or len(predicted) < 2:
         return None
     return (f"robust metrics not computed: the model predicts class {used[0]} for all {predicted[used[0]]} "
-            "evaluation examples (collapsed), so no attack can tell anything about it (an attack cannot flip a "
-            "constant prediction) and its robust accuracy would only repeat that class's share; "
-            "--attack_collapsed true attacks it anyway")
+            "evaluation examples (collapsed): its clean accuracy is that class's share, and a robust accuracy "
+            "could only repeat it or fall below it, which tells nothing about robustness; --attack_collapsed "
+            "true attacks it anyway")
 
 
 def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any, attacks: list[AttackSpec],
