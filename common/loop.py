@@ -22,8 +22,8 @@ from accelerate.logging import get_logger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import (RESULTS_FILE, TrainState, check_output_dir, prepare_output_dir,
-                         save_checkpoint)
+from .checkpoint import (RESULTS_FILE, TrainState, check_output_dir, load_newest_readable,
+                         prepare_output_dir, save_checkpoint)
 from .config import EvalArgs, RunArgs, parse_eps_list, resolve_defaults
 from .data import dataset_labels, seeded_subset
 from .cost import PassCounter
@@ -108,11 +108,15 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
     built = build(run, task, accelerator)
     counter = PassCounter(built.model)
     state = TrainState(task=task.name)
+    damaged: list[str] = []  # unreadable checkpoints passed over on --resume: warnings of the run
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state = TrainState.read(resume_from)
-        state.task = task.name
-        logger.info("resumed from %s at step %d", resume_from, state.step)
+        resume_from, loaded, damaged = load_newest_readable(accelerator, output_dir)
+        for warning in damaged:
+            logger.warning(warning)
+        if loaded is not None:
+            state = loaded
+            state.task = task.name
+            logger.info("resumed from %s at step %d", resume_from, state.step)
     PassCounter.copy_counts(state, counter)  # a resumed run continues the checkpoint's counts
     start_trackers(accelerator, run, config_record)
 
@@ -137,6 +141,7 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
     eval_started = time.perf_counter()
     results = evaluate(run, method, evals, task, accelerator, built, specs)
     results.config = config_record
+    results.warnings = damaged + results.warnings
     results.cost = Cost(train_wall_s=round(state.train_wall_s, 3),
                         eval_wall_s=round(time.perf_counter() - eval_started, 3),
                         optimizer_steps=state.step, train_examples=state.train_examples,
