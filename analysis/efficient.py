@@ -8,8 +8,10 @@ the same pairing by seed, the same pre-specified SAM rho / AT eps and the same e
   grid of separate processes on a shared machine is not a fair comparison);
 - **gain**: the robust endpoint minus ERM's, paired by seed, with its 95 % t-interval;
 - **share of SAM's gain kept**: mean gain of the variant over the mean gain of SAM at the pre-specified rho,
-  per seed paired, with Fieller's 95 % interval (:func:`samat.common.stats.fieller_ratio`) -- unbounded when
-  SAM's own gain is not distinguishable from 0, and then the table says so rather than print a ratio of noise;
+  per seed paired, with Fieller's 95 % interval (:func:`samat.common.stats.fieller_ratio`) -- computed only
+  when SAM's own gain is significantly above 0 (its 95 % interval, with test-set noise, lies above 0): a share
+  of a gain that may be 0 or negative is a ratio of noise, or of two negatives (a variant as bad as SAM would
+  "keep 100 %"), and the notes say why no share is given;
 - **clean vs SAM**: the variant's clean metric minus SAM's, paired.
 
 The goal of issue 12 is a variant at <= 1.4x ERM's cost that keeps >= 80 % of SAM's gain and SAM's clean
@@ -28,7 +30,8 @@ from samat.common.stats import Ratio, Stat, fieller_ratio
 from samat.common.tables import format_table
 
 from .runs import Setting
-from .verdicts import MARGIN, Effect, Verdicts, _find, _pct, by_seed, paired, passes_per_step
+from .verdicts import (MARGIN, Effect, Verdicts, _find, _pct, by_seed, clean_se, endpoint_se, exact, paired,
+                       passes_per_step)
 
 # The efficient SAM update rules of the engine's registry on the clean objective (samat.common.efficient_sam;
 # a test keeps this list equal to the registry's).
@@ -71,6 +74,7 @@ def _share(erm: Setting, sam: Setting, s: Setting, get) -> Ratio:
 
 
 def _goal(row: Row) -> str:
+    """"shown", "point estimate only", "no", or "–" where there is no share (SAM's gain not shown above 0)."""
     if row.share is None or row.share.value is None or row.cost.mean is None or row.clean_vs_sam is None \
             or row.clean_vs_sam.mean is None:
         return "–"
@@ -98,21 +102,26 @@ def frontier(v: Verdicts) -> Optional[Frontier]:
         missing = "ERM runs" if erm is None else ("SAM runs at the pre-specified rho" if sam is None
                                                    else "a robust endpoint")
         return Frontier("–", None, [], [f"no {missing}: no gain to measure the variants against"])
+    sam_gain = paired(f"robust gain ({sam.name} − {erm.name})", erm, sam, ep.mean, se=endpoint_se(ep))
+    guard = sam_gain.lo is not None and sam_gain.lo > 0
+    if not guard:
+        why = ("has no interval (fewer than 2 paired seeds)" if sam_gain.lo is None else
+               "is significantly below 0" if sam_gain.hi < 0 else "is not significantly above 0")
+        notes.append(f"SAM's own robust gain over ERM ({sam_gain.text()}) {why}: no share of it is given (a share "
+                     "of a gain that may be 0 or negative means nothing; a ratio of two negatives would read as "
+                     "a gain kept)")
     rows = []
     for s, role in [(erm, "reference"), (sam, "reference")] + ([(at, "reference")] if at else []) \
             + [(s, "variant") for s in variants]:
-        cost = paired(f"passes per step ({s.name} / {erm.name})", erm, s, passes_per_step, kind="ratio")
-        gain = None if s is erm else paired(f"robust gain ({s.name} − {erm.name})", erm, s, ep.mean)
-        share = None if s in (erm, sam) else _share(erm, sam, s, ep.mean)
+        cost = paired(f"passes per step ({s.name} / {erm.name})", erm, s, passes_per_step, kind="ratio", se=exact)
+        gain = None if s is erm else paired(f"robust gain ({s.name} − {erm.name})", erm, s, ep.mean,
+                                            se=endpoint_se(ep))
+        share = None if s in (erm, sam) or not guard else _share(erm, sam, s, ep.mean)
         vs_sam = None if s in (erm, sam) else paired(f"clean change ({s.name} − {sam.name})", sam, s,
-                                                     lambda r: r.clean)
+                                                     lambda r: r.clean, se=clean_se)
         row = Row(s.name, s.method, role, cost, s.of(lambda r: r.clean), s.of(ep.mean), gain, share, vs_sam)
         row.goal = _goal(row) if role == "variant" else "–"
         rows.append(row)
-    sam_gain = rows[1].gain
-    if sam_gain is not None and sam_gain.lo is not None and sam_gain.lo <= 0:
-        notes.append(f"SAM's own robust gain over ERM ({sam_gain.text()}) is not distinguishable from 0: the "
-                     "shares of it that the variants keep have unbounded intervals and decide nothing")
     for s in variants:
         if v.primary_rho is not None and (s.rho is None or not math.isclose(s.rho, v.primary_rho)):
             notes.append(f"{s.name}: rho differs from SAM's pre-specified {v.primary_rho:g}; its share compares "

@@ -132,7 +132,7 @@ def build_report(paths: Sequence[str], sharpness_key: Optional[str] = None,
     files = {name: png for name, _, png in figures}
     files["report.md"] = build_markdown(runs, settings, [(name, title) for name, title, _ in figures],
                                         find_unfinished(paths), paths, out_dir).encode()
-    files["results.csv"] = csv_bytes(*csv_rows(runs))
+    files["results.csv"] = csv_bytes(*csv_rows(runs, out_dir))
     files["summary.csv"] = csv_bytes(*summary_rows(runs, settings))
     return files
 

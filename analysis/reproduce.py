@@ -26,8 +26,10 @@ from typing import Callable, Optional, Sequence
 from samat.common.errors import UsageError
 from samat.common.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 
-from .runs import RESULTS_FILE, find_results, load_run, read_results
-from .sweep import SWEEP_FLAGS, TASK_GRIDS, Job, _flag_name, execute, launcher_prefix, plan, split_passthrough
+from samat.common.registry import task_recipe
+
+from .runs import RESULTS_FILE, find_results, load_run, portable, read_results
+from .sweep import SWEEP_FLAGS, Job, execute, flag_name, plan, split_passthrough
 
 MANIFEST = "reproduce.json"
 FRONTIER_FIGURE = "efficient_frontier.png"
@@ -36,25 +38,56 @@ SCALES = ("quick", "cpu", "gpu")
 
 @dataclass(frozen=True)
 class Preset:
-    """What a reproduction of one task at one scale runs. ``run_flags`` go to every run (method flags only to
-    the methods that read them, as in a sweep); ``primary_rho``/``primary_eps`` are the radii the verdicts
-    use, fixed here, before any result exists."""
+    """What a reproduction of one task at one scale runs, stated as what differs from the task's recipe
+    (:class:`samat.common.recipe.TaskRecipe`). ``run_flags`` go to every run (method flags only to the methods
+    that read them, as in a sweep); ``primary_rho``/``primary_eps`` are the radii the verdicts use, fixed here,
+    before any result exists. ``None`` fields take the recipe's: ``rho``/``train_eps`` its sweep grids,
+    ``train_norm`` its threat model, ``alpha_ratio`` its AT step as a share of eps."""
 
     summary: str
-    rho: tuple[str, ...]
-    train_eps: tuple[str, ...]
     primary_rho: str
     primary_eps: str
     seeds: int
     run_flags: tuple[str, ...]
     eval_attacks: str
-    train_norm: str = "linf"
+    rho: Optional[tuple[str, ...]] = None
+    train_eps: Optional[tuple[str, ...]] = None
+    train_norm: Optional[str] = None
     low_powered: bool = False
     methods: tuple[str, ...] = ("erm", "sam", "pgd-at")
-    # AT's PGD step as a share of eps (None: the task grid's, eps/4 for pixels, made for PGD-10). Few-step
-    # presets take eps/2, so that 3 steps from the random start can reach the ball's surface (SegPGD-AT's 3
-    # steps of eps/2).
+    # Few-step presets on images take eps/2 instead of the recipe's eps/4 (made for PGD-10), so that 3 steps
+    # from the random start can reach the ball's surface (SegPGD-AT's 3 steps of eps/2).
     alpha_ratio: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class ResolvedPreset:
+    """A :class:`Preset` with the task recipe's values filled in: every grid and ratio the runs receive."""
+
+    preset: Preset
+    rho: tuple[str, ...]
+    train_eps: tuple[str, ...]
+    train_norm: str
+    alpha_ratio: float
+
+    def __getattr__(self, name: str):  # the preset's own fields (summary, seeds, run_flags, ...)
+        if name == "preset":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.preset, name)
+
+    def record(self) -> dict:
+        """What verdicts.json records: the preset's fields with the recipe's values filled in."""
+        return {**asdict(self.preset), "rho": list(self.rho), "train_eps": list(self.train_eps),
+                "train_norm": self.train_norm, "alpha_ratio": self.alpha_ratio}
+
+
+def resolve_preset(task: str, preset: Preset) -> ResolvedPreset:
+    """Fill the preset's ``None`` fields from the task's recipe."""
+    recipe = task_recipe(task)
+    norm = preset.train_norm or recipe.defaults.train_norm
+    return ResolvedPreset(preset, rho=preset.rho or recipe.rho_grid, train_eps=preset.train_eps or recipe.eps_grid(norm),
+                          train_norm=norm,
+                          alpha_ratio=recipe.alpha_ratio if preset.alpha_ratio is None else preset.alpha_ratio)
 
 
 _VISION_EVAL = ("--eval_linf", "1/255", "2/255", "4/255", "8/255", "--eval_l2", "none")
@@ -68,7 +101,7 @@ PRESETS: dict[tuple[str, str], Preset] = {
         run_flags=("--model", "small_cnn", "--max_train_samples", "5000", "--max_eval_samples", "500",
                    "--epochs", "6", "--warmup_ratio", "0.1", *_VISION_EVAL, "--train_steps", "3",
                    "--sharpness_examples", "0", "--log_with", "none"),
-        eval_attacks="pgd", low_powered=True),
+        eval_attacks="pgd", low_powered=True, alpha_ratio=0.5),
     # Measured on the 2-core CPU (RESULTS.md, section A), seed 0, one torch thread: ERM's clean accuracy on
     # 1,000 test images was 0.850 / 0.876 / 0.895 after 20 / 40 / 80 epochs (small CNN, 5,000 images), so 40
     # epochs is NOT converged by the 1-point rule (80 would double a grid that takes 66 one-core minutes); PreAct
@@ -85,8 +118,7 @@ PRESETS: dict[tuple[str, str], Preset] = {
     ("vision", "gpu"): Preset(
         summary="the paper's grid: PreAct ResNet-18, full Fashion-MNIST, 10 epochs, full test set, PGD-10 AT; "
                 "rho 0.05/0.1/0.2/0.5, eps 1/2/4/8 /255, 3 seeds",
-        rho=TASK_GRIDS["vision"]["rho"], train_eps=TASK_GRIDS["vision"]["train_eps"]["linf"], primary_rho="0.1",
-        primary_eps="2/255", seeds=3,
+        primary_rho="0.1", primary_eps="2/255", seeds=3,
         run_flags=("--model", "preact_resnet18", "--max_train_samples", "0", "--max_eval_samples", "0",
                    *_VISION_EVAL, "--train_steps", "10"),
         eval_attacks="apgd"),
@@ -94,7 +126,7 @@ PRESETS: dict[tuple[str, str], Preset] = {
     ("text", "quick"): Preset(
         summary="LOW-POWERED: MiniLM, 1,000 sentences, 1 epoch, 200 test sentences, no TextAttack; one rho and "
                 "one eps, 3 seeds",
-        rho=("0.05",), train_eps=("0.02",), primary_rho="0.05", primary_eps="0.02", seeds=3, train_norm="l2",
+        rho=("0.05",), train_eps=("0.02",), primary_rho="0.05", primary_eps="0.02", seeds=3,
         run_flags=("--max_train_samples", "1000", "--max_eval_samples", "200", "--epochs", "1",
                    "--textattack_recipes", "none", "--sharpness_examples", "0", "--log_with", "none"),
         eval_attacks="pgd", low_powered=True),
@@ -111,7 +143,7 @@ PRESETS: dict[tuple[str, str], Preset] = {
                 "embedding L2 0.02 and 0.05, no TextAttack; rho 0.05, L2 eps 0.02 (the verdicts' radii), 3 "
                 "seeds; about 2 one-core hours",
         rho=("0.05",), train_eps=("0.02",), primary_rho="0.05", primary_eps="0.02",
-        seeds=3, train_norm="l2",
+        seeds=3,
         run_flags=("--max_train_samples", "2000", "--max_eval_samples", "100", "--eval_apgd_steps", "25",
                    "--eval_diagnostics", "false", "--textattack_recipes", "none", "--sharpness_examples", "0",
                    "--log_with", "none"),
@@ -119,8 +151,7 @@ PRESETS: dict[tuple[str, str], Preset] = {
     ("text", "gpu"): Preset(
         summary="MiniLM, every sentence, 3 epochs, full test split, 500 TextAttack sentences; rho "
                 "0.05/0.1/0.2/0.5, L2 eps 0.005-0.04, 3 seeds",
-        rho=TASK_GRIDS["text"]["rho"], train_eps=TASK_GRIDS["text"]["train_eps"]["l2"], primary_rho="0.05",
-        primary_eps="0.02", seeds=3, train_norm="l2",
+        primary_rho="0.05", primary_eps="0.02", seeds=3,
         run_flags=("--max_train_samples", "0", "--max_eval_samples", "0"),
         eval_attacks="apgd"),
     # Segmentation: U-Net on fashion-canvas; mIoU under PGD and SegPGD.
@@ -144,11 +175,10 @@ PRESETS: dict[tuple[str, str], Preset] = {
                 "seeds; about 5 one-core hours",
         rho=("0.05",), train_eps=("8/255",), primary_rho="0.05", primary_eps="8/255", seeds=3,
         run_flags=("--eval_linf", "2/255", "8/255", "--log_with", "none"),
-        eval_attacks="pgd", alpha_ratio=0.5),
+        eval_attacks="pgd"),
     ("segmentation", "gpu"): Preset(
         summary="the default U-Net, every canvas, 10 epochs, PGD-3 AT; rho 0.05/0.1/0.2/0.5, eps 1/2/4/8 /255, "
                 "3 seeds",
-        rho=TASK_GRIDS["segmentation"]["rho"], train_eps=TASK_GRIDS["segmentation"]["train_eps"]["linf"],
         primary_rho="0.05", primary_eps="8/255", seeds=3,
         run_flags=("--max_train_samples", "0", "--max_eval_samples", "0"),
         eval_attacks="apgd"),
@@ -162,7 +192,7 @@ class Reproduction:
 
     task: str
     scale: str
-    preset: Preset
+    preset: ResolvedPreset
     seeds: list[str]
     root: Path
     eval_attacks: str
@@ -185,7 +215,7 @@ def _check_eval_attacks(value: str, task: str) -> None:
         if name not in SUITES and name not in ATTACKS:
             raise UsageError(f"--eval_attacks: unknown suite or attack {name!r}; suites: {', '.join(SUITES)}")
         library = name == "autoattack" or (name in ATTACKS and ATTACKS[name].library)
-        if library and not TASK_GRIDS[task]["pixel_space"]:
+        if library and not task_recipe(task).pixel_space:
             raise UsageError(f"--eval_attacks: {name} attacks pixel-space image classifiers only, not {task}")
 
 
@@ -230,7 +260,7 @@ def plan_reproduction(task: str, scale: str, seeds: Optional[int] = None, root: 
         raise UsageError(f"--task: unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     if scale not in SCALES:
         raise UsageError(f"--scale: unknown scale {scale!r}; choose one of: {', '.join(SCALES)}")
-    preset = PRESETS[(task, scale)]
+    preset = resolve_preset(task, PRESETS[(task, scale)])
     n_seeds = preset.seeds if seeds is None else seeds
     if n_seeds < 1:
         raise UsageError(f"--seeds: {n_seeds} must be >= 1 (3 or more for verdicts with an interval)")
@@ -238,13 +268,13 @@ def plan_reproduction(task: str, scale: str, seeds: Optional[int] = None, root: 
     _check_eval_attacks(attacks, task)
     user = split_passthrough(list(passthrough))
     for g in user:
-        if _flag_name(g) == "eval_attacks":
+        if flag_name(g) == "eval_attacks":
             raise UsageError("after --: --eval_attacks is a flag of reproduce itself (before --)")
-        if _flag_name(g) in SWEEP_FLAGS:
+        if flag_name(g) in SWEEP_FLAGS:
             raise UsageError(f"after --: {g[0]} is set by reproduce itself")
     # the user's flags replace the preset's of the same name
-    overridden = {_flag_name(g) for g in user}
-    preset_groups = [g for g in split_passthrough(list(preset.run_flags)) if _flag_name(g) not in overridden]
+    overridden = {flag_name(g) for g in user}
+    preset_groups = [g for g in split_passthrough(list(preset.run_flags)) if flag_name(g) not in overridden]
     flags = [t for g in preset_groups + [["--eval_attacks", *attacks.split()]] + user for t in g]
     seed_list = [str(s) for s in range(n_seeds)]
     root_path = Path(root or f"runs/reproduce-{task}-{scale}")
@@ -260,14 +290,6 @@ def plan_reproduction(task: str, scale: str, seeds: Optional[int] = None, root: 
                        list(dict.fromkeys(efficient)))
     _check_root(root_path, task, rep.manifest())
     return rep
-
-
-def set_commands(rep: Reproduction, launcher: str = "python", accelerate_args: str = "",
-                 portable: bool = False) -> None:
-    """Each job's full command (:func:`samat.analysis.sweep.launcher_prefix`; ``portable`` for ``--print``)."""
-    prefix = launcher_prefix(launcher, accelerate_args, portable=portable)
-    for job in rep.jobs:
-        job.command = prefix + job.args
 
 
 def progress_runner(jobs: Sequence[Job], runner: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
@@ -325,36 +347,63 @@ def header_lines(rep: Reproduction, missing: Sequence[str], records: Sequence = 
     return lines
 
 
-def write_verdicts(rep: Reproduction) -> tuple[str, str, list[str], str]:
-    """Decide the claims from the grid's finished runs and write ``verdicts.md``/``verdicts.json`` into the
-    root (with efficient SAM variants in the grid: also their frontier, :mod:`samat.analysis.efficient`, and
-    ``efficient_frontier.png``). Returns the verdict table, the settings table, the notes (collapsed runs, ...)
-    and the frontier table (empty without variants) for the terminal."""
+EVIDENCE = "runs"  # <results folder>/runs/<run name>/results.json: every run's record, committed with the verdicts
+
+
+def write_evidence(rep: Reproduction, out: Path) -> list[Path]:
+    """Every finished run's results.json into ``out/runs/<run name>/`` (a few kB each; no checkpoints or
+    models), with absolute paths made relative to ``out`` (:func:`samat.analysis.runs.portable`), so that the
+    numbers behind the verdicts can be checked from a clone. Nothing where ``out`` is the root itself (the runs
+    are there already; copies would be read twice by ``samat report``)."""
+    written: list[Path] = []
+    if out.resolve() == rep.root.resolve():
+        return written
+    for job in rep.jobs:
+        source = job.output_dir / RESULTS_FILE
+        if source.is_file():
+            target = out / EVIDENCE / job.output_dir.name / RESULTS_FILE
+            write_json_atomic(target, portable(json.loads(source.read_text()), target.parent))
+            written.append(target)
+    return written
+
+
+def write_verdicts(rep: Reproduction, results_dir: Optional[Path] = None,
+                   allow_unlike: bool = False) -> tuple[str, str, list[str], str]:
+    """Decide the claims from the grid's finished runs and write ``verdicts.md``/``verdicts.json`` and every
+    run's results.json (:func:`write_evidence`) into ``results_dir`` (default: the root; with efficient SAM
+    variants in the grid: also their frontier, :mod:`samat.analysis.efficient`, and ``efficient_frontier.png``).
+    ``allow_unlike``: pair runs that differ in more than method and seed, with a warning in the verdicts.
+    Returns the verdict table, the settings table, the notes (collapsed runs, ...) and the frontier table
+    (empty without variants) for the terminal."""
     from . import efficient as E
     from . import verdicts as V
 
+    out = Path(results_dir) if results_dir is not None else rep.root
     finished = [j for j in rep.jobs if (j.output_dir / RESULTS_FILE).is_file()]
     missing = [j.name for j in rep.jobs if j not in finished]
     if not finished:
         raise UsageError(f"no finished runs under {rep.root}: nothing to decide")
     runs = [load_run(j.output_dir / RESULTS_FILE) for j in finished]
-    v = V.decide(runs, primary_rho=float(rep.preset.primary_rho), primary_eps=rep.preset.primary_eps)
+    v = V.decide(runs, primary_rho=float(rep.preset.primary_rho), primary_eps=rep.preset.primary_eps,
+                 allow_unlike=allow_unlike)
     lines = header_lines(rep, missing, [r.results for r in runs])
+    if write_evidence(rep, out):
+        lines += ["", f"Every run's results.json is beside this file, in `{EVIDENCE}/<run>/results.json` (paths in "
+                      "them relative to it)."]
     frontier = E.frontier(v)
     markdown, frontier_table = V.to_markdown(v, lines), ""
     if frontier is not None:
         png = E.figure(frontier)
         if png is not None:
-            write_bytes_atomic(rep.root / FRONTIER_FIGURE, png)
+            write_bytes_atomic(out / FRONTIER_FIGURE, png)
         markdown += "\n" + E.to_markdown(frontier, FRONTIER_FIGURE if png is not None else None)
         frontier_table = E.table(frontier, pad=True)
-    write_text_atomic(rep.root / "verdicts.md", markdown + "\n")
-    write_json_atomic(rep.root / "verdicts.json",
-                      _finite(V.to_json(v, {"scale": rep.scale, "low_powered": rep.preset.low_powered,
-                                            "preset": {**asdict(rep.preset), "summary": summary(rep)},
-                                            "data_used": _data_rows(runs), "seeds": [int(s) for s in rep.seeds],
-                                            "eval_attacks": rep.eval_attacks, "unfinished": missing,
-                                            "efficient_sam": E.to_json(frontier) if frontier else None})))
+    write_text_atomic(out / "verdicts.md", portable(markdown, out) + "\n")
+    extra = {"scale": rep.scale, "low_powered": rep.preset.low_powered,
+             "preset": {**rep.preset.record(), "summary": summary(rep)}, "data_used": _data_rows(runs),
+             "seeds": [int(s) for s in rep.seeds], "eval_attacks": rep.eval_attacks, "unfinished": missing,
+             "efficient_sam": E.to_json(frontier) if frontier else None}
+    write_json_atomic(out / "verdicts.json", portable(strict_json(V.to_json(v, extra)), out))
     return V.verdict_table(v, pad=True), V.settings_table(v, pad=True), v.notes, frontier_table
 
 
@@ -369,12 +418,12 @@ def _data_rows(runs: Sequence) -> list[dict]:
     return rows
 
 
-def _finite(value):
+def strict_json(value):
     """NaN/inf as ``None``, so the file is strict JSON."""
     if isinstance(value, float):
         return value if value == value and abs(value) != float("inf") else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: strict_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [strict_json(v) for v in value]
     return value

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -17,15 +19,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from samat.common.errors import UsageError
+from samat.common.registry import METHODS
 from samat.common.results import RunResults
 from samat.common.stats import Stat, stat
 
 RESULTS_FILE = "results.json"
-# Rows of every table and figure go in this order (ERM, then SAM, then the AT family); other methods last.
-# The order of the engine's registry (samat.common.methods.METHODS, which needs torch to import; a test keeps
-# the two equal).
-METHOD_ORDER = ("erm", "sam", "asam", "pgd-at", "fgsm-at", "trades", "sam-at", "sam-every-k", "sam-every-k-at",
-                "looksam", "looksam-at", "ae-sam", "ae-sam-at")
+# Rows of every table and figure go in the method registry's order (ERM, then SAM, then the AT family); other
+# methods last.
+METHOD_ORDER = tuple(METHODS)
 
 
 @dataclass
@@ -64,6 +65,12 @@ class Run:
     @property
     def clean(self) -> float:
         return float(self.results.clean)
+
+    @property
+    def eval_examples(self) -> Optional[int]:
+        """How many examples the run was evaluated on (``data.eval_examples``); ``None`` where not recorded."""
+        n = (self.results.data or {}).get("eval_examples")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
     def metric(self, key: str) -> Optional[float]:
         """A robust key (``"pgd-linf@8/255"``) or an extra column name, ``None`` where the run lacks it."""
@@ -208,15 +215,19 @@ def _hyper(results: RunResults) -> dict[str, Any]:
 
 def load_run(path: Path) -> Run:
     """Read one results.json into a :class:`Run`."""
-    raw = read_results(path)
-    results = RunResults.from_dict(raw, source=str(path))  # upgrades older schemas (e.g. adds columns)
+    return load_run_dict(read_results(path), path.parent, source=str(path))
+
+
+def load_run_dict(raw: dict, run_dir: Path, source: str = "results") -> Run:
+    """A results document (a results.json's contents) of the run in ``run_dir`` as a :class:`Run`."""
+    results = RunResults.from_dict(raw, source=source)  # upgrades older schemas (e.g. adds columns)
     rho, label, eps = _rho_and_eps(results)
     robust = {f"{attack}@{radius}": float(value) for attack, radius, value in
               sorted(results.robust(), key=lambda t: eps_value(t[1])) if _number(value)}
     # The counts the file holds: RunResults.cost reads a count older runs did not record as 0.
     cost = {k: float(v) for k, v in (raw.get("cost") or {}).items() if _number(v)}
     seed = ((results.config or {}).get("run") or {}).get("seed")
-    return Run(path=path.parent, results=results, seed=seed if isinstance(seed, int) else None, rho=rho,
+    return Run(path=run_dir, results=results, seed=seed if isinstance(seed, int) else None, rho=rho,
                eps_label=label, eps=eps, robust=robust,
                columns={k: float(v) for k, v in results.columns.items() if _number(v)}, cost=cost,
                sharpness=_sharpness(results.sharpness), hyper=_hyper(results))
@@ -288,3 +299,34 @@ def group(runs: Sequence[Run]) -> list[Setting]:
             settings[r.label] = Setting(r.label, r.method, r.rho, r.eps_label, r.eps, [], r.variant)
         settings[r.label].runs.append(r)
     return list(settings.values())
+
+
+# ------------------------------------------------------------------------------------------- portability
+
+# An absolute path inside a string: "/" not preceded by a word character, a dot, a colon or a slash (so
+# "8/255", "a/b" and "https://..." are left alone), up to whitespace or a delimiter.
+_ABSOLUTE = re.compile(r"(?<![\w.:/])/[^\s\"'`,;()\[\]<>|]+")
+
+
+def portable_path(path: str, base: Path, repo: Optional[Path] = None) -> str:
+    """``path`` as committed evidence may hold it: relative to ``base`` (the results folder) where it lies
+    inside ``repo`` (default: the working directory); elsewhere ``.../`` and its last three parts (the machine's
+    own folders say nothing to a reader of a clone). Relative paths are returned as they are."""
+    if not os.path.isabs(path):
+        return path
+    root = os.path.abspath(repo or Path.cwd())
+    if os.path.commonpath([root, os.path.abspath(path)]) == root:
+        return Path(os.path.relpath(path, os.path.abspath(base))).as_posix()
+    return ".../" + "/".join(Path(path).parts[-3:])
+
+
+def portable(value: Any, base: Path, repo: Optional[Path] = None) -> Any:
+    """``value`` (a JSON-like document or a string) with every absolute path in its strings made portable
+    (:func:`portable_path`)."""
+    if isinstance(value, str):
+        return _ABSOLUTE.sub(lambda m: portable_path(m.group(0), base, repo), value)
+    if isinstance(value, dict):
+        return {k: portable(v, base, repo) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, base, repo) for v in value]
+    return value

@@ -22,28 +22,16 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import samat.scripts as _scripts
+from samat.common.config import MAX_RHO, MethodArgs, parse_eps
 from samat.common.errors import UsageError
+from samat.common.recipe import NORMS, check_choice
+from samat.common.registry import TASKS, task_recipe
 
 from .runs import run_status
 
 RUN_PY = Path(_scripts.__file__).resolve().with_name("run.py")
 
-# The paper's grid (Zhang et al. 2024): SAM rho 0.05-0.5 and AT L-inf radii 1-8/255 for images. Text radii
-# are relative to the mean token-embedding norm (text/task.py); the L-inf ladder keeps the images' 1:2:4:8
-# ratios around the text task's default L-inf AT radius (0.001), the L2 ladder around its L2 default (0.02).
-# alpha_ratio: multi-step AT's PGD step as a share of eps, as each task's own defaults have it at its default
-# eps (images 2/255 at 8/255; text eps/2).
-TASK_GRIDS: dict[str, dict] = {
-    "vision": {"pixel_space": True, "rho": ("0.05", "0.1", "0.2", "0.5"), "alpha_ratio": 0.25,
-               "train_eps": {"linf": ("1/255", "2/255", "4/255", "8/255"), "l2": ("0.125", "0.25", "0.5", "1.0")}},
-    "segmentation": {"pixel_space": True, "rho": ("0.05", "0.1", "0.2", "0.5"), "alpha_ratio": 0.25,
-                     "train_eps": {"linf": ("1/255", "2/255", "4/255", "8/255"),
-                                   "l2": ("0.125", "0.25", "0.5", "1.0")}},
-    "text": {"pixel_space": False, "rho": ("0.05", "0.1", "0.2", "0.5"), "alpha_ratio": 0.5,
-             "train_eps": {"linf": ("0.00025", "0.0005", "0.001", "0.002"), "l2": ("0.005", "0.01", "0.02", "0.04")}},
-}
 DEFAULT_METHODS = ("erm", "sam", "pgd-at")
-MAX_RHO = 10.0  # scripts/run.py's own bound (common/config.py)
 
 
 def method_flags() -> dict[str, set[str]]:
@@ -55,8 +43,6 @@ def method_flags() -> dict[str, set[str]]:
 
 def _method_arg_names() -> set[str]:
     from dataclasses import fields
-
-    from samat.common.config import MethodArgs
 
     return {f.name for f in fields(MethodArgs)}
 
@@ -91,8 +77,6 @@ def parse_rho(text: str) -> float:
 
 
 def parse_train_eps(text: str, pixel_space: bool) -> float:
-    from samat.common.config import parse_eps
-
     value = parse_eps(text, pixel_space=pixel_space, flag="--train_eps")
     if value == 0:
         raise UsageError(f"--train_eps: {text!r} must be > 0 (AT at eps 0 is ERM; add erm to --methods)")
@@ -135,7 +119,7 @@ def _safe(text: str) -> str:
 SWEEP_FLAGS = ("task", "method", "seed", "output_dir", "resume", "overwrite", "rho", "train_eps")
 
 
-def _flag_name(group: Sequence[str]) -> str:
+def flag_name(group: Sequence[str]) -> str:
     """``["--train_steps=3"]`` or ``["--train_steps", "3"]`` → ``"train_steps"``."""
     return group[0][2:].split("=")[0]
 
@@ -157,36 +141,37 @@ class Grid:
 
 
 def check_grid(args: argparse.Namespace, passthrough: Sequence[str]) -> Grid:
-    """The sweep's flags checked and filled from the task's grid; ``UsageError`` for the first bad one."""
-    if args.task not in TASK_GRIDS:
-        raise UsageError(f"--task: unknown task {args.task!r}; choose one of: {', '.join(TASK_GRIDS)}")
-    grid = TASK_GRIDS[args.task]
+    """The sweep's flags checked and filled from the task's recipe (:func:`samat.common.registry.task_recipe`);
+    ``UsageError`` for the first bad one."""
+    if args.task not in TASKS:
+        raise UsageError(f"--task: unknown task {args.task!r}; choose one of: {', '.join(TASKS)}")
+    recipe = task_recipe(args.task)
+    check_choice("--train_norm", args.train_norm, NORMS)
+    norm = args.train_norm or recipe.defaults.train_norm
     flags = method_flags()
     methods = _unique(args.methods)
     for m in methods:
         if m not in flags:
             raise UsageError(f"--methods: unknown method {m!r}; choose one of: {', '.join(flags)}")
-    if args.train_norm not in grid["train_eps"]:
-        raise UsageError(f"--train_norm: {args.train_norm!r}; choose one of: {', '.join(grid['train_eps'])}")
-    rhos = _unique(args.rho or grid["rho"])
+    rhos = _unique(args.rho or recipe.rho_grid)
     for r in rhos:
         parse_rho(r)
-    epss = _unique(args.train_eps or grid["train_eps"][args.train_norm])
+    epss = _unique(args.train_eps or recipe.eps_grid(norm))
     for e in epss:
-        parse_train_eps(e, grid["pixel_space"])
+        parse_train_eps(e, recipe.pixel_space and norm == "linf")
     seeds = _unique(args.seeds)
     for s in seeds:
         if not s.isdigit():
             raise UsageError(f"--seeds: {s!r} is not a non-negative integer")
-    ratio = grid["alpha_ratio"] if args.alpha_ratio is None else args.alpha_ratio
+    ratio = recipe.alpha_ratio if args.alpha_ratio is None else args.alpha_ratio
     if not (math.isfinite(ratio) and 0 <= ratio <= 1):
         raise UsageError(f"--alpha_ratio: {ratio!r} must be in [0, 1]")
     groups = split_passthrough(passthrough)
     for g in groups:
-        if _flag_name(g) in SWEEP_FLAGS:
+        if flag_name(g) in SWEEP_FLAGS:
             raise UsageError(f"after --: {g[0]} is set by the sweep itself (use the sweep's own flags)")
     fixed = (["--model", args.model] if args.model else []) + (["--dataset", args.dataset] if args.dataset else [])
-    return Grid(args.task, methods, rhos, epss, seeds, args.train_norm, ratio,
+    return Grid(args.task, methods, rhos, epss, seeds, norm, ratio,
                 Path(args.root or f"runs/sweep-{args.task}"), groups, fixed)
 
 
@@ -194,7 +179,7 @@ def _run_args(grid: Grid, method: str, rho: Optional[str], eps: Optional[str], s
     """The scripts/run.py flags of one run. Method flags after ``--`` go only to the methods that read
     them (run.py refuses the others)."""
     reads = method_flags()[method]
-    passed = {_flag_name(g) for g in grid.passthrough}
+    passed = {flag_name(g) for g in grid.passthrough}
     args = ["--task", grid.task, "--method", method, *grid.fixed]
     args += ["--rho", rho] if rho else []
     args += ["--train_eps", eps, "--train_norm", grid.train_norm] if eps else []
@@ -203,7 +188,7 @@ def _run_args(grid: Grid, method: str, rho: Optional[str], eps: Optional[str], s
     args += ["--seed", seed, "--output_dir", str(out)]
     method_args = _method_arg_names()
     for g in grid.passthrough:
-        if not (_flag_name(g) in method_args and _flag_name(g) not in reads):
+        if not (flag_name(g) in method_args and flag_name(g) not in reads):
             args += g
     return args
 
@@ -239,6 +224,35 @@ def launcher_prefix(launcher: str, accelerate_args: str, portable: bool) -> list
     venv_accelerate = Path(sys.executable).with_name("accelerate")
     exe = "accelerate" if portable or not venv_accelerate.exists() else str(venv_accelerate)
     return [exe, "launch", *shlex.split(accelerate_args), run_py]
+
+
+def add_launch_flags(parser: argparse.ArgumentParser, print_help: str) -> None:
+    """The flags every grid command shares (``samat sweep``, ``samat reproduce``): how a run is started, and
+    ``--print`` (``print_help`` says what is printed)."""
+    parser.add_argument("--launcher", default="python", choices=["python", "accelerate"],
+                        help="Start each run with `python scripts/run.py` or `accelerate launch scripts/run.py`.")
+    parser.add_argument("--accelerate_args", default="",
+                        help="Arguments for `accelerate launch`, e.g. \"--num_processes 8 --mixed_precision bf16\".")
+    parser.add_argument("--print", dest="print_only", action="store_true", help=print_help)
+
+
+def set_commands(jobs: Sequence[Job], args: argparse.Namespace) -> None:
+    """Each job's full command from the launch flags (:func:`add_launch_flags`); ``UsageError`` for
+    ``--accelerate_args`` without ``--launcher accelerate``. ``--print`` writes portable commands."""
+    if args.accelerate_args and args.launcher != "accelerate":
+        raise UsageError("--accelerate_args needs --launcher accelerate")
+    prefix = launcher_prefix(args.launcher, args.accelerate_args, portable=args.print_only)
+    for job in jobs:
+        job.command = prefix + job.args
+
+
+def print_commands(jobs: Sequence[Job]) -> None:
+    """The commands of the runs still to do, one per line on stdout (finished ones noted on stderr)."""
+    for job in jobs:
+        if job.status == "done":
+            print(f"# finished, skipped: {job.output_dir}", file=sys.stderr)
+        else:
+            print(shlex.join(job.command))
 
 
 def run_subprocess(command: list[str]) -> int:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from samat.common.results import Cost
 from samat.common.stats import Stat
 from samat.common.tables import format_table
 
-from .runs import Run, Setting, eps_value
+from .runs import Run, Setting, eps_value, portable_path
 
 Getter = Callable[[Run], Optional[float]]
 COST_FIELDS = tuple(f.name for f in fields(Cost))
@@ -192,15 +193,17 @@ def _csv_getters(runs: Sequence[Run], robust_suffix: str) -> "OrderedDict[str, G
     return getters
 
 
-def csv_rows(runs: Sequence[Run]) -> tuple[list[str], list[dict]]:
-    """``results.csv``: one flat row per run, identity, every number, and where it ran."""
+def csv_rows(runs: Sequence[Run], base: Optional[Path] = None) -> tuple[list[str], list[dict]]:
+    """``results.csv``: one flat row per run, identity, every number, and where it ran. ``run_dir`` is relative
+    to ``base`` (the CSV's folder; default: the working directory), never absolute, so that committed results
+    hold no path of the machine that made them."""
     getters = _csv_getters(runs, robust_suffix=f"_{runs[0].headline}")
     header = ["run_dir", "task", "method", "setting", "seed", "rho", "train_eps", *getters,
               "sanity_passed", "device", "num_processes", "mixed_precision", "finished_at"]
     rows = []
     for r in runs:
         res = r.results
-        row: dict[str, Any] = {"run_dir": str(r.path), "task": r.task, "method": r.method, "setting": r.label,
+        row: dict[str, Any] = {"run_dir": portable_path(str(r.path.resolve()), base or Path.cwd()), "task": r.task, "method": r.method, "setting": r.label,
                                "seed": r.seed, "rho": r.rho, "train_eps": r.eps_label,
                                "sanity_passed": (res.sanity or {}).get("passed"), "device": res.device,
                                "num_processes": res.num_processes, "mixed_precision": res.mixed_precision,

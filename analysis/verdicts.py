@@ -23,15 +23,18 @@ multiplicity.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
-from samat.common.stats import Stat, stat
+from samat.common.errors import UsageError
+from samat.common.stats import Interval, Stat, binomial_se, effect_interval, seeds_to_resolve, stat
 from samat.common.tables import format_table
 
-from .runs import Run, Setting, eps_value, group
+from .runs import _NOT_RECIPE, Run, Setting, eps_value, group
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive at this sample size"
+NO_EFFECT = "no effect within ±margin"  # a finding: the equivalence test puts the effect inside ±MARGIN
 MARGIN = 0.01          # non-inferiority margin for the clean metric: 1 point (metrics in [0, 1])
 COST_TOLERANCE = 0.05  # relative tolerance on passes per step vs the expected multiple of ERM's
 CLAIMS = {
@@ -114,12 +117,57 @@ def passes_per_step(run: Run) -> Optional[float]:
     return (fwd + bwd) / (2 * steps)
 
 
+# ------------------------------------------------------------------------------------------- test-set noise
+
+
+def _bootstrap_se(run: Run, prefix: str) -> Optional[float]:
+    """A run's standard error of ``<prefix>_<headline>`` from the 95 % bootstrap interval over images its task
+    wrote (``<group>/<prefix>_<headline>_ci95_low``/``_high``, e.g. segmentation's clean mIoU): width / 3.92."""
+    suffix = f"{prefix}_{run.headline}_ci95_"
+    lo = next((v for k, v in run.columns.items() if k.rpartition("/")[2] == suffix + "low"), None)
+    hi = next((v for k, v in run.columns.items() if k.rpartition("/")[2] == suffix + "high"), None)
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    return (hi - lo) / (2 * 1.96)
+
+
+def clean_se(run: Run) -> Optional[float]:
+    """The test-set standard error of the run's clean headline metric: binomial for an accuracy on the run's
+    ``data.eval_examples`` examples, else the task's bootstrap over images; ``None`` where neither is known."""
+    n = run.eval_examples
+    if run.headline == "accuracy" and n:
+        return binomial_se(run.clean, n)
+    return _bootstrap_se(run, "clean")
+
+
+def endpoint_se(ep: "Endpoint") -> Callable[[Run], Optional[float]]:
+    """The test-set standard error of :meth:`Endpoint.mean`: for accuracies the mean of the per-radius binomial
+    errors (the radii's accuracies are measured on the same examples, so their errors are taken as fully
+    correlated: an upper bound); for other metrics only where the task wrote a robust bootstrap (none does yet)."""
+
+    def se(run: Run) -> Optional[float]:
+        n = run.eval_examples
+        values = [_radii(run, ep.norm).get(label) for label in ep.radii]
+        if run.headline != "accuracy" or not n or any(v is None for v in values):
+            return None
+        return sum(binomial_se(v, n) for v in values) / len(values)
+
+    return se
+
+
+def exact(run: Run) -> Optional[float]:
+    """Test-set standard error of an exact count (passes per step): 0."""
+    return 0.0
+
+
 # ------------------------------------------------------------------------------------------- pairing
 
 
 @dataclass
 class Effect:
-    """``B - A`` (or ``B / A``) paired by seed: the per-seed values, their mean and its 95 % interval."""
+    """``B - A`` (or ``B / A``) paired by seed: the per-seed values, their test-set standard errors, the mean
+    and its 95 % interval (seed-to-seed and test-set noise, :func:`samat.common.stats.effect_interval`), the
+    90 % interval of the equivalence test, and how the interval was made."""
 
     name: str
     a: str
@@ -131,6 +179,11 @@ class Effect:
     lo: Optional[float]
     hi: Optional[float]
     dropped: list[str] = field(default_factory=list)  # "seed 2 (only in sam rho=0.1)"
+    test_se: Optional[list[float]] = None  # per seed; None: not known (the interval is seed-to-seed only)
+    lo90: Optional[float] = None
+    hi90: Optional[float] = None
+    noise: str = ""  # which sources of noise the interval holds
+    interval: Optional[Interval] = field(default=None, repr=False)
 
     @property
     def n(self) -> int:
@@ -146,32 +199,132 @@ class Effect:
         return f"{head}{interval} ({self.n} seed{'s' if self.n != 1 else ''})"
 
 
-def by_seed(s: Setting, get: Getter) -> dict[int, float]:
-    """``{seed: get(run)}`` over the setting's runs with a seed and a finite value (the first run of a seed)."""
-    out: dict[int, float] = {}
+def _finite(value: Optional[float]) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def usable_seeds(s: Setting, gets: Sequence[Getter]) -> tuple[dict[int, Run], list[str]]:
+    """``{seed: run}`` of the setting's runs that can enter a comparison on ``gets``, and one line per run left
+    out with the rule that left it out: a seed run twice (ambiguous: neither run is chosen), a run without a
+    seed, a run with a missing or non-finite value (diverged or unmeasured: the seed leaves every component)."""
+    by: dict[int, list[Run]] = {}
+    out: list[str] = []
     for r in s.runs:
-        v = get(r)
-        if r.seed is not None and v is not None and math.isfinite(v):
-            out.setdefault(r.seed, v)
+        if r.seed is None:
+            out.append(f"{r.path.name} ({s.name}): no seed, cannot be paired")
+        else:
+            by.setdefault(r.seed, []).append(r)
+    keep: dict[int, Run] = {}
+    for seed, runs in sorted(by.items()):
+        if len(runs) > 1:
+            out.append(f"{', '.join(r.path.name for r in runs)} ({s.name}): seed {seed} run {len(runs)} times; "
+                       "the seed is dropped (rule: a duplicated seed is ambiguous, neither run is chosen)")
+        elif not all(_finite(get(runs[0])) for get in gets):
+            out.append(f"{runs[0].path.name} ({s.name}, seed {seed}): a missing or non-finite value (diverged or "
+                       "not measured); the seed is dropped from the whole comparison (rule: a seed enters every "
+                       "component of a comparison or none)")
+        else:
+            keep[seed] = runs[0]
+    return keep, out
+
+
+def by_seed(s: Setting, get: Getter) -> dict[int, float]:
+    """``{seed: get(run)}`` over the setting's usable runs (:func:`usable_seeds`)."""
+    return {seed: get(r) for seed, r in usable_seeds(s, [get])[0].items()}
+
+
+def comparison_seeds(a: Setting, b: Setting, gets: Sequence[Getter]) -> tuple[list[int], list[str]]:
+    """The seeds both settings have a usable run of for every one of ``gets``, and the lines that say which
+    runs were left out and why (partial seed sets: the run whose partner is missing)."""
+    ra, out_a = usable_seeds(a, gets)
+    rb, out_b = usable_seeds(b, gets)
+    lonely = [f"{(ra.get(s) or rb.get(s)).path.name} ({a.name if s in ra else b.name}, seed {s}): no usable run of "
+              f"seed {s} in {b.name if s in ra else a.name}; dropped (rule: only seeds both sides have are paired)"
+              for s in sorted(set(ra) ^ set(rb))]
+    return sorted(set(ra) & set(rb)), out_a + out_b + lonely
+
+
+def paired(name: str, a: Setting, b: Setting, get: Getter, kind: str = "difference",
+           se: Optional[Callable[[Run], Optional[float]]] = None, seeds: Optional[Sequence[int]] = None,
+           shared_examples: bool = False) -> Effect:
+    """The per-seed ``get(B) - get(A)`` (``kind="ratio"``: ``get(B) / get(A)``) over ``seeds`` (default: the
+    seeds both settings have a usable value for; :func:`comparison_seeds`). ``se(run)``: the run's test-set
+    standard error of ``get`` (the effect's is the two runs' combined, :func:`paired_binomial_se`'s bound);
+    ``None`` or an unknown one leaves the interval seed-to-seed only, and then identical values give no
+    interval (a zero width would claim a certainty the test set cannot give)."""
+    ra, rb = usable_seeds(a, [get])[0], usable_seeds(b, [get])[0]
+    dropped = [f"seed {s} (only in {b.name if s in rb else a.name})" for s in sorted(set(ra) ^ set(rb))]
+    use = sorted(set(ra) & set(rb)) if seeds is None else [s for s in seeds if s in ra and s in rb]
+    if kind == "ratio":
+        use = [s for s in use if get(ra[s])]
+        values = [get(rb[s]) / get(ra[s]) for s in use]
+    else:
+        values = [get(rb[s]) - get(ra[s]) for s in use]
+    ses = None
+    if se is not None:
+        pairs = [(se(ra[s]), se(rb[s])) for s in use]
+        if all(x is not None and y is not None for x, y in pairs):
+            ses = [math.hypot(x, y) if kind == "difference" else math.hypot(x, y) / abs(get(ra[s]))
+                   for (x, y), s in zip(pairs, use)]
+    mean = statistics.fmean(values) if values else None
+    iv = effect_interval(values, ses, shared_examples)
+    if iv is not None and ses is None and len(set(values)) == 1:
+        iv = None  # no test-set noise known and no spread: no interval, rather than a zero-width one
+    noise = ("exact counts" if ses is not None and not any(ses) else
+             "seed-to-seed only (test-set noise unknown)" if ses is None else
+             "seed-to-seed and test-set noise" + (" (the same examples for every seed)" if shared_examples else ""))
+    return Effect(name, a.name, b.name, kind, list(use), values, mean, iv.lo if iv else None, iv.hi if iv else None,
+                  dropped, ses, iv.lo90 if iv else None, iv.hi90 if iv else None, noise, iv)
+
+
+# ------------------------------------------------------------------------------------------- like with like
+
+
+# Evaluation flags that change nothing a verdict reads (batching, diagnostics, sharpness).
+_NOT_MEASURED = ("eval_batch_size", "eval_diagnostics", "sharpness")
+
+
+def comparable(run: Run, ep: Optional["Endpoint"]) -> dict[str, str]:
+    """What two runs must share to be paired, as ``{field: value}``: the recipe (every run and task flag that
+    changes what is trained or measured, i.e. everything but the method, its flags and the seed), the
+    evaluation flags and examples (``eval.*``, ``data.*``), and the attacks at each endpoint radius."""
+    config = run.results.config or {}
+    out = {f"recipe.{k}": repr(v) for block in ("run", "task") for k, v in (config.get(block) or {}).items()
+           if k not in _NOT_RECIPE}
+    out.update({f"eval.{k}": repr(v) for k, v in (config.get("eval") or {}).items()
+                if not k.startswith(_NOT_MEASURED)})
+    out.update({f"data.{k}": repr(v) for k, v in (run.results.data or {}).items()})
+    for label in (ep.radii if ep else ()):
+        out[f"attacks@{label}"] = ", ".join(sorted(k.partition("@")[0] for k in run.robust
+                                                   if k.endswith(f"@{label}") and k.partition("@")[0].endswith(
+                                                       f"-{ep.norm}")))
     return out
 
 
-def paired(name: str, a: Setting, b: Setting, get: Getter, kind: str = "difference") -> Effect:
-    """The per-seed ``get(B) - get(A)`` (``kind="ratio"``: ``get(B) / get(A)``) over the seeds both settings
-    have a value for; the others are dropped and listed."""
-    va, vb = by_seed(a, get), by_seed(b, get)
-    seeds = sorted(set(va) & set(vb))
-    dropped = [f"seed {s} (only in {b.name if s in vb else a.name})" for s in sorted(set(va) ^ set(vb))]
-    if kind == "ratio":
-        values = [vb[s] / va[s] for s in seeds if va[s]]
-    else:
-        values = [vb[s] - va[s] for s in seeds]
-    st: Stat = stat(values)
-    mean = st.mean if st.n else None
-    lo = hi = None
-    if st.ci95 is not None:  # identical values (exact pass counts) give a zero-width interval
-        lo, hi = st.mean - st.ci95, st.mean + st.ci95
-    return Effect(name, a.name, b.name, kind, seeds, values, mean, lo, hi, dropped)
+def unlike(runs: Sequence[Run], ep: Optional["Endpoint"]) -> list[str]:
+    """One line per field the ``runs`` do not share (:func:`comparable`), naming the values and a run of each:
+    ``recipe.epochs: 5 (erm_s0), 10 (sam_s0)``. Empty when they are alike."""
+    records = [(r, comparable(r, ep)) for r in runs]
+    keys = sorted({k for _, rec in records for k in rec})
+    lines = []
+    for k in keys:
+        seen: dict[str, str] = {}
+        for r, rec in records:
+            seen.setdefault(rec.get(k, "(absent)"), r.path.name)
+        if len(seen) > 1:
+            lines.append(f"{k}: " + ", ".join(f"{v} ({name})" for v, name in seen.items()))
+    return lines
+
+
+def same_examples_every_seed(runs: Sequence[Run]) -> bool:
+    """Whether every seed was evaluated on the same examples: the whole evaluation split (``--max_eval_samples``
+    0, or more than the split holds). Otherwise each seed draws its own subset (``common/loop.py``) and the
+    seeds' test-set noise is independent."""
+    def whole(r: Run) -> bool:
+        asked = ((r.results.config or {}).get("run") or {}).get("max_eval_samples")
+        return asked == 0 or (isinstance(asked, int) and r.eval_examples is not None and asked > r.eval_examples)
+
+    return bool(runs) and all(whole(r) for r in runs)
 
 
 # ------------------------------------------------------------------------------------------- verdicts
@@ -186,9 +339,13 @@ class Verdict:
     effects: list[Effect]
     secondary: list[Effect] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    power: str = ""  # for "inconclusive": the seeds that would decide it at the observed variance
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        for e in out["effects"] + out["secondary"]:
+            e.pop("interval", None)
+        return out
 
 
 def _find(settings: Sequence[Setting], method: str, rho: Optional[float] = None,
@@ -212,64 +369,125 @@ def _too_few(effects: Sequence[Effect]) -> bool:
     return any(e.n < 2 or e.lo is None for e in effects)
 
 
-def _dropped_notes(effects: Sequence[Effect]) -> list[str]:
-    return [f"{e.name}: dropped {', '.join(e.dropped)} (no partner to pair with)" for e in effects if e.dropped]
+# Comparisons against a bound allow for floating-point residue: -0.01 computed as 0.84 - 0.85 is
+# -0.010000000000000009, which must not count as "below -1 point".
+TOL = 1e-9
 
 
-def claim_a(erm: Optional[Setting], sam: Optional[Setting], sams: Sequence[Setting], ep: Endpoint,
-            margin: float = MARGIN) -> Verdict:
-    m = margin * 100
+def above(x: float, bound: float) -> bool:
+    return x > bound + TOL
+
+
+def below(x: float, bound: float) -> bool:
+    return x < bound - TOL
+
+
+def equivalent(e: Effect, margin: float) -> bool:
+    """The equivalence test (TOST, two one-sided tests at 5 %): the 90 % interval inside ``(-margin, margin)``."""
+    return e.lo90 is not None and above(e.lo90, -margin) and below(e.hi90, margin)
+
+
+def power_note(parts: Sequence[tuple[Effect, float]], margin: float) -> str:
+    """For an inconclusive verdict: per component ``(effect, the bound its interval must clear)``, the seeds at
+    which, with the observed mean and per-seed variance, the 95 % interval would clear the bound, or the 90 %
+    interval fall inside ±margin (no effect), whichever comes first."""
+    lines = []
+    for e, bound in parts:
+        if e.interval is None:
+            lines.append(f"{e.name}: no interval yet (needs 2 or more seeds with a spread or a known test-set error)")
+            continue
+        if not (e.lo <= bound + TOL and e.hi >= bound - TOL):
+            continue  # this component is decided
+        clear = seeds_to_resolve(e.interval, bound)
+        equiv = (seeds_to_resolve(e.interval, math.copysign(margin, e.mean), level=0.90)
+                 if abs(e.mean) < margin else None)
+        options = [f"~{clear} seeds would put its interval clear of {bound * 100:+g} pts" if clear else
+                   f"no number of seeds up to 1000 puts its interval clear of {bound * 100:+g} pts"]
+        if equiv:
+            options.append(f"~{equiv} would show it within ±{margin * 100:g} pts (no effect)")
+        lines.append(f"{e.name} ({e.n} seeds now): " + "; ".join(options))
+    return ("At the observed means and per-seed variances (seed-to-seed and test-set): " + " | ".join(lines)
+            + ".") if lines else ""
+
+
+def three_way(effects: Sequence[Effect], holds: bool, fails: bool, no_effect: bool) -> str:
+    """"does not hold" before "holds" before "no effect within ±margin"; inconclusive without intervals."""
+    if _too_few(effects):
+        return INCONCLUSIVE
+    return FAILS if fails else HOLDS if holds else NO_EFFECT if no_effect else INCONCLUSIVE
+
+
+@dataclass
+class Context:
+    """What every comparison of one grid shares: the endpoint, the test-set errors and the exclusions."""
+
+    ep: "Endpoint"
+    shared: bool
+    margin: float = MARGIN
+    excluded: list[str] = field(default_factory=list)
+
+    def compare(self, a: Setting, b: Setting, pairs: Sequence[tuple[str, Getter, Callable]]) -> list[Effect]:
+        """Paired effects of ``b`` over ``a`` for each ``(label, get, se)``, on one seed set for all of them
+        (a seed leaves the comparison as a whole); what was left out goes to :attr:`excluded`."""
+        seeds, out = comparison_seeds(a, b, [get for _, get, _ in pairs])
+        self.excluded += [line for line in out if line not in self.excluded]
+        return [paired(f"{label} ({b.name} − {a.name})", a, b, get, se=se, seeds=seeds, shared_examples=self.shared)
+                for label, get, se in pairs]
+
+    def robust_clean(self, a: Setting, b: Setting) -> list[Effect]:
+        return self.compare(a, b, [("robust gain", self.ep.mean, endpoint_se(self.ep)),
+                                   ("clean change", lambda r: r.clean, clean_se)])
+
+
+def claim_a(erm: Optional[Setting], sam: Optional[Setting], sams: Sequence[Setting], ctx: Context) -> Verdict:
+    m, margin = ctx.margin * 100, ctx.margin
     rule = (f"Paired by seed, SAM at the pre-specified rho minus ERM. HOLDS if the 95 % interval of the robust "
-            f"gain ({ep.describe()}) lies above 0 AND the interval of the clean change lies above −{m:g} point "
+            f"gain ({ctx.ep.describe()}) lies above 0 AND the interval of the clean change lies above −{m:g} point "
             f"(non-inferiority margin). DOES NOT HOLD if the robust gain's interval lies below 0 OR the clean "
-            f"change's interval lies entirely below −{m:g} point. Otherwise inconclusive; always inconclusive "
-            f"with fewer than 2 paired seeds (no interval).")
+            f"change's interval lies entirely below −{m:g} point. NO EFFECT WITHIN ±{m:g} POINT if neither, and the "
+            f"robust gain's 90 % interval lies inside ±{m:g} point (equivalence, two one-sided tests at 5 %). "
+            f"Otherwise inconclusive, with the seeds that would decide it; always inconclusive with fewer than 2 "
+            f"paired seeds (no interval).")
     if erm is None or sam is None:
         missing = "ERM" if erm is None else "SAM at the pre-specified rho"
         return Verdict("a", CLAIMS["a"], INCONCLUSIVE, rule, [], notes=[f"no finished {missing} runs"])
-    robust = paired(f"robust gain ({sam.name} − {erm.name})", erm, sam, ep.mean)
-    clean = paired(f"clean change ({sam.name} − {erm.name})", erm, sam, lambda r: r.clean)
-    effects = [robust, clean]
-    if _too_few(effects):
-        verdict = INCONCLUSIVE
-    elif robust.hi < 0 or clean.hi < -margin:
-        verdict = FAILS
-    elif robust.lo > 0 and clean.lo > -margin:
-        verdict = HOLDS
-    else:
-        verdict = INCONCLUSIVE
-    secondary = [e for s in sams if s is not sam
-                 for e in (paired(f"robust gain ({s.name} − {erm.name})", erm, s, ep.mean),
-                           paired(f"clean change ({s.name} − {erm.name})", erm, s, lambda r: r.clean))]
-    return Verdict("a", CLAIMS["a"], verdict, rule, effects, secondary, _dropped_notes(effects))
+    robust, clean = effects = ctx.robust_clean(erm, sam)
+    verdict = INCONCLUSIVE if _too_few(effects) else three_way(
+        effects, holds=above(robust.lo, 0) and above(clean.lo, -margin),
+        fails=below(robust.hi, 0) or below(clean.hi, -margin), no_effect=equivalent(robust, margin))
+    secondary = [e for s in sams if s is not sam for e in ctx.robust_clean(erm, s)]
+    power = power_note([(robust, 0.0), (clean, -margin)], margin) if verdict == INCONCLUSIVE else ""
+    notes = [f"the robust gain is within ±{m:g} point (90 % interval [{robust.lo90 * 100:+.2f}, "
+             f"{robust.hi90 * 100:+.2f}])"] if verdict == NO_EFFECT else []
+    return Verdict("a", CLAIMS["a"], verdict, rule, effects, secondary, notes, power)
 
 
 def claim_b(erm: Optional[Setting], sam: Optional[Setting], at: Optional[Setting], ats: Sequence[Setting],
-            ep: Endpoint) -> Verdict:
+            ctx: Context) -> Verdict:
+    m, margin = ctx.margin * 100, ctx.margin
     rule = (f"Paired by seed, PGD-AT at the pre-specified eps. HOLDS if the 95 % interval of AT's robust gain over "
-            f"SAM at the pre-specified rho ({ep.describe()}) lies above 0 AND the interval of AT's clean change vs "
-            f"ERM lies below 0 (a loss). DOES NOT HOLD if the robust gain's interval lies below 0 OR the clean "
-            f"change's interval lies above 0. Otherwise inconclusive; always inconclusive with fewer than 2 "
-            f"paired seeds.")
+            f"SAM at the pre-specified rho ({ctx.ep.describe()}) lies above 0 AND the interval of AT's clean change "
+            f"vs ERM lies below 0 (a loss). DOES NOT HOLD if the robust gain's interval lies below 0 OR the clean "
+            f"change's interval lies above 0. NO EFFECT WITHIN ±{m:g} POINT if neither, and the 90 % interval of "
+            f"the robust gain or of the clean change lies inside ±{m:g} point (equivalence, two one-sided tests "
+            f"at 5 %). Otherwise inconclusive, with the seeds that would decide it; always inconclusive with fewer "
+            f"than 2 paired seeds.")
     missing = [n for n, s in (("ERM", erm), ("SAM at the pre-specified rho", sam),
                               ("PGD-AT at the pre-specified eps", at)) if s is None]
     if missing:
         return Verdict("b", CLAIMS["b"], INCONCLUSIVE, rule, [], notes=[f"no finished {', '.join(missing)} runs"])
-    robust = paired(f"robust gain ({at.name} − {sam.name})", sam, at, ep.mean)
-    clean = paired(f"clean change ({at.name} − {erm.name})", erm, at, lambda r: r.clean)
+    robust = ctx.robust_clean(sam, at)[0]
+    clean = ctx.robust_clean(erm, at)[1]
     effects = [robust, clean]
-    if _too_few(effects):
-        verdict = INCONCLUSIVE
-    elif robust.hi < 0 or clean.lo > 0:
-        verdict = FAILS
-    elif robust.lo > 0 and clean.hi < 0:
-        verdict = HOLDS
-    else:
-        verdict = INCONCLUSIVE
+    verdict = INCONCLUSIVE if _too_few(effects) else three_way(
+        effects, holds=above(robust.lo, 0) and below(clean.hi, 0), fails=below(robust.hi, 0) or above(clean.lo, 0),
+        no_effect=equivalent(robust, margin) or equivalent(clean, margin))
     secondary = [e for s in ats if s is not at
-                 for e in (paired(f"robust gain ({s.name} − {sam.name})", sam, s, ep.mean),
-                           paired(f"clean change ({s.name} − {erm.name})", erm, s, lambda r: r.clean))]
-    return Verdict("b", CLAIMS["b"], verdict, rule, effects, secondary, _dropped_notes(effects))
+                 for e in (ctx.robust_clean(sam, s)[0], ctx.robust_clean(erm, s)[1])]
+    power = power_note([(robust, 0.0), (clean, 0.0)], margin) if verdict == INCONCLUSIVE else ""
+    notes = [f"{e.name} is within ±{m:g} point (90 % interval [{e.lo90 * 100:+.2f}, {e.hi90 * 100:+.2f}])"
+             for e in effects if verdict == NO_EFFECT and equivalent(e, margin)]
+    return Verdict("b", CLAIMS["b"], verdict, rule, effects, secondary, notes, power)
 
 
 def expected_cost(setting: Setting) -> Optional[float]:
@@ -284,7 +502,8 @@ def expected_cost(setting: Setting) -> Optional[float]:
     return None
 
 
-def claim_c(erm: Optional[Setting], settings: Sequence[Setting], tolerance: float = COST_TOLERANCE) -> Verdict:
+def claim_c(erm: Optional[Setting], settings: Sequence[Setting], tolerance: float = COST_TOLERANCE,
+            ctx: Optional[Context] = None) -> Verdict:
     rule = (f"Forward-backward passes per optimizer step (exact counts), as a ratio to ERM's, paired by seed, for "
             f"every SAM and PGD-AT setting. HOLDS if every seed's ratio is within ±{tolerance:.0%} of the expected "
             f"multiple (SAM 2, PGD-K AT K+1, K from the run's resolved method). DOES NOT HOLD if any is outside. "
@@ -297,10 +516,13 @@ def claim_c(erm: Optional[Setting], settings: Sequence[Setting], tolerance: floa
     effects, notes, outside = [], [], False
     for s in checked:
         expected = expected_cost(s)
+        seeds, out = comparison_seeds(erm, s, [passes_per_step])
+        if ctx is not None:
+            ctx.excluded += [line for line in out if line not in ctx.excluded]
         e = paired(f"passes per step ({s.name} / {erm.name}); expected {expected:g}", erm, s, passes_per_step,
-                   kind="ratio")
+                   kind="ratio", se=exact, seeds=seeds)
         effects.append(e)
-        bad = [v for v in e.values if abs(v / expected - 1) > tolerance]
+        bad = [v for v in e.values if abs(v / expected - 1) > tolerance + TOL]
         if bad:
             outside = True
             notes.append(f"{s.name}: ratio {', '.join(f'{v:.3f}' for v in bad)} outside {expected:g} ± "
@@ -309,7 +531,7 @@ def claim_c(erm: Optional[Setting], settings: Sequence[Setting], tolerance: floa
         verdict = INCONCLUSIVE
     else:
         verdict = FAILS if outside else HOLDS
-    return Verdict("c", CLAIMS["c"], verdict, rule, effects, notes=notes + _dropped_notes(effects))
+    return Verdict("c", CLAIMS["c"], verdict, rule, effects, notes=notes)
 
 
 @dataclass
@@ -324,16 +546,34 @@ class Verdicts:
     settings: list[Setting]
     claims: list[Verdict]
     notes: list[str]
+    excluded: list[str] = field(default_factory=list)  # runs left out of a comparison, each with its rule
+    unlike: list[str] = field(default_factory=list)  # fields the paired runs do not share (allowed by the caller)
+    shared_examples: bool = False
+
+
+NOISE_RULE = ("Every interval combines two sources of noise: seed-to-seed variation (the spread of the paired "
+              "per-seed effects) and the test set's sampling noise of each seed's effect (binomial for an accuracy "
+              "on the run's n evaluation examples, the task's bootstrap over images for a mean IoU where it wrote "
+              "one; two runs of one seed see the same examples, and without per-example outcomes in results.json "
+              "the paired error is bounded by the unpaired one). Where each seed drew its own examples, the "
+              "variance of one seed's effect is max(spread², mean test-set variance), with Satterthwaite's degrees "
+              "of freedom; where every seed saw the same examples, the test-set variance is added whole (it does "
+              "not average out over seeds). A zero-width interval is possible only for exact counts. An effect "
+              "whose test-set error is unknown says so (seed-to-seed only), and then identical per-seed values "
+              "give no interval.")
 
 
 def decide(runs: Sequence[Run], primary_rho: Optional[float] = None, primary_eps: Optional[str] = None,
-           margin: float = MARGIN, tolerance: float = COST_TOLERANCE) -> Verdicts:
+           margin: float = MARGIN, tolerance: float = COST_TOLERANCE, allow_unlike: bool = False) -> Verdicts:
     """Group ``runs`` into settings and decide claims (a)-(c). ``primary_rho``/``primary_eps``: the SAM and
     AT radii the verdicts use (pre-specified); ``None`` takes the lower median of the radii present (a rule on
-    the grid, not on the results)."""
+    the grid, not on the results). Runs that are compared must be alike (:func:`unlike`): otherwise a
+    ``UsageError`` naming the differing fields, or with ``allow_unlike`` a warning in the verdicts."""
     settings = group(runs)
-    # a collapsed model is "robust" at its one class: its numbers enter the verdicts, and the reader is told
-    notes = [f"{r.path.name}: {w}" for r in runs for w in r.results.all_warnings()[:1]
+    # a collapsed model is "robust" at its one class: its numbers are real measurements of a failed model and
+    # enter the verdicts (leaving them out would flatter the method that collapsed), and the reader is told
+    notes = [f"{r.path.name}: {w} (kept in the comparisons: a measurement of the method, not a harness error)"
+             for r in runs for w in r.results.all_warnings()[:1]
              if r.results.collapsed or (r.results.sanity or {}).get("passed") is False]
     erm = _find(settings, "erm")
     sams = [s for s in settings if s.method == "sam" and not s.variant]
@@ -347,16 +587,27 @@ def decide(runs: Sequence[Run], primary_rho: Optional[float] = None, primary_eps
     sam = _find(settings, "sam", rho=primary_rho) if primary_rho is not None else None
     at = _find(settings, "pgd-at", eps_label=primary_eps) if primary_eps is not None else None
     ep = endpoint(runs)
+    compared = [r for s in settings if not s.variant for r in s.runs]
+    differ = unlike(compared, ep)
+    if differ and not allow_unlike:
+        raise UsageError("the runs to be paired differ in more than method, method flags and seed: "
+                         + "; ".join(differ) + " (pass --allow_unlike to pair them anyway, with a warning)")
+    shared = same_examples_every_seed(compared)
+    excluded: list[str] = []
     if ep is None or not ep.radii:
         notes.append("no robust metric common to every run: claims (a) and (b) cannot be decided")
         a, b = (Verdict(c, CLAIMS[c], INCONCLUSIVE, "needs robust numbers", [], notes=["no robust endpoint"])
                 for c in "ab")
+        ctx = None
     else:
-        a = claim_a(erm, sam, sams, ep, margin)
-        b = claim_b(erm, sam, at, ats, ep)
-    c = claim_c(erm, settings, tolerance)
+        ctx = Context(ep, shared, margin, excluded)
+        a = claim_a(erm, sam, sams, ctx)
+        b = claim_b(erm, sam, at, ats, ctx)
+    c = claim_c(erm, settings, tolerance, ctx)
+    if ctx is not None:
+        excluded = ctx.excluded
     return Verdicts(runs[0].task if runs else "?", runs[0].headline if runs else "?", ep, primary_rho,
-                    primary_eps, settings, [a, b, c], notes)
+                    primary_eps, settings, [a, b, c], notes, excluded, differ, shared)
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -389,12 +640,18 @@ def settings_table(v: Verdicts, pad: bool = False) -> str:
     return format_table(header, rows, pad=pad)
 
 
+def verdict_text(verdict: str, margin: float = MARGIN) -> str:
+    """``HOLDS``, ``DOES NOT HOLD``, ``NO EFFECT within ±1 point``, ``inconclusive at this sample size``."""
+    if verdict == NO_EFFECT:
+        return f"NO EFFECT within ±{margin * 100:g} point"
+    return verdict if verdict == INCONCLUSIVE else verdict.upper()
+
+
 def verdict_table(v: Verdicts, pad: bool = False) -> str:
     rows = []
     for c in v.claims:
         effects = "; ".join(f"{e.name}: {e.text()}" for e in c.effects) or "; ".join(c.notes) or "–"
-        rows.append([f"({c.claim}) {c.statement}", c.verdict.upper() if c.verdict != INCONCLUSIVE else c.verdict,
-                     effects])
+        rows.append([f"({c.claim}) {c.statement}", verdict_text(c.verdict), effects])
     return format_table(["claim", "verdict", "effect (paired by seed, 95 % interval)"], rows, pad=pad)
 
 
@@ -407,11 +664,22 @@ def to_markdown(v: Verdicts, header_lines: Sequence[str] = ()) -> str:
     out += [f"Pre-specified radii: SAM rho {v.primary_rho if v.primary_rho is None else f'{v.primary_rho:g}'}, "
             f"PGD-AT eps {v.primary_eps}. Robust endpoint: {ep.describe() if ep else 'none'}. Effects in points "
             f"of {v.headline} (× 100).", ""]
+    out += [f"Intervals: {NOISE_RULE} In this grid every seed "
+            + ("saw the same evaluation examples." if v.shared_examples else "drew its own evaluation examples."), ""]
+    if v.unlike:
+        out += ["**WARNING: unlike runs paired** (allowed with `--allow_unlike`); the fields they differ in:", ""]
+        out += [f"- {line}" for line in v.unlike] + [""]
     out += [f"- {n}" for n in v.notes] + ([""] if v.notes else [])
+    out += ["Runs left out of a comparison, each with the rule that left it out: "
+            + ("none." if not v.excluded else ""), ""]
+    out += [f"- {line}" for line in v.excluded] + ([""] if v.excluded else [])
     for c in v.claims:
-        out += [f"### ({c.claim}) {c.statement}: {c.verdict}", "", f"Rule: {c.rule}", ""]
-        out += [f"- {e.name}: {e.text()}" for e in c.effects]
+        out += [f"### ({c.claim}) {c.statement}: {verdict_text(c.verdict)}", "", f"Rule: {c.rule}", ""]
+        out += [f"- {e.name}: {e.text()}; noise: {e.noise}" + (
+            f"; 90 % interval [{e.lo90 * 100:+.2f}, {e.hi90 * 100:+.2f}]" if e.lo90 is not None and
+            e.kind == "difference" else "") for e in c.effects]
         out += [f"- note: {n}" for n in c.notes]
+        out += [f"- power: {c.power}"] if c.power else []
         if c.secondary:
             out += ["", "Secondary comparisons (other radii of the grid; not used by the verdict, no correction for "
                     "multiplicity):", ""] + [f"- {e.name}: {e.text()}" for e in c.secondary]
@@ -427,7 +695,9 @@ def to_json(v: Verdicts, extra: Optional[dict] = None) -> dict:
     ep = v.endpoint
     out = {"task": v.task, "headline_metric": v.headline, "primary_rho": v.primary_rho, "primary_eps": v.primary_eps,
            "endpoint": asdict(ep) if ep else None, "margin": MARGIN, "cost_tolerance": COST_TOLERANCE,
-           "claims": [c.to_dict() for c in v.claims], "notes": v.notes,
+           "interval_method": NOISE_RULE, "same_examples_every_seed": v.shared_examples,
+           "claims": [c.to_dict() for c in v.claims], "notes": v.notes, "excluded": v.excluded,
+           "unlike_runs_paired": v.unlike,
            "settings": [{"name": s.name, "method": s.method, "rho": s.rho, "eps": s.eps_label,
                          "seeds": sorted(r.seed for r in s.runs if r.seed is not None),
                          "clean": asdict(s.of(lambda r: r.clean)),

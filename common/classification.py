@@ -13,7 +13,6 @@ class ClassificationTask(Task):
     """A :class:`Task` whose model maps a batch to logits ``(B, K)`` and whose labels are ``batch["labels"]``
     ``(B,)`` int in ``[0, K)``; the headline metric is accuracy, from summed per-example statistics."""
 
-    headline_metric = "accuracy"
     single_label = True
 
     def loss(self, logits: Tensor, batch: dict) -> Tensor:

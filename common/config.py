@@ -3,7 +3,8 @@
 ``RunArgs`` (what to train, how long, where), ``MethodArgs`` (SAM / adversarial-training knobs) and
 ``EvalArgs`` (the robustness evaluation) are shared by every task; each task adds its own args dataclass
 (``vision.task.VisionArgs`` ...). Fields left at ``None`` take the task's recipe, a typed
-:class:`TaskDefaults` (``Task.defaults``), resolved once by :func:`resolve_defaults` before anything touches the
+:class:`TaskDefaults` (``Task.defaults``), resolved once by :func:`resolve_defaults` (into new objects; see
+:mod:`samat.common.resolve` for the frozen record of a whole run) before anything touches the
 output folder, so "SGD lr 0.1 for a ResNet" and "AdamW lr 5e-5 for BERT" both come from the papers' recipes
 without flags, and a misspelled default is an error at import rather than a silent fallback.
 
@@ -14,17 +15,21 @@ Precision (fp32/bf16/fp16) and the number of processes are not flags here: they 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
 from typing import Optional
 
-from .attacks import NORMS
 from .errors import UsageError
-from .registry import TASKS
+from .recipe import NORMS, OPTIMIZERS, SCHEDULERS, TaskDefaults, check_choice
+from .registry import METHODS, TASKS, task_recipe
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 SAM_SYNC = ("local", "global")
+
+
+def _per_task(describe) -> str:
+    """``"vision: x; text: y; ..."`` from each task's recipe (help texts read the recipes, never a copy)."""
+    return "; ".join(f"{name}: {describe(task_recipe(name).defaults)}" for name in TASKS)
+MAX_RHO = 10.0  # SAM's radius bound (the paper uses 0.05-0.5); the sweep checks its grid against it
 
 
 @dataclass
@@ -32,7 +37,7 @@ class RunArgs:
     task: str = field(default="vision", metadata={"help": f"Task: {', '.join(TASKS)}."})
     method: str = field(
         default="erm",
-        metadata={"help": "Training method: erm, sam, asam, pgd-at, fgsm-at, trades, sam-at."},
+        metadata={"help": f"Training method: {', '.join(METHODS)} (summaries: --help's epilog)."},
     )
     model: Optional[str] = field(
         default=None,
@@ -146,17 +151,20 @@ class MethodArgs:
     train_eps: Optional[str] = field(
         default=None,
         metadata={"help": "AT radius, e.g. 8/255 in pixel units; relative to the mean token-embedding norm "
-                  "for text (task default)."},
+                  "for text. Default: the task's (" + _per_task(lambda d: d.train_eps(d.train_norm)) + ")."},
     )
     train_alpha: Optional[str] = field(
         default=None,
-        metadata={"help": "AT PGD step size (default eps/4, i.e. 2/255 at 8/255; text: eps/2; fgsm-at: 1.25*eps)."},
+        metadata={"help": "AT PGD step size. Default: the task's share of eps ("
+                  + _per_task(lambda d: f"{d.train_alpha_ratio:g}*eps") + "); fgsm-at: 1.25*eps."},
     )
     train_steps: Optional[int] = field(
-        default=None, metadata={"help": "AT PGD steps (task default; images: 10 as Madry et al.)."}
+        default=None, metadata={"help": "AT PGD steps. Default: the task's (" + _per_task(lambda d: str(d.train_steps))
+                                + ")."}
     )
     train_norm: Optional[str] = field(
-        default=None, metadata={"help": "AT threat model: linf or l2 (task default: linf for pixels)."}
+        default=None, metadata={"help": f"AT threat model: {', '.join(NORMS)}. Default: the task's ("
+                                + _per_task(lambda d: d.train_norm) + ")."}
     )
     trades_beta: float = field(default=6.0, metadata={"help": "TRADES robustness weight beta."})
     sam_interval: Optional[int] = field(
@@ -185,7 +193,8 @@ class MethodArgs:
     at_clean_weight: Optional[float] = field(
         default=None,
         metadata={"help": "pgd-at/fgsm-at/sam-at: train on (1-w)*adversarial + w*clean loss (Goodfellow et al. "
-                  "used 0.5); 0 is Madry's pure adversarial loss (task default: 0 for images, 0.5 for text)."},
+                  "used 0.5); 0 is Madry's pure adversarial loss. Default: the task's ("
+                  + _per_task(lambda d: f"{d.at_clean_weight:g}") + ")."},
     )
 
 
@@ -242,66 +251,31 @@ class EvalArgs:
     )
 
 
-@dataclass(frozen=True)
-class TaskDefaults:
-    """A task's training and evaluation recipe: the values of flags the user left at ``None``.
-
-    ``cpu_*`` fields are what a run without a GPU uses instead: the subset sizes (a GPU uses the full data; 0
-    means all) and, when set, a shorter schedule (``cpu_epochs``; ``None``: ``epochs`` everywhere).
-    """
-
-    optimizer: str
-    lr: float
-    weight_decay: float
-    lr_scheduler: str
-    warmup_ratio: float
-    epochs: float
-    batch_size: int
-    eval_batch_size: Optional[int] = None    # None: twice batch_size
-    # Adversarial training: the threat model and its radius per norm (strings, parsed like the flags).
-    train_norm: str = "linf"
-    train_eps_linf: str = "8/255"            # Madry et al.'s CIFAR budget
-    train_eps_l2: str = "0.5"
-    train_steps: int = 10                    # PGD-10
-    train_alpha_ratio: float = 0.25          # step = eps/4: Madry's 2/255 at 8/255
-    at_clean_weight: float = 0.0             # 0: Madry's pure adversarial loss
-    cpu_max_train_samples: int = 0
-    cpu_max_eval_samples: int = 0
-    cpu_sharpness_examples: int = 256
-    cpu_epochs: Optional[float] = None
-
-    def __post_init__(self) -> None:  # a task's own recipe is checked like a user's flags
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
-        check_choice("train_norm", self.train_norm, NORMS)
-
-    def train_eps(self, norm: str) -> str:
-        """The default AT radius for threat model ``norm``."""
-        return self.train_eps_linf if norm == "linf" else self.train_eps_l2
-
-
-def resolve_defaults(run: RunArgs, evals: EvalArgs, defaults: TaskDefaults, on_gpu: bool) -> list[str]:
-    """Fill ``run``/``evals`` fields left at ``None`` from ``defaults``, once, in place. Returns notes for the
-    log (which CPU subsets and schedule were chosen). ``max_*_samples`` at ``None``: all on a GPU, the CPU subset
-    on CPU; ``epochs`` at ``None``: ``cpu_epochs`` on CPU when the task sets it."""
-    notes = []
+def resolve_defaults(run: RunArgs, evals: EvalArgs, defaults: TaskDefaults,
+                     on_gpu: bool) -> tuple[RunArgs, EvalArgs, list[str]]:
+    """``run`` and ``evals`` with the fields left at ``None`` filled from ``defaults``, as new objects (the
+    inputs are not changed), and notes for the log (which CPU subsets and schedule were chosen).
+    ``max_*_samples`` at ``None``: all on a GPU, the CPU subset on CPU; ``epochs`` at ``None``: ``cpu_epochs``
+    on CPU when the task sets it."""
+    notes, filled = [], {}
     if run.epochs is None and not on_gpu and defaults.cpu_epochs is not None:
-        run.epochs = defaults.cpu_epochs
+        filled["epochs"] = defaults.cpu_epochs
         notes.append(f"no GPU: --epochs defaults to {defaults.cpu_epochs:g} (a GPU trains {defaults.epochs:g})")
     for name in ("optimizer", "lr", "weight_decay", "lr_scheduler", "warmup_ratio", "epochs", "batch_size"):
-        if getattr(run, name) is None:
-            setattr(run, name, getattr(defaults, name))
+        if getattr(run, name) is None and name not in filled:
+            filled[name] = getattr(defaults, name)
     if run.eval_batch_size is None:
-        run.eval_batch_size = defaults.eval_batch_size or 2 * run.batch_size
+        filled["eval_batch_size"] = defaults.eval_batch_size or 2 * filled.get("batch_size", run.batch_size)
     for name in ("max_train_samples", "max_eval_samples"):
         if getattr(run, name) is None:
             cpu_default = getattr(defaults, f"cpu_{name}")
-            setattr(run, name, 0 if on_gpu else cpu_default)
+            filled[name] = 0 if on_gpu else cpu_default
             if not on_gpu and cpu_default:
                 notes.append(f"no GPU: --{name} defaults to {cpu_default} (pass --{name} 0 for all)")
-    if evals.sharpness_examples is None:
-        evals.sharpness_examples = 256 if on_gpu else defaults.cpu_sharpness_examples
-    return notes
+    sharpness = evals.sharpness_examples
+    if sharpness is None:
+        sharpness = 256 if on_gpu else defaults.cpu_sharpness_examples
+    return replace(run, **filled), replace(evals, sharpness_examples=sharpness), notes
 
 
 def parse_eps(text: str, *, pixel_space: bool, flag: str) -> float:
@@ -332,11 +306,6 @@ def parse_eps_list(values: Optional[list[str]], default: tuple[str, ...], *, pix
     return [(v, parse_eps(v, pixel_space=pixel_space, flag=flag)) for v in raw]
 
 
-def check_choice(flag: str, value: Optional[str], choices: tuple[str, ...]) -> None:
-    if value is not None and value not in choices:
-        raise UsageError(f"{flag}: unknown value {value!r}; choose one of: {', '.join(choices)}")
-
-
 def validate(run: RunArgs, method: MethodArgs, evals: EvalArgs) -> None:
     """Range checks that do not need the task. Raises ``UsageError``."""
     check_choice("--optimizer", run.optimizer, OPTIMIZERS)
@@ -363,8 +332,8 @@ def validate(run: RunArgs, method: MethodArgs, evals: EvalArgs) -> None:
     for flag, value in non_negative.items():
         if value is not None and not value >= 0:
             raise UsageError(f"{flag}: {value!r} must be >= 0")
-    if method.rho is not None and not 0 <= method.rho <= 10:
-        raise UsageError(f"--rho: {method.rho!r} must be in [0, 10] (the paper uses 0.05-0.5)")
+    if method.rho is not None and not 0 <= method.rho <= MAX_RHO:
+        raise UsageError(f"--rho: {method.rho!r} must be in [0, {MAX_RHO:g}] (the paper uses 0.05-0.5)")
     for flag, values in (("--sharpness_rho", evals.sharpness_rho), ("--sharpness_asam_rho",
                                                                      evals.sharpness_asam_rho)):
         for value in values:

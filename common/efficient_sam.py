@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .registry import UPDATE_RULES
 from .sam import (SAM, StepResult, backward_all, descend, global_norm, loss_scale, plain_update,
                   regrad_at_ascent_point, sam_update)
 
@@ -43,25 +44,10 @@ if TYPE_CHECKING:
 
 STATE_KEY = "samat_efficient_sam"
 
-# The papers' hyper-parameters (LookSAM: k = 5, alpha = 0.7; AE-SAM: delta = 0.9, c from lambda2 = 1 to
-# lambda1 = -1, so that about half the steps are SAM steps).
-SAM_INTERVAL = 5
-LOOKSAM_ALPHA = 0.7
-AESAM_DEFAULTS = {"aesam_delta": 0.9, "aesam_c_start": 1.0, "aesam_c_end": -1.0}
-
-_SAM_FLAGS = frozenset({"rho"})
-EFFICIENT_FLAGS = {
-    "sam-every-k": _SAM_FLAGS | {"sam_sync", "sam_interval"},
-    "looksam": _SAM_FLAGS | {"sam_interval", "looksam_alpha"},
-    "ae-sam": _SAM_FLAGS | set(AESAM_DEFAULTS),
-}
-EFFICIENT_SUMMARIES = {
-    "sam-every-k": "SAM step every k-th step, plain steps between (SAM-k baseline of Liu et al. 2022)",
-    "looksam": "LookSAM: SAM every k-th step, its orthogonal gradient component reused between (Liu et al. "
-               "2022, CVPR)",
-    "ae-sam": "AE-SAM: SAM only when the squared gradient norm exceeds its EMA mean + c*std (Jiang et al. "
-              "2023, ICLR)",
-}
+# The papers' hyper-parameters, from the method registry (common/registry.py).
+SAM_INTERVAL = UPDATE_RULES["looksam"].defaults["sam_interval"]
+LOOKSAM_ALPHA = UPDATE_RULES["looksam"].defaults["looksam_alpha"]
+AESAM_DEFAULTS = {k: v for k, v in UPDATE_RULES["ae-sam"].defaults.items() if k != "rho"}
 
 
 def update_state(optimizer: Any) -> dict:

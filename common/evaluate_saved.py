@@ -142,7 +142,7 @@ def _slug(name: str) -> str:
 
 def _check_attacks(task: Task, evals: EvalArgs) -> list[AttackSpec]:
     """The task's flags, radii (units) and suite, checked; the task's PGD specs."""
-    from .loop import attack_specs
+    from .resolve import attack_specs
     from .suites import resolve_suite
 
     task.check_args()
@@ -199,7 +199,7 @@ def model_target(name: str, ev: EvaluateArgs, evals: EvalArgs, task_args: Any, o
                   eval_split=ev.eval_split, label_column=ev.label_column, max_eval_samples=ev.max_eval_samples,
                   eval_batch_size=ev.eval_batch_size, seed=ev.seed or 0, log_with="none", output_dir=ev.output,
                   cpu_threads=ev.cpu_threads)
-    resolve_defaults(run, evals, task.defaults, on_gpu=on_gpu)
+    run, _, _ = resolve_defaults(run, evals, task.defaults, on_gpu=on_gpu)
     label = _slug(name)
     return Target(label=label, task=task, run=run, method=EXTERNAL_METHOD, method_resolved={},
                   output=Path(ev.output) / f"{label}-{_suite_name(task, evals)}.json")

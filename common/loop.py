@@ -22,19 +22,19 @@ from accelerate.logging import get_logger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import (RESULTS_FILE, TrainState, check_output_dir, load_newest_readable,
-                         prepare_output_dir, save_checkpoint)
-from .config import EvalArgs, RunArgs, parse_eps_list, resolve_defaults
+from .checkpoint import RESULTS_FILE, TrainState, load_newest_readable, prepare_output_dir, save_checkpoint
+from .config import EvalArgs, RunArgs
 from .data import dataset_labels, seeded_subset
 from .cost import PassCounter
 from .evaluate import evaluate_all
 from .guard import DivergenceGuard, label_prior
 from .guard import check_steps as guard_check_steps
 from .methods import ResolvedMethod, StepContext
-from .model_io import check_push_to_hub, publish
+from .model_io import publish
 from .results import Cost, RunResults, baseline_columns, versions
 from .sharpness import measure_sharpness
-from .suites import resolve_suite
+from .resolve import ResolvedRun
+from .suites import Suite, resolve_suite
 from .task import AttackSpec, Task, TaskData
 from .train import make_optimizer, make_scheduler, train
 
@@ -56,19 +56,6 @@ def set_cpu_threads(requested: Optional[int], accelerator: Any) -> int:
     return torch.get_num_threads()
 
 
-def attack_specs(task: Task, evals: EvalArgs) -> list[AttackSpec]:
-    """PGD-L-inf and PGD-L2 on the task loss at the requested radii, plus the task's own attacks."""
-    objective = lambda logits, batch, step, steps: task.loss(logits, batch)  # noqa: E731
-    specs = []
-    for norm, values, default in (("linf", evals.eval_linf, task.default_eval_linf),
-                                  ("l2", evals.eval_l2, task.default_eval_l2)):
-        eps = parse_eps_list(values, default, pixel_space=task.pixel_space and norm == "linf",
-                             flag=f"--eval_{norm}")
-        if eps:
-            specs.append(AttackSpec(f"pgd-{norm}", norm, eps, objective))
-    return specs + task.extra_attacks(evals)
-
-
 @dataclass
 class Prepared:
     """What :func:`build` hands to training and evaluation: prepared model, optimizer, loaders, scheduler."""
@@ -84,15 +71,18 @@ class Prepared:
     total_steps: int
 
 
-def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: Task,
-                   config_record: dict) -> RunResults:
-    """Train ``task`` with ``method``, evaluate, write ``results.json``; returns the results record.
+def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
+    """Train ``task`` as ``resolved`` says (:func:`samat.common.resolve.resolve_run` checked every flag before
+    this is called), evaluate, write ``results.json``; returns the results record.
 
-    The steps, in order: validate everything the user gave (before the output folder is touched), claim the
-    folder, build, train, save the model, evaluate, write one record atomically."""
+    The steps, in order: claim the folder, build, train, save the model, evaluate, write one record
+    atomically."""
+    run, method, evals, specs = resolved.run, resolved.method, resolved.evals, list(resolved.specs)
+    config_record = resolved.config()
     accelerator = make_accelerator(run)
     output_dir = Path(run.output_dir)
-    specs = resolve_run(run, evals, task, accelerator)
+    for note in resolved.notes:
+        logger.info(note)
     if run.resume and (output_dir / RESULTS_FILE).is_file() and not run.overwrite:
         results = RunResults.read(output_dir / RESULTS_FILE)
         if accelerator.is_main_process:
@@ -139,7 +129,7 @@ def run_experiment(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: 
     save_model(accelerator, task, built.model, output_dir)
 
     eval_started = time.perf_counter()
-    results = evaluate(run, method, evals, task, accelerator, built, specs)
+    results = evaluate(run, method, evals, task, accelerator, built, specs, resolved.suite)
     results.config = config_record
     results.warnings = damaged + results.warnings
     results.cost = Cost(train_wall_s=round(state.train_wall_s, 3),
@@ -165,20 +155,6 @@ def make_accelerator(run: RunArgs) -> Any:
     )
     set_cpu_threads(run.cpu_threads, accelerator)
     return accelerator
-
-
-def resolve_run(run: RunArgs, evals: EvalArgs, task: Task, accelerator: Any) -> list[AttackSpec]:
-    """Every check of what the user asked for, before the output folder is touched: the task's flags, the
-    evaluation radii, the output folder itself; then the task's defaults fill what the user left open.
-    Returns the evaluation attacks."""
-    task.check_args()
-    specs = attack_specs(task, evals)
-    resolve_suite(task, evals)  # --eval_attacks and its budget flags, checked before any work
-    check_output_dir(Path(run.output_dir), task.name)
-    check_push_to_hub(run)  # offline: refused now, not after training
-    for note in resolve_defaults(run, evals, task.defaults, on_gpu=accelerator.device.type != "cpu"):
-        logger.info(note)
-    return specs
 
 
 def build(run: RunArgs, task: Task, accelerator: Any) -> Prepared:
@@ -219,10 +195,11 @@ def save_model(accelerator: Any, task: Task, model: nn.Module, output_dir: Path)
 
 
 def evaluate(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: Task, accelerator: Any,
-             built: Prepared, specs: list[AttackSpec]) -> RunResults:
+             built: Prepared, specs: list[AttackSpec], suite: Optional[Suite] = None) -> RunResults:
     """Clean and robust metrics with sanity checks, the task's own evaluation and columns, sharpness."""
     evaluation = evaluate_all(built.model, task, built.eval_loader, accelerator, specs, evals.eval_steps,
-                              suite=resolve_suite(task, evals), attack_collapsed=evals.attack_collapsed)
+                              suite=resolve_suite(task, evals) if suite is None else suite,
+                              attack_collapsed=evals.attack_collapsed)
     unwrapped = accelerator.unwrap_model(built.model)
     # A collapsed model's evaluation stops after the clean pass: no task attacks (TextAttack), no sharpness.
     stopped = evaluation.get("attacks_skipped") is not None

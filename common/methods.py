@@ -28,7 +28,7 @@ with ``global`` the first gradient is all-reduced and every replica climbs to th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -38,49 +38,13 @@ from torch import Tensor, nn
 from .attacks import eval_mode, pgd
 from .config import MethodArgs, parse_eps
 from .errors import UsageError, lookup
-from .efficient_sam import (AESAM_DEFAULTS, EFFICIENT_FLAGS, EFFICIENT_SUMMARIES, EFFICIENT_UPDATES,
-                            LOOKSAM_ALPHA, SAM_INTERVAL)
+from .efficient_sam import AESAM_DEFAULTS, EFFICIENT_UPDATES, LOOKSAM_ALPHA, SAM_INTERVAL
+from .registry import METHODS, UPDATE_RULES, Method  # noqa: F401  (Method: part of this module's API)
 from .sam import StepResult, plain_update, sam_update  # noqa: F401  (StepResult: part of this module's API)
 from .task import Task
 
 
-@dataclass(frozen=True)
-class Method:
-    """A named pair (objective, update). ``flags`` are the MethodArgs fields it reads."""
-
-    name: str
-    objective: str
-    update: str
-    summary: str
-    flags: frozenset = field(default_factory=frozenset)
-
-
-_SAM_FLAGS = frozenset({"rho", "sam_sync"})
-_ASAM_FLAGS = _SAM_FLAGS | {"asam_eta"}
-_AT_FLAGS = frozenset({"train_eps", "train_alpha", "train_steps", "train_norm"})
-_MIXED_AT_FLAGS = _AT_FLAGS | {"at_clean_weight"}
-
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in [
-        Method("erm", "clean", "plain", "plain training (empirical risk minimisation)"),
-        Method("sam", "clean", "sam", "Sharpness-Aware Minimization", _SAM_FLAGS),
-        Method("asam", "clean", "asam", "Adaptive SAM (scale-invariant ball)", _ASAM_FLAGS),
-        Method("pgd-at", "pgd", "plain", "PGD adversarial training (Madry)", _MIXED_AT_FLAGS),
-        Method("fgsm-at", "fgsm", "plain", "fast FGSM adversarial training with random start",
-               _MIXED_AT_FLAGS - {"train_steps"}),
-        Method("trades", "trades", "plain", "TRADES", _AT_FLAGS | {"trades_beta"}),
-        Method("sam-at", "pgd", "sam", "SAM update on the PGD adversarial loss", _MIXED_AT_FLAGS | _SAM_FLAGS),
-    ]
-    # The efficient SAM updates (common/efficient_sam.py), each on the clean loss and, as "<name>-at", on the
-    # PGD adversarial loss like sam-at.
-    + [Method(update + suffix, objective, update, summary + tail, flags | extra)
-       for update, summary in EFFICIENT_SUMMARIES.items() for flags in [EFFICIENT_FLAGS[update]]
-       for suffix, objective, tail, extra in (("", "clean", "", frozenset()),
-                                              ("-at", "pgd", ", on the PGD adversarial loss", _MIXED_AT_FLAGS))]
-}
-
-DEFAULT_RHO = {"sam": 0.05, "asam": 0.5, **{update: 0.05 for update in EFFICIENT_UPDATES}}
+DEFAULT_RHO = {name: rule.defaults["rho"] for name, rule in UPDATE_RULES.items() if "rho" in rule.defaults}
 
 
 @dataclass

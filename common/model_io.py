@@ -26,9 +26,6 @@ from .task import Task
 MODEL_DIR = "model"
 CARD_FILE = "README.md"
 EVALUATIONS_DIR = "evaluations"
-# Hub pipeline tags per task (the card's metadata); a task not listed gets none.
-PIPELINE_TAGS = {"vision": "image-classification", "text": "text-classification",
-                 "segmentation": "image-segmentation"}
 
 
 # ------------------------------------------------------------------------------------------- reload
@@ -98,30 +95,33 @@ def method_tags(method: str) -> list[str]:
     return tags + (["adversarial-training"] if m.objective != "clean" else []) + [m.name]
 
 
-def saved_library(model_dir: Path) -> str:
-    """The library a saved folder loads with (the hub's ``library_name``)."""
-    for name in ("samat_model.json", "samat_segmentation.json"):
-        path = model_dir / name
-        if path.is_file():
-            kind = json.loads(path.read_text()).get("kind")
-            return {"transformers": "transformers", "timm": "timm",
-                    "smp": "segmentation-models-pytorch"}.get(kind, "samat")
-    return "transformers" if (model_dir / "config.json").is_file() else "samat"
+def saved_library(model_dir: Path, task: str) -> str:
+    """The library a saved folder of ``task`` loads with (the hub's ``library_name``): the ``kind`` recorded in
+    the task's saved config (its recipe's ``saved_config``), ``transformers`` for a bare ``config.json``."""
+    from .registry import task_recipe
+
+    path = model_dir / task_recipe(task).saved_config
+    kind = None
+    if path.is_file():
+        kind = json.loads(path.read_text()).get("kind", "transformers" if path.name == "config.json" else None)
+    return {"transformers": "transformers", "timm": "timm", "smp": "segmentation-models-pytorch"}.get(kind, "samat")
 
 
 def _front_matter(results: RunResults, model_dir: Path) -> str:
     import yaml
 
+    from .registry import RECIPES, task_recipe
+
     dataset = results.data.get("dataset")
+    pipeline_tag = task_recipe(results.task).pipeline_tag if results.task in RECIPES else None
     meta: dict[str, Any] = {
-        "library_name": saved_library(model_dir),
-        "tags": ["samat", *method_tags(results.method), "robustness",
-                 *([PIPELINE_TAGS[results.task]] if results.task in PIPELINE_TAGS else [])],
+        "library_name": saved_library(model_dir, results.task) if results.task in RECIPES else "samat",
+        "tags": ["samat", *method_tags(results.method), "robustness", *([pipeline_tag] if pipeline_tag else [])],
         "datasets": [str(dataset)] if dataset else [],
         "metrics": [results.headline_metric],
     }
-    if results.task in PIPELINE_TAGS:
-        meta["pipeline_tag"] = PIPELINE_TAGS[results.task]
+    if pipeline_tag:
+        meta["pipeline_tag"] = pipeline_tag
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 

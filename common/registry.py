@@ -1,11 +1,14 @@
-"""Plain dict registries of tasks and methods.
+"""Plain dict registries of tasks, their recipes, and training methods; no torch.
 
-Tasks are imported lazily (``"module:Class"``) so that ``--task vision`` never imports TextAttack.
+Tasks are imported lazily (``"module:Class"``) so that ``--task vision`` never imports TextAttack. A task's
+recipe (:class:`samat.common.recipe.TaskRecipe`) lives in its own torch-free module, so the command lines
+that plan grids or print help read it without loading the task.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass, field
 
 from .errors import lookup
 
@@ -14,9 +17,91 @@ TASKS: dict[str, str] = {
     "text": "samat.text.task:TextTask",
     "segmentation": "samat.segmentation.task:SegmentationTask",
 }
+RECIPES: dict[str, str] = {name: f"samat.{name}.recipe:RECIPE" for name in TASKS}
+
+
+def _load(path: str):
+    module_name, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
 
 
 def task_class(name: str):
     """The Task subclass registered as ``name``; ``UsageError`` listing the valid names otherwise."""
-    module_name, _, class_name = lookup(TASKS, "task", name).partition(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    return _load(lookup(TASKS, "task", name))
+
+
+def task_recipe(name: str):
+    """The :class:`~samat.common.recipe.TaskRecipe` of task ``name`` (torch-free); ``UsageError`` listing the
+    valid names otherwise."""
+    return _load(lookup(RECIPES, "task", name))
+
+
+# ---------------------------------------------------------------------------------------------- methods
+# A method is a training objective (clean, pgd, fgsm, trades: common/methods.py) times an update rule (plain,
+# sam, asam: common/sam.py; the efficient SAM updates: common/efficient_sam.py). This table holds what the
+# command lines, the sweep and the analysis need to know of them (names, summaries, the MethodArgs flags each
+# reads, the papers' defaults), without importing torch; the implementations are keyed by the same names.
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """An update rule's facts: ``flags`` are the MethodArgs fields it reads, ``defaults`` the papers' values of
+    those that have one (``rho``: SAM's 0.05, ASAM's 0.5)."""
+
+    name: str
+    summary: str
+    flags: frozenset = field(default_factory=frozenset)
+    defaults: dict = field(default_factory=dict)
+    efficient: bool = False  # pays for SAM's second pass on only some steps
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named pair (objective, update). ``flags`` are the MethodArgs fields it reads."""
+
+    name: str
+    objective: str
+    update: str
+    summary: str
+    flags: frozenset = field(default_factory=frozenset)
+
+
+_SAM = frozenset({"rho", "sam_sync"})
+# The papers' hyper-parameters: SAM rho 0.05 (Foret et al.), ASAM rho 0.5, eta 0.01 (Kwon et al.); LookSAM k = 5,
+# alpha = 0.7 (Liu et al. 2022); AE-SAM delta = 0.9, c from lambda2 = 1 to lambda1 = -1, so that about half the
+# steps are SAM steps (Jiang et al. 2023).
+UPDATE_RULES: dict[str, UpdateRule] = {u.name: u for u in [
+    UpdateRule("plain", "plain step"),
+    UpdateRule("sam", "Sharpness-Aware Minimization", _SAM, {"rho": 0.05}),
+    UpdateRule("asam", "Adaptive SAM (scale-invariant ball)", _SAM | {"asam_eta"}, {"rho": 0.5}),
+    UpdateRule("sam-every-k", "SAM step every k-th step, plain steps between (SAM-k baseline of Liu et al. 2022)",
+               _SAM | {"sam_interval"}, {"rho": 0.05, "sam_interval": 5}, efficient=True),
+    UpdateRule("looksam", "LookSAM: SAM every k-th step, its orthogonal gradient component reused between (Liu "
+               "et al. 2022, CVPR)", frozenset({"rho", "sam_interval", "looksam_alpha"}),
+               {"rho": 0.05, "sam_interval": 5, "looksam_alpha": 0.7}, efficient=True),
+    UpdateRule("ae-sam", "AE-SAM: SAM only when the squared gradient norm exceeds its EMA mean + c*std (Jiang "
+               "et al. 2023, ICLR)", frozenset({"rho", "aesam_delta", "aesam_c_start", "aesam_c_end"}),
+               {"rho": 0.05, "aesam_delta": 0.9, "aesam_c_start": 1.0, "aesam_c_end": -1.0}, efficient=True),
+]}
+_AT = frozenset({"train_eps", "train_alpha", "train_steps", "train_norm"})
+_MIXED_AT = _AT | {"at_clean_weight"}
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("erm", "clean", "plain", "plain training (empirical risk minimisation)"),
+        Method("sam", "clean", "sam", UPDATE_RULES["sam"].summary, UPDATE_RULES["sam"].flags),
+        Method("asam", "clean", "asam", UPDATE_RULES["asam"].summary, UPDATE_RULES["asam"].flags),
+        Method("pgd-at", "pgd", "plain", "PGD adversarial training (Madry)", _MIXED_AT),
+        Method("fgsm-at", "fgsm", "plain", "fast FGSM adversarial training with random start",
+               _MIXED_AT - {"train_steps"}),
+        Method("trades", "trades", "plain", "TRADES", _AT | {"trades_beta"}),
+        Method("sam-at", "pgd", "sam", "SAM update on the PGD adversarial loss", _MIXED_AT | _SAM),
+    ]
+    # The efficient SAM updates, each on the clean loss and, as "<name>-at", on the PGD adversarial loss like
+    # sam-at.
+    + [Method(u.name + suffix, objective, u.name, u.summary + tail, u.flags | extra)
+       for u in UPDATE_RULES.values() if u.efficient
+       for suffix, objective, tail, extra in (("", "clean", "", frozenset()),
+                                              ("-at", "pgd", ", on the PGD adversarial loss", _MIXED_AT))]
+}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 # Two-sided 95 % Student-t quantiles by degrees of freedom (n - 1); large n tends to 1.96.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -98,3 +98,104 @@ def fieller_ratio(num: Iterable[float], den: Iterable[float]) -> Ratio:
         return Ratio(value, None, None, n)
     root = math.sqrt(disc)
     return Ratio(value, (-qb - root) / (2 * qa), (-qb + root) / (2 * qa), n)
+
+
+# ------------------------------------------------------------------------- intervals with test-set noise
+
+# Two-sided 90 % Student-t quantiles (one-sided 95 %: the two one-sided tests of an equivalence test, TOST).
+_T90 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812,
+        12: 1.782, 15: 1.753, 20: 1.725, 25: 1.708, 30: 1.697, 40: 1.684, 60: 1.671, 120: 1.658}
+
+
+def t_quantile(dof: float, level: float = 0.95) -> float:
+    """The two-sided ``level`` (0.95 or 0.90) Student-t quantile at ``dof`` degrees of freedom (a float, e.g.
+    Satterthwaite's; ``inf`` gives the normal's). Between tabulated values the smaller dof's (conservative)."""
+    table, normal = {0.95: (_T95, 1.960), 0.90: (_T90, 1.645)}[level]
+    if dof < 1:
+        raise ValueError("t_quantile needs dof >= 1")
+    if dof > 120:
+        return normal
+    return table[max(k for k in table if k <= dof)]
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy ``p`` in [0, 1] measured on ``n`` examples: ``sqrt(p (1 - p) / n)``."""
+    return math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def paired_binomial_se(p_a: float, p_b: float, n: int, discordant: Optional[float] = None) -> float:
+    """Standard error of ``p_b - p_a``, two accuracies on the same ``n`` examples.
+
+    With ``discordant`` (the share of examples exactly one model gets right, McNemar's b + c over n) the paired
+    variance ``(discordant - (p_b - p_a)^2) / n``. Without it (results that keep no per-example outcomes) the
+    variance of two independent binomials, ``p_a (1 - p_a) / n + p_b (1 - p_b) / n``: an upper bound whenever the
+    two models' errors are positively correlated, as two models trained on the same data are."""
+    if discordant is not None:
+        return math.sqrt(max(discordant - (p_b - p_a) ** 2, 0.0) / n)
+    return math.sqrt(binomial_se(p_a, n) ** 2 + binomial_se(p_b, n) ** 2)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean effect over seeds with its 95 % interval (``lo``/``hi``), its 90 % interval (``lo90``/``hi90``,
+    the equivalence test's), the standard error and degrees of freedom behind them, and ``per_seed_var``, the
+    variance of one seed's effect (seed-to-seed and test-set noise), the basis of the power note."""
+
+    mean: float
+    lo: float
+    hi: float
+    lo90: float
+    hi90: float
+    se: float
+    dof: float
+    per_seed_var: float
+    shared_var: float = 0.0  # test-set variance that more seeds do not reduce (every seed saw the same examples)
+
+
+def effect_interval(values: Sequence[float], test_se: Optional[Sequence[float]] = None,
+                    shared_examples: bool = False) -> Optional[Interval]:
+    """The mean of per-seed effects ``values`` and its interval, combining seed-to-seed variation with the
+    test-set noise of each seed's effect (``test_se[i]``, its standard error; ``None``: not known, seed-to-seed
+    only). ``None`` with fewer than two values.
+
+    - Each seed evaluated on its own examples (``shared_examples=False``): the spread of the effects over seeds
+      already holds the test-set noise, but a few seeds can show less of it than there is (100 examples move an
+      accuracy in 1-point steps: identical effects on every seed). The variance of one seed's effect is taken as
+      ``max(s^2, mean(test_se^2))``: never below its known test-set part. Degrees of freedom by Satterthwaite:
+      ``k - 1`` where the spread decides, growing to the normal's where the known part does; never narrower
+      than the seed-to-seed t-interval alone.
+    - Every seed evaluated on the same examples: their test-set noise is shared and does not average out over
+      seeds; ``s^2 / k + mean(test_se^2)`` (the shared part taken as fully correlated: conservative).
+
+    A zero-width interval needs zero test-set noise (exact quantities such as pass counts)."""
+    vals = [float(v) for v in values]
+    k = len(vals)
+    if k < 2:
+        return None
+    mean, s2 = statistics.fmean(vals), statistics.variance(vals)
+    m = statistics.fmean(se * se for se in test_se) if test_se else 0.0
+    if shared_examples:
+        var_mean, per_seed, shared = s2 / k + m, s2, m
+        dof = math.inf if s2 == 0 else var_mean ** 2 / ((s2 / k) ** 2 / (k - 1))
+    else:
+        per_seed, shared = max(s2, m), 0.0
+        var_mean = per_seed / k
+        dof = math.inf if s2 == 0 else (k - 1) * (per_seed / s2) ** 2
+    se = math.sqrt(var_mean)
+    # never narrower than the seed-to-seed t-interval alone: a known extra source of noise must not shrink it
+    seed_se = math.sqrt(s2 / k)
+    h95 = max(t_quantile(dof) * se, t_quantile(k - 1) * seed_se)
+    h90 = max(t_quantile(dof, 0.90) * se, t_quantile(k - 1, 0.90) * seed_se)
+    return Interval(mean, mean - h95, mean + h95, mean - h90, mean + h90, se, dof, per_seed, shared)
+
+
+def seeds_to_resolve(interval: Interval, bound: float, level: float = 0.95, max_seeds: int = 1000) -> Optional[int]:
+    """The fewest seeds whose interval (``level``, two-sided) would exclude ``bound`` if the mean effect and the
+    per-seed variance stayed as observed; ``None`` where no number up to ``max_seeds`` would (the mean sits on
+    the bound, or shared test-set noise alone is wider than the distance)."""
+    gap = abs(interval.mean - bound)
+    for k in range(2, max_seeds + 1):
+        half = t_quantile(k - 1, level) * math.sqrt(interval.per_seed_var / k + interval.shared_var)
+        if half < gap:
+            return k
+    return None

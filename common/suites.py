@@ -184,7 +184,7 @@ def _own_runner(attack: AttackDef, norm: str, steps: int, restarts: int):
 def _library_runner(attack: AttackDef, norm: str, restarts: int, **budget: int):
     def run(model: nn.Module, task: Task, batch: dict, eps: float) -> AttackResult:
         surface = task.surface(model, batch)
-        classify = lambda x: task.forward(model, {**batch, "pixel_values": x})  # noqa: E731
+        classify = lambda x: task.forward(model, {**batch, task.recipe.input_key: x})  # noqa: E731
         x_adv = library_attack(attack.name, classify, model, surface.x, batch["labels"], eps=eps, norm=norm,
                                restarts=restarts, **budget)
         # Trust no library with the threat model: whatever lies outside the ball or box is projected back.

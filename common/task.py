@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:  # config imports the attacks, which import this module
-    from .config import TaskDefaults
+from .recipe import TaskDefaults, TaskRecipe
 
 
 @dataclass
@@ -87,20 +86,30 @@ class TaskData:
 class Task(abc.ABC):
     """One modality. Subclasses are registered in ``common.registry.TASKS`` with their args dataclass."""
 
+    # Every fact code outside the task reads (name, metric, pixel space, default radii, training defaults) is
+    # in the task's torch-free recipe; the class attributes below are set from it, once, by __init_subclass__.
+    recipe: ClassVar[TaskRecipe]
     name: ClassVar[str]
     headline_metric: ClassVar[str]  # e.g. "accuracy" or "miou": the number tables and sanity checks use
-    # Default eps lists for the robustness evaluation, as strings (parsed by common.config.parse_eps).
-    default_eval_linf: ClassVar[tuple[str, ...]] = ("1/255", "2/255", "4/255", "8/255")
-    default_eval_l2: ClassVar[tuple[str, ...]] = ("0.25", "0.5")
+    pixel_space: ClassVar[bool]     # the perturbation lives in pixel space with a [0, 1] box
+    default_eval_linf: ClassVar[tuple[str, ...]]
+    default_eval_l2: ClassVar[tuple[str, ...]]
     # One class per example (``labels`` ``(B,)``, logits ``(B, K)``)? Then evaluation adds macro-F1 and the
     # majority-class baseline, and the divergence guard prices the label prior (see ClassificationTask).
     single_label: ClassVar[bool] = False
-    # Does the perturbation live in pixel space with a [0, 1] box? (then eps > 1 is a unit mistake)
-    pixel_space: ClassVar[bool] = True
     # The task's own flags (a dataclass parsed next to RunArgs/MethodArgs/EvalArgs).
     Args: ClassVar[type]
-    # The task's recipe for flags left at None (optimizer, lr, schedule, AT radii, CPU subsets).
-    defaults: ClassVar[TaskDefaults]
+    # The task's recipe for flags left at None (optimizer, lr, schedule, AT radii, CPU subsets); an instance
+    # may choose another (segmentation's --preset).
+    defaults: TaskDefaults
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        recipe = cls.__dict__.get("recipe")
+        if recipe is not None:
+            cls.name, cls.headline_metric, cls.pixel_space = recipe.name, recipe.headline_metric, recipe.pixel_space
+            cls.default_eval_linf, cls.default_eval_l2 = recipe.eval_linf, recipe.eval_l2
+            cls.defaults = recipe.defaults
 
     def __init__(self, args: Any):
         self.args = args

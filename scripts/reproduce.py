@@ -21,13 +21,13 @@ use the runs that finished, and say which are missing), 2 bad input.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from samat.analysis.efficient import EFFICIENT
-from samat.analysis.reproduce import PRESETS, SCALES, TASKS, plan_reproduction, run_jobs, set_commands, write_verdicts
-from samat.analysis.sweep import run_subprocess, split_at_double_dash
+from samat.analysis.reproduce import PRESETS, SCALES, TASKS, plan_reproduction, run_jobs, write_verdicts
+from samat.analysis.sweep import add_launch_flags, print_commands, run_subprocess, set_commands, split_at_double_dash
 from samat.common.cli import ArgumentParser, main_guard
 from samat.common.errors import UsageError
 
@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "the preset's (3). Fewer than 2 gives no interval: every verdict is inconclusive.")
     p.add_argument("--root", default=None, help="Folder of the runs and the verdicts. Default: "
                                                 "runs/reproduce-<task>-<scale>.")
+    p.add_argument("--results_dir", default=None,
+                   help="Folder of the verdicts and of every run's results.json (the evidence to commit; no "
+                        "checkpoints or models). Default: results/reproduce-<task>-<scale> with the default --root, "
+                        "else the root.")
+    p.add_argument("--allow_unlike", action="store_true",
+                   help="Pair runs that differ in more than method, method flags and seed (recipe, evaluation "
+                        "examples, attacks, suite) with a warning in the verdicts, instead of refusing.")
     p.add_argument("--eval_attacks", default=None,
                    help="Attack suite for every run (quoted if several names): pgd, apgd, autoattack or attack "
                         f"names. Default: the preset's: {suite_defaults}.")
@@ -58,12 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "verdicts (share of SAM's robust gain kept, Fieller 95 %% interval; efficient_frontier.png). "
                         "sam-every-k: Liu et al. 2022 (periodic SAM, k=5); looksam: Liu et al. CVPR 2022 (k=5, "
                         "alpha=0.7); ae-sam: Jiang et al. ICLR 2023 (delta 0.9, c from 1 to -1).")
-    p.add_argument("--launcher", default="python", choices=["python", "accelerate"],
-                   help="Start each run with `python scripts/run.py` or `accelerate launch scripts/run.py`.")
-    p.add_argument("--accelerate_args", default="",
-                   help="Arguments for `accelerate launch`, e.g. \"--num_processes 8 --mixed_precision bf16\".")
-    p.add_argument("--print", dest="print_only", action="store_true",
-                   help="Print the commands of the runs still to do, one per line, and stop.")
+    add_launch_flags(p, "Print the commands of the runs still to do, one per line, and stop.")
     p.add_argument("--verdicts_only", action="store_true",
                    help="Train nothing: write the verdicts from the runs already finished under --root (e.g. "
                         "while a scheduler runs the --print commands); unfinished runs are listed as such.")
@@ -73,27 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None, runner: Callable[[list[str]], int] = run_subprocess) -> int:
     argv, passthrough = split_at_double_dash(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.accelerate_args and args.launcher != "accelerate":
-        raise UsageError("--accelerate_args needs --launcher accelerate")
     if args.print_only and args.verdicts_only:
         raise UsageError("--print and --verdicts_only: choose one")
     efficient = [] if args.efficient_sam is None else (args.efficient_sam or list(EFFICIENT))
     rep = plan_reproduction(args.task, args.scale, args.seeds, args.root, args.eval_attacks, passthrough, efficient)
-    set_commands(rep, args.launcher, args.accelerate_args, portable=args.print_only)
+    set_commands(rep.jobs, args)
     if args.print_only:
-        for job in rep.jobs:
-            if job.status == "done":
-                print(f"# finished, skipped: {job.output_dir}", file=sys.stderr)
-            else:
-                print(shlex.join(job.command))
+        print_commands(rep.jobs)
         return 0
     code = 0 if args.verdicts_only else run_jobs(rep, runner)
-    verdict_table, settings_table, notes, frontier_table = write_verdicts(rep)
+    results_dir = Path(args.results_dir or (f"results/reproduce-{rep.task}-{rep.scale}" if args.root is None
+                                            else rep.root))
+    verdict_table, settings_table, notes, frontier_table = write_verdicts(rep, results_dir, args.allow_unlike)
     if rep.preset.low_powered:
         print("\nLOW-POWERED (--scale quick): these verdicts check that the protocol runs; they are not evidence.")
     print(f"\n{settings_table}\n\n{verdict_table}\n" + "".join(f"\nnote: {n}" for n in notes)
           + (f"\n\nEfficient SAM (cost vs share of SAM's robust gain kept):\n{frontier_table}" if frontier_table else "")
-          + f"\n\nreproduce: {rep.root / 'verdicts.md'} "
+          + f"\n\nreproduce: {results_dir / 'verdicts.md'} "
           f"(rules, intervals, notes) and verdicts.json", flush=True)
     return code
 

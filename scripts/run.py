@@ -49,7 +49,6 @@ def _config_to_argv(values: dict) -> list[str]:
 def main() -> None:
     setup_logging()
     probe_hub()
-    from samat.common.config import non_default_fields, validate
     from samat.common.errors import lookup
     from samat.common.registry import TASKS, task_class
 
@@ -72,19 +71,14 @@ def main() -> None:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (flags of this task: "
                          f"scripts/run.py --task {task_name} --help)")
 
-    validate(run, method_args, eval_args)
-    from samat.common.methods import resolve_method
-
-    task = task_cls(task_args)
-    method = resolve_method(run.method, method_args, task, set(non_default_fields(method_args)))
-    if run.output_dir is None:
-        run.output_dir = f"runs/{run.task}-{run.method}-s{run.seed}"
-    config_record = {"run": vars(run), "method": vars(method_args), "eval": vars(eval_args),
-                     "task": vars(task_args)}
+    from accelerate import PartialState
 
     from samat.common.loop import run_experiment
+    from samat.common.resolve import resolve_run
 
-    run_experiment(run, method, eval_args, task, config_record)
+    task = task_cls(task_args)
+    resolved = resolve_run(run, method_args, eval_args, task, on_gpu=PartialState().device.type != "cpu")
+    run_experiment(resolved, task)
 
 
 if __name__ == "__main__":

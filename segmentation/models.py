@@ -25,10 +25,12 @@ from torch import Tensor, nn
 
 from samat.common.errors import UsageError
 
+from .recipe import RECIPE
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHTS_NONE = "none"
-CONFIG_FILE = "samat_segmentation.json"
+CONFIG_FILE = RECIPE.saved_config  # the file that marks a saved folder (the task recipe)
 # Unet-family decoders take one channel count per encoder stage; smp's default is for depth 5.
 PER_STAGE_DECODER = ("unet", "unetplusplus", "manet")
 DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)

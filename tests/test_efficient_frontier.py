@@ -100,11 +100,20 @@ def test_frontier_rows_share_and_goal(tmp_path):
     assert E.figure(f)[:4] == b"\x89PNG"
 
 
-def test_frontier_says_when_sams_gain_is_noise(tmp_path):
+def test_frontier_gives_no_share_when_sams_gain_is_noise(tmp_path):
     f = E.frontier(_grid(tmp_path, sam_gain=0.0))
-    assert any("not distinguishable from 0" in n for n in f.notes)
-    assert all(not r.share.bounded for r in f.variants)
-    assert "(interval unbounded)" in E.table(f)
+    assert any("is not significantly above 0: no share of it is given" in n for n in f.notes)
+    assert all(r.share is None and r.goal == "–" for r in f.variants)
+
+
+def test_frontier_gives_no_share_of_a_negative_sam_gain(tmp_path):
+    # SAM significantly worse than ERM and a variant as bad: the old share read ~100 % [65 %, 159 %] and could
+    # meet the goal; now no share is given and the note says SAM's gain is below 0
+    f = E.frontier(_grid(tmp_path, sam_gain=-0.05, variants=(("sam-every-k", -0.05, 120, 0.0),)))
+    assert f.rows[1].gain.hi < 0
+    assert any("is significantly below 0: no share of it is given" in n for n in f.notes)
+    assert f.variants[0].share is None and f.variants[0].goal == "–"
+    assert "shown" not in E.table(f)
 
 
 def test_no_variants_no_frontier_and_missing_sam_is_named(tmp_path):

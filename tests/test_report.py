@@ -293,3 +293,18 @@ def test_runs_own_pictures_are_linked_relative_to_the_report(tmp_path):
     md = build_report([str(root)], out_dir=tmp_path / "out")["report.md"].decode()
     assert "## Pictures" in md and "![erm](../runs/erm-s0/segmentations.png)" in md
     assert "erm-s1/segmentations.png" not in md
+
+
+def test_committed_results_hold_no_absolute_path():
+    """Issue 25: committed evidence is portable: no file under results/ names a folder of the machine that
+    made it (run_dir and every other path relative to the results folder)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    listed = subprocess.run(["git", "ls-files", "results"], cwd=repo, capture_output=True, text=True).stdout.split()
+    absolute = re.compile(r"(?<![\w.:/])/(?:work|home|root|tmp|Users|mnt|data|scratch|opt|var|private)/")
+    bad = [name for name in listed if name.endswith((".md", ".csv", ".json"))
+           and absolute.search((repo / name).read_text(errors="replace"))]
+    assert bad == []

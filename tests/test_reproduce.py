@@ -8,13 +8,15 @@ import json
 import os
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 from helpers import load_script
 from test_verdicts import results
 
-from samat.analysis.reproduce import PRESETS
+from samat.analysis.reproduce import PRESETS, resolve_preset
+from samat.common.registry import task_recipe
 from samat.common.cli import main_guard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,10 +43,13 @@ def _print(reproduce, capsys, *argv: str) -> list[list[str]]:
     ("text", "quick", 3 * 3, None, "pgd"),
     ("segmentation", "cpu", 3 * (1 + 1 + 1), None, "pgd"),
     ("text", "cpu", 3 * (1 + 1 + 1), None, "apgd-ce"),
+    ("text", "gpu", 3 * (1 + 4 + 4), None, "apgd"),
+    ("segmentation", "quick", 3 * (1 + 1 + 1), "2", "pgd"),
+    ("segmentation", "gpu", 3 * (1 + 4 + 4), None, "apgd"),
 ])
 def test_print_lists_the_preset_grid(reproduce, capsys, tmp_path, task, scale, runs, steps, attacks):
     commands = _print(reproduce, capsys, "--task", task, "--scale", scale, "--root", str(tmp_path / "r"))
-    preset = PRESETS[(task, scale)]
+    preset = resolve_preset(task, PRESETS[(task, scale)])
     assert len(commands) == runs
     names = [Path(_flag(c, "--output_dir")).name for c in commands]
     assert len(set(names)) == runs and names[0] == "erm_s0"
@@ -53,6 +58,9 @@ def test_print_lists_the_preset_grid(reproduce, capsys, tmp_path, task, scale, r
     at = [c for c in commands if _flag(c, "--method") == "pgd-at"]
     assert {_flag(c, "--train_eps") for c in at} == set(preset.train_eps)
     assert all(_flag(c, "--train_norm") == preset.train_norm for c in at)
+    # the AT step is the preset's stated ratio, else the task recipe's, of each eps (no copy can drift)
+    ratio = PRESETS[(task, scale)].alpha_ratio or task_recipe(task).alpha_ratio
+    assert all(Fraction(_flag(c, "--train_alpha")) == Fraction(_flag(c, "--train_eps")) * Fraction(ratio) for c in at)
     assert all(_flag(c, "--eval_attacks") == attacks for c in commands)
     if steps:  # a method flag: only the AT runs get it
         assert all(_flag(c, "--train_steps") == steps for c in at)
@@ -110,7 +118,7 @@ def test_grid_to_verdicts_with_progress_resume_and_a_failed_run(reproduce, capsy
     md = (root / "verdicts.md").read_text()
     assert "LOW-POWERED" in md
     assert "Unfinished runs (left out; rerun the same command to finish them): sam_rho0.1_s2" in md
-    assert "dropped seed 2 (only in erm)" in md
+    assert "erm_s2 (erm, seed 2): no usable run of seed 2 in sam rho=0.1" in md
     data = json.loads((root / "verdicts.json").read_text())
     assert data["scale"] == "quick" and data["low_powered"] and data["unfinished"] == ["sam_rho0.1_s2"]
     claims = {c["claim"]: c for c in data["claims"]}
@@ -123,6 +131,19 @@ def test_grid_to_verdicts_with_progress_resume_and_a_failed_run(reproduce, capsy
     assert again.names == ["sam_rho0.1_s2"]  # finished runs are skipped
     data = json.loads((root / "verdicts.json").read_text())
     assert data["unfinished"] == [] and {c["claim"]: c for c in data["claims"]}["a"]["effects"][0]["seeds"] == [0, 1, 2]
+    assert not (root / "runs").exists()  # the root holds the runs themselves: no copies to be read twice
+
+
+def test_verdicts_and_every_runs_results_json_go_to_the_results_folder(reproduce, tmp_path):
+    """Issue 25: the evidence behind the verdicts (every run's results.json, with no absolute path) is written
+    next to them, in the folder meant to be committed."""
+    root, results = tmp_path / "grid", tmp_path / "results" / "reproduce-vision-quick"
+    assert reproduce.main(["--root", str(root), "--results_dir", str(results)], runner=FakeRunner()) == 0
+    copies = sorted(p.parent.name for p in (results / "runs").glob("*/results.json"))
+    assert copies == sorted(p.parent.name for p in root.glob("*/results.json")) and len(copies) == 9
+    assert (results / "verdicts.md").is_file() and not list(results.rglob("model"))
+    for path in [*results.rglob("*.json"), results / "verdicts.md"]:
+        assert str(tmp_path) not in path.read_text(), path  # portable: relative paths only
 
 
 def _guarded(reproduce, *argv: str) -> int:

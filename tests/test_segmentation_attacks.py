@@ -76,7 +76,7 @@ def test_pgd_and_segpgd_stay_in_their_ball_and_lower_miou(trained):
 
 def test_engine_evaluation_reports_segpgd_with_sane_numbers(trained, accelerator):
     from samat.common.config import EvalArgs
-    from samat.common.loop import attack_specs
+    from samat.common.resolve import attack_specs
 
     task, built, _ = trained
     loader = torch.utils.data.DataLoader(built.eval_dataset, batch_size=16, collate_fn=built.collate_fn)

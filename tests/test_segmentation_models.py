@@ -130,8 +130,9 @@ def test_cpu_epochs_shorten_only_an_unset_schedule_without_a_gpu():
     assert defaults.cpu_epochs is not None and defaults.cpu_epochs < defaults.epochs
 
     def resolved(on_gpu, task_defaults=defaults, **flags):
-        run = RunArgs(task="segmentation", **flags)
-        notes = resolve_defaults(run, EvalArgs(), task_defaults, on_gpu=on_gpu)
+        given = RunArgs(task="segmentation", **flags)
+        run, _, notes = resolve_defaults(given, EvalArgs(), task_defaults, on_gpu=on_gpu)
+        assert given == RunArgs(task="segmentation", **flags)  # the parsed flags are not changed
         return run.epochs, notes
 
     epochs, notes = resolved(on_gpu=False)

@@ -125,8 +125,19 @@ def test_print_writes_portable_commands_and_nothing_else(sweep, tmp_path, capsys
 def test_text_and_segmentation_defaults(sweep, tmp_path, capsys):
     assert sweep.main(["--task", "text", "--methods", "pgd-at", "--root", str(tmp_path), "--print"]) == 0
     text = capsys.readouterr().out.strip().splitlines()
+    # text's own threat model (L2), grid and ratio (eps / 2), all read from its recipe
+    assert [_flag(line.split(), "--train_eps") for line in text] == ["0.005", "0.01", "0.02", "0.04"]
+    assert {_flag(line.split(), "--train_norm") for line in text} == {"l2"}
+    assert _flag(text[2].split(), "--train_alpha") == "1/100"
+    assert sweep.main(["--task", "text", "--methods", "pgd-at", "--train_norm", "linf", "--root", str(tmp_path),
+                       "--print"]) == 0
+    text = capsys.readouterr().out.strip().splitlines()
     assert [_flag(line.split(), "--train_eps") for line in text] == ["0.00025", "0.0005", "0.001", "0.002"]
-    assert _flag(text[2].split(), "--train_alpha") == "1/2000"  # text's own ratio: eps / 2
+    assert _flag(text[2].split(), "--train_alpha") == "1/2000"
+    # segmentation trains PGD-3 AT with steps of eps/2 (its recipe), never the images' eps/4
+    assert sweep.main(["--task", "segmentation", "--methods", "pgd-at", "--root", str(tmp_path), "--print"]) == 0
+    seg = capsys.readouterr().out.strip().splitlines()
+    assert [_flag(line.split(), "--train_alpha") for line in seg] == ["1/510", "1/255", "2/255", "4/255"]
     assert sweep.main(["--task", "segmentation", "--methods", "sam", "--root", str(tmp_path), "--print"]) == 0
     assert [_flag(line.split(), "--rho") for line in capsys.readouterr().out.strip().splitlines()] == \
         ["0.05", "0.1", "0.2", "0.5"]
@@ -142,7 +153,7 @@ def test_text_and_segmentation_defaults(sweep, tmp_path, capsys):
     (["--train_eps", "1/0"], "--train_eps: '1/0' is not a number"),
     (["--seeds", "-1"], "--seeds: '-1' is not a non-negative integer"),
     (["--task", "audio"], "--task: unknown task 'audio'"),
-    (["--train_norm", "l1"], "--train_norm: 'l1'"),
+    (["--train_norm", "l1"], "--train_norm: unknown value 'l1'; choose one of: linf, l2"),
     (["--alpha_ratio", "2"], "--alpha_ratio: 2.0 must be in [0, 1]"),
     (["--accelerate_args", "--num_processes 2"], "--accelerate_args needs --launcher accelerate"),
     (["--", "--seed", "3"], "--seed is set by the sweep itself"),

@@ -29,7 +29,6 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from samat.common.config import TaskDefaults
 from samat.common.data import pick_split
 from samat.common.errors import UsageError
 from samat.common.files import write_json_atomic
@@ -38,6 +37,7 @@ from samat.common.task import AttackSurface, TaskData
 
 from . import data as text_data
 from . import models as text_models
+from .recipe import RECIPE
 
 logger = logging.getLogger(__name__)
 
@@ -93,36 +93,8 @@ def _recipe_list(values: list[str]) -> list[str]:
 class TextTask(ClassificationTask):
     """Sequence classification (any ``AutoModelForSequenceClassification``) on a text dataset."""
 
-    name: ClassVar[str] = "text"
-    pixel_space: ClassVar[bool] = False
+    recipe = RECIPE
     Args: ClassVar[type] = TextArgs
-    # Robust-accuracy radii: per-token L2, relative to the mean token-embedding norm (the FreeLB threat
-    # model). On an ERM MiniLM on Rotten Tomatoes (clean 0.78) they give 0.585 and 0.23: hurt, not zeroed.
-    # L-inf in embedding space is off by default (--eval_linf 0.001 is about as strong as L2 0.02).
-    default_eval_linf: ClassVar[tuple[str, ...]] = ()
-    default_eval_l2: ClassVar[tuple[str, ...]] = ("0.02", "0.05")
-    defaults: ClassVar[TaskDefaults] = TaskDefaults(
-        # BERT fine-tuning recipe (Devlin et al.; Mosbach et al. 2021): AdamW, linear warm-up then decay. The top
-        # of the usual 2e-5..5e-5 range: with 3e-5 and the short CPU schedule, SAM had not left the majority
-        # class after 96 steps (clean 0.56), while ERM reached 0.78.
-        optimizer="adamw", lr=5e-5, weight_decay=0.01, lr_scheduler="linear", warmup_ratio=0.1,
-        epochs=3, batch_size=32, eval_batch_size=64,
-        # Embedding-space AT radius per token, relative to the mean token-embedding norm (see the module doc:
-        # 2 % keeps clean accuracy at ERM's on the default schedule; 5-10 % drifts to the majority class).
-        # L-inf 0.001 per coordinate is about as large as L2 0.02 for D = 384.
-        train_norm="l2", train_eps_l2="0.02", train_eps_linf="0.001",
-        train_alpha_ratio=0.5, train_steps=2,  # steps of eps/2 (FreeLB-style), 2 of them
-        # Half clean, half adversarial loss (like FreeLB's average along its ascent path): the pure
-        # adversarial loss from a fresh head collapsed to the majority class on a short schedule (module doc).
-        at_clean_weight=0.5,
-        # The sharpness probe costs (1 + 5) forward/backward passes per example and radius: keep it small on
-        # CPU so the default run stays near 10 minutes.
-        cpu_sharpness_examples=64,
-        # CPU: a subset so that `scripts/run.py --task text --method sam` (MiniLM, 2 cores) finishes in about
-        # 10 minutes on an idle machine: 189 SAM steps at ~1.45 s, PGD at 2 radii on 100 sentences, TextAttack
-        # on 30 sentences (see bench/README.md for what a shared machine measured). A GPU uses the full data.
-        cpu_max_train_samples=2000, cpu_max_eval_samples=100,
-    )
 
     def __init__(self, args: Optional[TextArgs] = None):
         super().__init__(args or TextArgs())

@@ -29,9 +29,11 @@ from torch import Tensor, nn
 
 from samat.common.errors import UsageError
 
+from .recipe import RECIPE
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SAVED_CONFIG = "samat_model.json"
+SAVED_CONFIG = RECIPE.saved_config  # the file that marks a saved folder (the task recipe)
 WEIGHTS_FILE = "model.safetensors"
 SAVED_FORMAT = 1
 

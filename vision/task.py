@@ -7,7 +7,6 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from samat.common.config import TaskDefaults
 from samat.common.data import find_column, pick_split
 from samat.common.errors import UsageError
 from samat.common.classification import ClassificationTask
@@ -16,6 +15,7 @@ from samat.common.task import AttackSurface, TaskData
 from . import data as vdata
 from . import models as vmodels
 from .models import build_model, model_channels
+from .recipe import RECIPE
 
 
 @dataclass
@@ -40,21 +40,10 @@ class VisionArgs:
 
 
 class VisionTask(ClassificationTask):
-    name = "vision"
-    pixel_space = True
+    recipe = RECIPE
     Args = VisionArgs
     default_model = "preact_resnet18"
     default_dataset = "fashion_mnist"
-    # The paper's CIFAR recipe (SGD 0.1, momentum 0.9, wd 5e-4, cosine; PGD-10 eps 8/255 step eps/4 = 2/255),
-    # with fewer epochs since Fashion-MNIST converges fast, and a 5 % linear warm-up: without it, SAM with
-    # lr 0.1 on the small CNN had a training loss of 3.7-7.8 (chance: 2.3) in its first 10 steps and the
-    # divergence guard stopped it; with it the README quickstart reached clean 0.824 (was 0.76 without).
-    defaults = TaskDefaults(
-        optimizer="sgd", lr=0.1, weight_decay=5e-4, lr_scheduler="cosine", warmup_ratio=0.05,
-        epochs=10, batch_size=128, eval_batch_size=256,
-        train_eps_linf="8/255", train_eps_l2="0.5",
-        cpu_max_train_samples=5000, cpu_max_eval_samples=500,
-    )
 
     def check_args(self) -> None:
         args: VisionArgs = self.args
