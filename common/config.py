@@ -120,9 +120,9 @@ class RunArgs:
     divergence_guard: bool = field(
         default=True,
         metadata={"help": "Stop with one line (exit 2, no results.json) when the training loss is non-finite, or "
-                  "still at chance (ln K) after the warm-up and 512 examples and again at twice that step, naming the "
-                  "likely fix "
-                  "(--lr, --warmup_ratio); false trains on regardless."},
+                  "no lower than predicting the training labels' prior (its entropy; ln K when balanced) after the "
+                  "warm-up and 512 examples and again at twice that step, naming the likely fix (--lr, "
+                  "--warmup_ratio, more steps); false trains on regardless."},
     )
     push_to_hub: bool = field(
         default=False,
