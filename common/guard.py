@@ -114,10 +114,17 @@ class DivergenceGuard:
                          f"examples; prior entropy {prior_entropy(self.prior):.3f}, ln {self.num_classes} = "
                          f"{chance:.3f})")
             return (f"after {step} steps the model {what}still has a training loss of {mean:.3f}, {level}: it "
-                    f"is not learning beyond the label prior; try a lower --lr (now {self.lr:g}), a warm-up "
+                    f"is not learning beyond the label prior; try {self._lr_advice(mean, reference)}, a warm-up "
                     f"(--warmup_ratio 0.1, now {self.warmup_ratio:g}) or more steps (--epochs, --max_steps); "
                     "--divergence_guard false trains on regardless")
         return None
+
+    def _lr_advice(self, mean: float, reference: float) -> str:
+        """Which way to move --lr: down when the loss sits far above the prior's (the steps overshoot), either
+        way otherwise (an lr too small never leaves the prior either)."""
+        if mean > 1.5 * reference:
+            return f"a lower --lr (now {self.lr:g})"
+        return f"another --lr (now {self.lr:g}; lower if the loss jumped about, higher if it barely moved)"
 
     def close(self) -> None:
         self._handle.remove()

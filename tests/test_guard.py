@@ -41,7 +41,7 @@ def test_loss_at_chance_after_the_check_step_stops_with_the_fix():
     guard = DivergenceGuard(model, check_steps=(12, 24), lr=0.1, warmup_ratio=0.0)
     reasons = _feed(guard, model, [math.log(10)] * 24)
     assert reasons[:-1] == [None] * 23
-    assert "chance level for 10 classes" in reasons[-1] and "--lr (now 0.1)" in reasons[-1]
+    assert "chance level for 10 classes" in reasons[-1] and "--lr (now 0.1;" in reasons[-1]
     assert "--warmup_ratio" in reasons[-1] and "single class" in reasons[-1]
 
 
@@ -126,7 +126,7 @@ def test_a_loss_at_the_prior_stops_though_it_is_below_ln_k():
 
     reasons = feed(at_prior)
     assert sum(at_prior) / len(at_prior) < 0.95 * math.log(2) and reasons[:-1] == [None] * (2 * WINDOW - 1)
-    assert "prior" in reasons[-1] and "--lr (now 0.1)" in reasons[-1] and "--max_steps" in reasons[-1]
+    assert "prior" in reasons[-1] and "--lr (now 0.1;" in reasons[-1] and "--max_steps" in reasons[-1]
     assert feed([0.8 * v for v in at_prior]) == [None] * (2 * WINDOW)  # learning beyond the prior: trains on
     # without a prior the old ln K rule would have let the prior-only model through
     guard = DivergenceGuard(model, check_steps=(WINDOW,), lr=0.1, warmup_ratio=0.0)
@@ -156,7 +156,7 @@ def test_a_run_on_data_without_signal_stops_at_the_prior_and_one_with_signal_tra
     proc = _run_on(noise, tmp_path / "stuck")
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "prior" in errors[0] and "--lr (now 0.1)" in errors[0], proc.stderr[-2000:]
+    assert len(errors) == 1 and "prior" in errors[0] and "--lr (now 0.1;" in errors[0], proc.stderr[-2000:]
     assert "--warmup_ratio" in errors[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "stuck" / "results.json").exists()
 
