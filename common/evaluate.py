@@ -98,7 +98,7 @@ def majority_baseline(label_counts: Tensor) -> dict:
     labels = torch.repeat_interleave(torch.arange(len(counts)), counts)
     preds = torch.full_like(labels, majority)
     f1 = multiclass_f1_score(preds, labels, num_classes=len(counts), average="macro")
-    return {"class": majority, "accuracy": float(counts[majority] / counts.sum().clamp_min(1)),
+    return {"class": majority, "accuracy": int(counts[majority]) / max(int(counts.sum()), 1),
             "macro_f1": float(f1)}
 
 
