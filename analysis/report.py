@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 from samat.common.errors import UsageError
 from samat.common.files import csv_bytes, write_bytes_atomic
 
+from .describe import data_used
 from .runs import Run, Setting, find_unfinished, group, load_runs
 from .tables import (column_group_tables, cost_table, csv_rows, headline_table, interval_table, sharpness_keys,
                      sharpness_table, summary_rows)
@@ -97,6 +98,7 @@ def build_markdown(runs: list[Run], settings: list[Setting], figures: list[tuple
     out = [f"# samat report: {runs[0].task}", "",
            f"{len(runs)} run(s) in {len(settings)} setting(s) from {', '.join(sources)}; headline metric "
            f"`{runs[0].headline}`; generated {datetime.now(timezone.utc).isoformat(timespec='seconds')}.", "",
+           *([data_used([r.results for r in runs]), ""] if data_used([r.results for r in runs]) else []),
            "Mean ± std over seeds (std with ddof=1, shown only for two or more seeds).", ""]
     out += _results_sections(runs, settings)
     out += _sanity_section(runs, unfinished)

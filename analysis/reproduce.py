@@ -305,26 +305,43 @@ def progress_runner(jobs: Sequence[Job], runner: Callable[[list[str]], int]) -> 
     return run
 
 
+def summary(rep: Reproduction) -> str:
+    """The preset's description of what runs, true once the user's flags after ``--`` are applied (a changed
+    dataset, model or size rebuilds it from the flags: :func:`samat.analysis.describe.preset_summary`)."""
+    from .describe import preset_summary
+
+    p = rep.preset
+    tail = f"rho {', '.join(p.rho)}, eps {', '.join(p.train_eps)}, {len(rep.seeds)} seed(s)"
+    return preset_summary(rep.task, p.summary, p.run_flags, rep.passthrough, p.low_powered, tail)
+
+
 def run_jobs(rep: Reproduction, runner: Callable[[list[str]], int]) -> int:
     """Write the root's manifest, then run what is left of the grid (every run, even after a failure)."""
     rep.root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(rep.root / MANIFEST, rep.manifest())
     done = sum(j.status == "done" for j in rep.jobs)
-    print(f"reproduce: {rep.task} at scale {rep.scale} ({rep.preset.summary}); {len(rep.jobs)} runs, {done} "
+    print(f"reproduce: {rep.task} at scale {rep.scale} ({summary(rep)}); {len(rep.jobs)} runs, {done} "
           f"already finished", flush=True)
     return execute(rep.jobs, progress_runner(rep.jobs, runner), keep_going=True)
 
 
-def header_lines(rep: Reproduction, missing: Sequence[str]) -> list[str]:
+def header_lines(rep: Reproduction, missing: Sequence[str], records: Sequence = ()) -> list[str]:
+    """The verdicts' header: scale, what ran (:func:`summary`), seeds, attacks, extra flags, and, from the
+    finished runs' ``records`` (results), the data and model they really used."""
+    from .describe import data_used
+
     p = rep.preset
     lines = []
     if p.low_powered:
         lines += ["**LOW-POWERED (`--scale quick`)**: a short schedule and few examples, to check that the protocol "
                   "runs end to end; its verdicts are not evidence for or against the paper.", ""]
-    lines += [f"Scale `{rep.scale}`: {p.summary}. Seeds: {', '.join(rep.seeds)}. Attack suite: `{rep.eval_attacks}`."
+    lines += [f"Scale `{rep.scale}`: {summary(rep)}. Seeds: {', '.join(rep.seeds)}. Attack suite: `{rep.eval_attacks}`."
               + (f" Extra run flags: `{shlex.join(rep.passthrough)}`." if rep.passthrough else ""),
               f"Runs under `{rep.root}`; generated {datetime.now(timezone.utc).isoformat(timespec='seconds')}. "
               f"Figures and the full tables: `samat report {rep.root}`."]
+    used = data_used(records) if records else ""
+    if used:
+        lines += ["", used]
     if missing:
         lines += ["", f"Unfinished runs (left out; rerun the same command to finish them): {', '.join(missing)}."]
     return lines
@@ -369,7 +386,7 @@ def write_verdicts(rep: Reproduction, results_dir: Optional[Path] = None,
     runs = [load_run(j.output_dir / RESULTS_FILE) for j in finished]
     v = V.decide(runs, primary_rho=float(rep.preset.primary_rho), primary_eps=rep.preset.primary_eps,
                  allow_unlike=allow_unlike)
-    lines = header_lines(rep, missing)
+    lines = header_lines(rep, missing, [r.results for r in runs])
     if write_evidence(rep, out):
         lines += ["", f"Every run's results.json is beside this file, in `{EVIDENCE}/<run>/results.json` (paths in "
                       "them relative to it)."]
@@ -382,11 +399,23 @@ def write_verdicts(rep: Reproduction, results_dir: Optional[Path] = None,
         markdown += "\n" + E.to_markdown(frontier, FRONTIER_FIGURE if png is not None else None)
         frontier_table = E.table(frontier, pad=True)
     write_text_atomic(out / "verdicts.md", portable(markdown, out) + "\n")
-    extra = {"scale": rep.scale, "low_powered": rep.preset.low_powered, "preset": rep.preset.record(),
+    extra = {"scale": rep.scale, "low_powered": rep.preset.low_powered,
+             "preset": {**rep.preset.record(), "summary": summary(rep)}, "data_used": _data_rows(runs),
              "seeds": [int(s) for s in rep.seeds], "eval_attacks": rep.eval_attacks, "unfinished": missing,
              "efficient_sam": E.to_json(frontier) if frontier else None}
     write_json_atomic(out / "verdicts.json", portable(strict_json(V.to_json(v, extra)), out))
     return V.verdict_table(v, pad=True), V.settings_table(v, pad=True), v.notes, frontier_table
+
+
+def _data_rows(runs: Sequence) -> list[dict]:
+    """The distinct data blocks (dataset, model, sizes) of the finished runs, for ``verdicts.json``."""
+    rows = []
+    for r in runs:
+        data = r.results.data or {}
+        row = {k: data.get(k) for k in ("dataset", "model", "train_examples", "eval_examples")}
+        if row not in rows:
+            rows.append(row)
+    return rows
 
 
 def strict_json(value):

@@ -69,6 +69,70 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState) -> No
     accelerator.wait_for_everyone()
 
 
+DAMAGED_PREFIX = "damaged-"  # a checkpoint that could not be read is moved aside under this name, never deleted
+
+
+def _damaged_file(checkpoint: Path) -> str:
+    """The first file of ``checkpoint`` whose header cannot be read (safetensors headers, the JSON state),
+    else the folder's name: what the error line names."""
+    from safetensors import safe_open
+
+    try:
+        json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return str(checkpoint / STATE_FILE)
+    for path in sorted(checkpoint.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                list(f.keys())
+        except Exception:  # safetensors raises its own SafetensorError, not a subclass of OSError
+            return str(path)
+    return str(checkpoint)
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Move an unreadable checkpoint out of the ``step_*`` names (so rotation never deletes it and no save
+    overwrites it); returns where it now is."""
+    target = checkpoint.with_name(DAMAGED_PREFIX + checkpoint.name)
+    n = 1
+    while target.exists():
+        n += 1
+        target = checkpoint.with_name(f"{DAMAGED_PREFIX}{checkpoint.name}-{n}")
+    checkpoint.rename(target)
+    return target
+
+
+def load_newest_readable(accelerator: Any, output_dir: Path) -> tuple[Optional[Path], Optional[TrainState],
+                                                                      list[str]]:
+    """``accelerator.load_state`` from the newest complete checkpoint that reads, falling back to older ones.
+
+    Returns ``(checkpoint, state, warnings)``; each unreadable checkpoint is moved aside (:func:`set_aside`,
+    named in a warning). ``UsageError`` naming the damaged files when none reads (nothing is moved then)."""
+    damaged: list[tuple[Path, str]] = []
+    for checkpoint in reversed(list_checkpoints(output_dir)):
+        try:
+            state = TrainState.read(checkpoint)
+            accelerator.load_state(str(checkpoint))
+        except Exception as err:  # torch.load, safetensors, pickle and json fail with many types
+            damaged.append((checkpoint, f"{_damaged_file(checkpoint)}: {type(err).__name__}: "
+                                        f"{str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")))
+            continue
+        accelerator.wait_for_everyone()  # every process has read before the main one moves a folder
+        warnings = []
+        for bad, why in damaged:
+            moved = set_aside(bad) if accelerator.is_main_process else bad.with_name(DAMAGED_PREFIX + bad.name)
+            warnings.append(f"--resume: checkpoint {bad} cannot be read ({why}); resumed from the previous one, "
+                            f"{checkpoint.name}; the damaged one is kept as {moved}")
+        accelerator.wait_for_everyone()
+        return checkpoint, state, warnings
+    if not damaged:
+        return None, None, []
+    listing = "; ".join(f"{c.name} ({why})" for c, why in damaged)
+    raise UsageError(f"--resume: no checkpoint in {output_dir / CHECKPOINTS} can be read: {listing}; move the "
+                     "damaged folder(s) out of checkpoints/ and rerun with --resume to start from scratch (or "
+                     "--overwrite)")
+
+
 def _task_in_folder(output_dir: Path) -> Optional[str]:
     """The task that wrote the run in ``output_dir`` (from results.json, else the newest checkpoint), or
     ``None`` when the folder holds no run or does not say."""
@@ -80,8 +144,12 @@ def _task_in_folder(output_dir: Path) -> Optional[str]:
             raise UsageError(f"--output_dir {output_dir}: {RESULTS_FILE} there is not a samat results file; "
                              "choose another --output_dir") from None
         return task if isinstance(task, str) else None
-    checkpoints = list_checkpoints(output_dir)
-    return TrainState.read(checkpoints[-1]).task or None if checkpoints else None
+    for checkpoint in reversed(list_checkpoints(output_dir)):
+        try:  # a damaged state file says nothing; an older checkpoint may
+            return TrainState.read(checkpoint).task or None
+        except (OSError, ValueError, TypeError):
+            continue
+    return None
 
 
 def check_output_dir(output_dir: Path, task: str) -> None:

@@ -13,6 +13,8 @@ class ClassificationTask(Task):
     """A :class:`Task` whose model maps a batch to logits ``(B, K)`` and whose labels are ``batch["labels"]``
     ``(B,)`` int in ``[0, K)``; the headline metric is accuracy, from summed per-example statistics."""
 
+    single_label = True
+
     def loss(self, logits: Tensor, batch: dict) -> Tensor:
         """Mean cross-entropy over the batch, in fp32 (logits may come from an autocast forward)."""
         return F.cross_entropy(logits.float(), batch["labels"])

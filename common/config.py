@@ -120,9 +120,9 @@ class RunArgs:
     divergence_guard: bool = field(
         default=True,
         metadata={"help": "Stop with one line (exit 2, no results.json) when the training loss is non-finite, or "
-                  "still at chance (ln K) after the warm-up and 512 examples and again at twice that step, naming the "
-                  "likely fix "
-                  "(--lr, --warmup_ratio); false trains on regardless."},
+                  "no lower than predicting the training labels' prior (its entropy; ln K when balanced) after the "
+                  "warm-up and 512 examples and again at twice that step, naming the likely fix (--lr, "
+                  "--warmup_ratio, more steps); false trains on regardless."},
     )
     push_to_hub: bool = field(
         default=False,
@@ -242,6 +242,13 @@ class EvalArgs:
         metadata={"help": "Radii of the adaptive (ASAM-form) sharpness probe, in units of |w| + 0.01."},
     )
     sharpness_steps: int = field(default=5, metadata={"help": "Projected ascent steps of the sharpness probe."})
+    attack_collapsed: bool = field(
+        default=False,
+        metadata={"help": "Attack a model that predicts a single class for every evaluation example (and run the "
+                  "task's attacks and the sharpness probe on it). By default its evaluation stops after the clean "
+                  "pass: no attack can flip a constant prediction, so its robust accuracy would only repeat the "
+                  "clean one at the attacks' full cost; results.json and the summary say so."},
+    )
 
 
 def resolve_defaults(run: RunArgs, evals: EvalArgs, defaults: TaskDefaults,

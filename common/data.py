@@ -72,3 +72,25 @@ def eval_subset(dataset: Any, run: Any) -> Any:
     that it is not the same permutation as the training subset's. The engine's evaluation and a task that
     evaluates on its own (e.g. segmentation's pictures) both call this, and so see the very same examples."""
     return seeded_subset(dataset, run.max_eval_samples, run.seed + 1)
+
+
+def dataset_labels(dataset: Any) -> Optional[torch.Tensor]:
+    """The class labels of a classification dataset, ``(N,)`` int64, read without loading its inputs (the
+    divergence guard's label prior); ``None`` when the dataset does not say (e.g. segmentation masks).
+
+    Understands ``Subset`` (of anything below), a ``datasets.Dataset`` with a ``labels`` or ``label`` column,
+    and any dataset with a ``labels()`` method (vision's ``ImageClassification``)."""
+    if isinstance(dataset, Subset):
+        inner = dataset_labels(dataset.dataset)
+        return None if inner is None else inner[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    own = getattr(dataset, "labels", None)
+    if callable(own):
+        return own()
+    names = getattr(dataset, "column_names", None) or []
+    for column in ("labels", "label"):
+        if column in names:
+            values = dataset[column]
+            if len(values) and not isinstance(values[0], (int, bool)) and not hasattr(values[0], "__index__"):
+                return None  # a mask or a list per example: not one class per example
+            return torch.as_tensor(list(values), dtype=torch.long)
+    return None

@@ -1,5 +1,10 @@
 """Clean and robust evaluation, with AutoAttack-style sanity checks before anything is reported.
 
+The clean pass runs over the whole set first: a model that predicts one class for every example is not
+attacked (its robust accuracy would only repeat that class's share, at the attacks' full cost) unless asked
+to (``attack_collapsed``). Single-label classifiers get the macro-F1 (torchmetrics) of the same predictions
+beside accuracy, clean and under every attack, and the majority-class baseline of the evaluation set.
+
 Robustness is counted as AutoAttack and RobustBench count it: each attack keeps, per example, the worst point
 it found over all iterates and restarts, and the clean point too, so an example is robust only if it is
 correct clean and under the attack (segmentation: per image, the point with the fewest correct pixels). A
@@ -62,20 +67,82 @@ def _attack_alive(p: Planned, model: nn.Module, task: Task, batch: dict, eps: fl
     return logits, score
 
 
-def _evaluate_batch(model: nn.Module, task: Task, batch: dict, planned: list[Planned], suite_norms: set[str],
-                    sums: _Sums) -> None:
-    """Clean, eps-0 and every planned attack at every radius (increasing) on one batch; the suite's worst
-    per norm and radius."""
+class _Classes:
+    """Per-example predicted classes against the labels, by key, in torchmetrics' macro-F1 (single-label
+    classification): the same predictions the accuracy counts, gathered across processes like it."""
+
+    def __init__(self, accelerator: Any):
+        self.accelerator, self.scores = accelerator, {}
+
+    def add(self, key: Any, logits: Tensor, labels: Tensor) -> None:
+        """``logits`` ``(B, K)``, ``labels`` ``(B,)`` int in ``[0, K)``."""
+        from torchmetrics.classification import MulticlassF1Score
+
+        preds, labels = self.accelerator.gather_for_metrics((logits.detach().argmax(dim=1), labels.detach()))
+        if key not in self.scores:
+            self.scores[key] = MulticlassF1Score(num_classes=logits.shape[1], average="macro").to(preds.device)
+        self.scores[key].update(preds, labels)
+
+    def macro_f1(self, key: Any) -> Optional[float]:
+        return float(self.scores[key].compute()) if key in self.scores else None
+
+
+def majority_baseline(label_counts: Tensor) -> dict:
+    """What always predicting the evaluation set's most frequent class scores: ``{"class": index,
+    "accuracy", "macro_f1"}`` (F1 by torchmetrics on those constant predictions, as for the model).
+    ``label_counts``: ``(K,)`` examples per class."""
+    from torchmetrics.functional.classification import multiclass_f1_score
+
+    counts = label_counts.long().cpu()
+    majority = int(counts.argmax())
+    labels = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    preds = torch.full_like(labels, majority)
+    f1 = multiclass_f1_score(preds, labels, num_classes=len(counts), average="macro")
+    return {"class": majority, "accuracy": int(counts[majority]) / max(int(counts.sum()), 1),
+            "macro_f1": float(f1)}
+
+
+class _Recorder:
+    """Where one batch's statistics go: summed per-example stats, and (single-label tasks) predictions."""
+
+    def __init__(self, task: Task, accelerator: Any):
+        self.task, self.sums = task, _Sums(accelerator)
+        self.classes = _Classes(accelerator) if getattr(task, "single_label", False) else None
+
+    def add(self, key: Any, logits: Tensor, batch: dict) -> None:
+        self.sums.add(key, self.task.example_stats(logits, batch))
+        if self.classes is not None:
+            self.classes.add(key, logits, batch["labels"])
+
+    def metrics(self, key: Any) -> dict:
+        """The task's metrics of ``key``, with ``macro_f1`` beside accuracy for single-label tasks."""
+        out = self.task.compute_metrics(self.sums.sums[key])
+        if self.classes is not None and self.classes.macro_f1(key) is not None:
+            out["macro_f1"] = self.classes.macro_f1(key)
+        return out
+
+
+def _clean_batch(model: nn.Module, task: Task, batch: dict, rec: _Recorder) -> None:
+    """Clean metrics, predicted classes and (single-label tasks) label counts of one batch."""
     with torch.no_grad():
         clean_logits = task.forward(model, batch).detach()
-    sums.add("clean", task.example_stats(clean_logits, batch))
+    rec.add("clean", clean_logits, batch)
     preds = task.predictions(clean_logits).flatten()
-    sums.add("predicted", torch.bincount(preds, minlength=clean_logits.shape[1]).float()[None])
-    if not planned:
-        return
+    rec.sums.add("predicted", torch.bincount(preds, minlength=clean_logits.shape[1]).float()[None])
+    if rec.classes is not None:
+        counts = torch.bincount(batch["labels"].flatten(), minlength=clean_logits.shape[1])
+        rec.sums.add("labels", counts.float()[None])
+
+
+def _attack_batch(model: nn.Module, task: Task, batch: dict, planned: list[Planned], suite_norms: set[str],
+                  rec: _Recorder) -> None:
+    """The eps-0 check and every planned attack at every radius (increasing) on one batch; the suite's worst
+    per norm and radius."""
+    with torch.no_grad():  # recomputed: the clean pass ran over the whole set first (collapse is known then)
+        clean_logits = task.forward(model, batch).detach()
     surface = task.surface(model, batch)
     with torch.no_grad():  # the eps-0 "attack": the surface must reproduce the clean logits
-        sums.add("eps0", task.example_stats(surface.forward(torch.zeros_like(surface.x)), batch))
+        rec.sums.add("eps0", task.example_stats(surface.forward(torch.zeros_like(surface.x)), batch))
     clean = (clean_logits, score_fn(task, batch)(clean_logits))
     last: dict[str, tuple[Tensor, Tensor]] = {}  # attack key -> its worst at the last radius
     for norm in dict.fromkeys(p.norm for p in planned):
@@ -85,10 +152,10 @@ def _evaluate_batch(model: nn.Module, task: Task, batch: dict, planned: list[Pla
                 if p.norm != norm or label not in dict(p.eps):
                     continue
                 last[p.key] = _attack_alive(p, model, task, batch, eps, last.get(p.key, clean))
-                sums.add((p.key, label), task.example_stats(last[p.key][0], batch))
+                rec.add((p.key, label), last[p.key][0], batch)
                 suite_worst = worse(suite_worst, last[p.key])
             if norm in suite_norms:
-                sums.add(("suite", norm, label), task.example_stats(suite_worst[0], batch))
+                rec.add(("suite", norm, label), suite_worst[0], batch)
 
 
 def _suite_members(planned: list[Planned], suite: Optional[Suite]) -> dict[str, list[str]]:
@@ -156,51 +223,79 @@ def suite_checks(clean: dict, robust: dict, members: dict[str, list[str]]) -> li
     return checks
 
 
+def collapse_reason(predicted: dict[str, int]) -> Optional[str]:
+    """Why a model is not attacked: it predicts one class for every evaluation example (``predicted``: class
+    -> count); ``None`` when it predicts two or more."""
+    used = [c for c, n in predicted.items() if n > 0]
+    if len(used) != 1 or len(predicted) < 2:
+        return None
+    return (f"robust metrics not computed: the model predicts class {used[0]} for all {predicted[used[0]]} "
+            "evaluation examples (collapsed): its clean accuracy is that class's share, and a robust accuracy "
+            "could only repeat it or fall below it, which tells nothing about robustness; --attack_collapsed "
+            "true attacks it anyway")
+
+
 def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any, attacks: list[AttackSpec],
-                 steps: int, suite: Optional[Suite] = None) -> dict:
-    """Clean + every attack (the task's ``attacks`` and the ``suite``'s) at every eps + sanity checks.
+                 steps: int, suite: Optional[Suite] = None, attack_collapsed: bool = False) -> dict:
+    """A clean pass over the whole set, then every attack (the task's ``attacks`` and the ``suite``'s) at
+    every eps + sanity checks. A model that predicts a single class is not attacked unless
+    ``attack_collapsed`` (then ``attacks_skipped`` says why and ``robust`` is empty).
 
     Returns ``metrics`` (``clean``; ``robust[attack][eps label]``, with ``robust[suite.key(norm)]`` for a
-    norm with several attacks), ``predicted_class_counts``, ``collapsed``, ``sanity``, and, when the suite
-    asks for them, ``diagnostics`` (see :mod:`common.diagnostics`) and ``suite`` (what was run).
+    norm with several attacks; single-label tasks add ``macro_f1`` beside accuracy in every block),
+    ``predicted_class_counts``, ``collapsed``, ``attacks_skipped``, ``majority_baseline`` (single-label tasks),
+    ``sanity``, and, when the suite asks for them, ``diagnostics`` (see :mod:`common.diagnostics`) and
+    ``suite`` (what was run).
     """
     model = accelerator.unwrap_model(model)
     planned = plan(attacks, suite, steps)
-    members = _suite_members(planned, suite)
-    suite_norms = {p.norm for p in planned if suite is not None and suite.key(p.norm) in members}
-    sums = _Sums(accelerator)
+    rec = _Recorder(task, accelerator)
+    show = accelerator.is_local_main_process
     # Eval mode (BatchNorm statistics, no dropout), under the run's mixed precision: the losses and scores
     # read logits in float32.
     with eval_mode(model), accelerator.autocast():
-        for batch in tqdm(dataloader, desc="eval clean + attacks", leave=False,
-                          disable=not accelerator.is_local_main_process):
-            _evaluate_batch(model, task, batch, planned, suite_norms, sums)
-    metrics = lambda key: task.compute_metrics(sums.sums[key])  # noqa: E731
-    clean = metrics("clean")
-    predicted = {str(i): int(c) for i, c in enumerate(sums.sums["predicted"].tolist())}
+        for batch in tqdm(dataloader, desc="eval clean", leave=False, disable=not show):
+            _clean_batch(model, task, batch, rec)
+    predicted = {str(i): int(c) for i, c in enumerate(rec.sums.sums["predicted"].tolist())}
+    skipped = collapse_reason(predicted)
+    collapsed = skipped is not None
+    if collapsed:
+        logger.warning("the model predicts a single class on the whole evaluation set (collapse): %s",
+                       predicted)
+    if skipped and attack_collapsed:
+        skipped = None
+    if skipped:
+        logger.warning(skipped)
+        planned = []
+    members = _suite_members(planned, suite)
+    suite_norms = {p.norm for p in planned if suite is not None and suite.key(p.norm) in members}
+    if planned:
+        with eval_mode(model), accelerator.autocast():
+            for batch in tqdm(dataloader, desc="eval attacks", leave=False, disable=not show):
+                _attack_batch(model, task, batch, planned, suite_norms, rec)
+    clean = rec.metrics("clean")
     robust: dict[str, dict[str, dict]] = {}
     for p in planned:
-        robust[p.key] = {label: metrics((p.key, label)) for label, _ in sorted(p.eps, key=lambda le: le[1])}
+        robust[p.key] = {label: rec.metrics((p.key, label)) for label, _ in sorted(p.eps, key=lambda le: le[1])}
     for norm in suite_norms:
-        robust[suite.key(norm)] = {label: metrics(("suite", norm, label)) for label, _ in _radii(planned, norm)}
+        robust[suite.key(norm)] = {label: rec.metrics(("suite", norm, label)) for label, _ in _radii(planned, norm)}
     for key, by_eps in robust.items():
         for label, m in by_eps.items():
             logger.info("%s eps %s: %s", key, label, m)
-    eps0 = metrics("eps0") if planned else None
+    eps0 = task.compute_metrics(rec.sums.sums["eps0"]) if planned else None
     checks = sanity_checks(task.headline_metric, clean, eps0, robust) + suite_checks(clean, robust, members)
     for check in checks:
         if not check.passed:
             logger.warning("sanity check %s FAILED: %s", check.name, check.detail)
-    collapsed = sum(1 for v in predicted.values() if v > 0) <= 1 and len(predicted) > 1
-    if collapsed:
-        logger.warning("the model predicts a single class on the whole evaluation set (collapse): %s",
-                       predicted)
     out = {
         "metrics": {"clean": clean, "robust": robust},
         "predicted_class_counts": predicted,
         "collapsed": collapsed,
+        "attacks_skipped": skipped,
         "sanity": {"passed": all(ch.passed for ch in checks), "checks": [ch.as_dict() for ch in checks]},
     }
+    if "labels" in rec.sums.sums:
+        out["majority_baseline"] = majority_baseline(rec.sums.sums["labels"])
     if suite is not None:
         out["suite"] = {**suite.describe(), "members": members}
         if suite.diagnostics and planned:

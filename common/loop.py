@@ -22,16 +22,16 @@ from accelerate.logging import get_logger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import RESULTS_FILE, TrainState, prepare_output_dir, save_checkpoint
+from .checkpoint import RESULTS_FILE, TrainState, load_newest_readable, prepare_output_dir, save_checkpoint
 from .config import EvalArgs, RunArgs
-from .data import eval_subset, train_subset
+from .data import dataset_labels, eval_subset, train_subset
 from .cost import PassCounter
 from .evaluate import evaluate_all
-from .guard import DivergenceGuard
+from .guard import DivergenceGuard, label_prior
 from .guard import check_steps as guard_check_steps
 from .methods import ResolvedMethod, StepContext
 from .model_io import publish
-from .results import Cost, RunResults, versions
+from .results import Cost, RunResults, baseline_columns, versions
 from .sharpness import measure_sharpness
 from .resolve import ResolvedRun
 from .suites import Suite, resolve_suite
@@ -98,11 +98,15 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
     built = build(run, task, accelerator)
     counter = PassCounter(built.model)
     state = TrainState(task=task.name)
+    damaged: list[str] = []  # unreadable checkpoints passed over on --resume: warnings of the run
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state = TrainState.read(resume_from)
-        state.task = task.name
-        logger.info("resumed from %s at step %d", resume_from, state.step)
+        resume_from, loaded, damaged = load_newest_readable(accelerator, output_dir)
+        for warning in damaged:
+            logger.warning(warning)
+        if loaded is not None:
+            state = loaded
+            state.task = task.name
+            logger.info("resumed from %s at step %d", resume_from, state.step)
     PassCounter.copy_counts(state, counter)  # a resumed run continues the checkpoint's counts
     start_trackers(accelerator, run, config_record)
 
@@ -111,8 +115,11 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
     guard = None
     if run.divergence_guard:
         per_step = run.batch_size * run.gradient_accumulation_steps * accelerator.num_processes
+        # the loss a model that learned only the label prior has, measured from the training labels
+        prior = label_prior(dataset_labels(built.train_set), int(built.data.info.get("num_classes") or 0))
         guard = DivergenceGuard(accelerator.unwrap_model(built.model), lr=run.lr, warmup_ratio=run.warmup_ratio,
-                                check_steps=guard_check_steps(built.total_steps, run.warmup_ratio, per_step))
+                                check_steps=guard_check_steps(built.total_steps, run.warmup_ratio, per_step),
+                                prior=prior)
     state = train(ctx, built.train_loader, built.train_set, built.scheduler, run, built.total_steps, state,
                   counter, guard)
     save_checkpoint(accelerator, output_dir, state)
@@ -124,6 +131,7 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
     eval_started = time.perf_counter()
     results = evaluate(run, method, evals, task, accelerator, built, specs, resolved.suite)
     results.config = config_record
+    results.warnings = damaged + results.warnings
     results.cost = Cost(train_wall_s=round(state.train_wall_s, 3),
                         eval_wall_s=round(time.perf_counter() - eval_started, 3),
                         optimizer_steps=state.step, train_examples=state.train_examples,
@@ -190,12 +198,16 @@ def evaluate(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: Task, 
              built: Prepared, specs: list[AttackSpec], suite: Optional[Suite] = None) -> RunResults:
     """Clean and robust metrics with sanity checks, the task's own evaluation and columns, sharpness."""
     evaluation = evaluate_all(built.model, task, built.eval_loader, accelerator, specs, evals.eval_steps,
-                              suite=resolve_suite(task, evals) if suite is None else suite)
+                              suite=resolve_suite(task, evals) if suite is None else suite,
+                              attack_collapsed=evals.attack_collapsed)
     unwrapped = accelerator.unwrap_model(built.model)
-    extra = dict(task.extra_evaluation(unwrapped, accelerator, run))
+    # A collapsed model's evaluation stops after the clean pass: no task attacks (TextAttack), no sharpness.
+    stopped = evaluation.get("attacks_skipped") is not None
+    extra = {} if stopped else dict(task.extra_evaluation(unwrapped, accelerator, run))
     warnings = list(extra.pop("warnings", []))
     evaluation["metrics"].update(extra)
-    sharpness = measure_sharpness(unwrapped, task, built.eval_set, built.data.collate_fn, evals, accelerator)
+    sharpness = None if stopped else measure_sharpness(unwrapped, task, built.eval_set, built.data.collate_fn,
+                                                       evals, accelerator)
     return RunResults.from_dict({
         **evaluation,
         "task": task.name,
@@ -204,7 +216,8 @@ def evaluate(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: Task, 
         "method_resolved": method.describe(),
         "data": {**built.data.info, "train_examples": len(built.train_set), "eval_examples": len(built.eval_set)},
         "sharpness": sharpness,
-        "columns": task.extra_columns(evaluation["metrics"]),
+        "columns": {**baseline_columns(evaluation.get("majority_baseline")),
+                    **task.extra_columns(evaluation["metrics"])},
         "warnings": warnings,
         "device": _device_name(accelerator),
         "num_processes": accelerator.num_processes,

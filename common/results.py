@@ -24,6 +24,10 @@ PACKAGES = ("samat", "torch", "transformers", "accelerate", "datasets", "timm", 
             "textattack", "pyautoattack")
 # Blocks of metrics that are not a task's extras: clean metrics, and robust metrics per attack and radius.
 CORE_METRICS = ("clean", "robust")
+# Clean accuracy within this many points of always predicting the majority class: the model has learnt little
+# beyond the label prior (segmentation's own margin is on mIoU, segmentation/evaluation.py).
+MAJORITY_MARGIN = 0.02
+BASELINE_GROUP = "baseline/majority_class"
 
 
 def versions() -> dict[str, str]:
@@ -79,6 +83,10 @@ class RunResults:
 
     ``metrics``: ``{"clean": {metric: value}, "robust": {attack: {eps label: {metric: value}}}, <task extras>}``
     with the headline metric (``headline_metric``, e.g. accuracy or miou) in [0, 1] in every block.
+    ``attacks_skipped``: why no attack ran (a collapsed model; ``metrics["robust"]`` is then empty), or ``None``.
+    ``majority_baseline``: single-label classification: ``{"class", "accuracy", "macro_f1"}`` of always
+    predicting the evaluation set's most frequent class (also in ``columns`` as ``baseline/majority_class/*``).
+    ``warnings``: every warning of :meth:`summary_line`, as written (the file holds :meth:`all_warnings`).
     ``columns``: the task's extra results flattened to ``{"group/row/field": number}`` (Task.extra_columns).
     ``extra``: evaluation blocks this version does not name (e.g. attack diagnostics), kept as they are.
     """
@@ -92,6 +100,8 @@ class RunResults:
     data: dict = field(default_factory=dict)
     predicted_class_counts: dict = field(default_factory=dict)
     collapsed: bool = False
+    attacks_skipped: Optional[str] = None
+    majority_baseline: Optional[dict] = None
     sanity: dict = field(default_factory=dict)
     sharpness: Optional[dict] = None
     cost: Cost = field(default_factory=Cost)
@@ -109,8 +119,10 @@ class RunResults:
     # ------------------------------------------------------------------------------------------- I/O
 
     def to_dict(self) -> dict:
+        """The document; its ``warnings`` are :meth:`all_warnings`, the very list the summary line shows."""
         out = asdict(self)
         out.update(out.pop("extra"))
+        out["warnings"] = self.all_warnings()
         return out
 
     @classmethod
@@ -165,6 +177,11 @@ class RunResults:
         if self.collapsed:
             out.append(f"the model predicts a single class on the whole evaluation set (collapsed): "
                        f"{self.predicted_class_counts}")
+        if self.attacks_skipped:
+            out.append(self.attacks_skipped)
+        near = self.near_majority_baseline()
+        if near:
+            out.append(near)
         if self.sanity and not self.sanity.get("passed", True):
             failed = [c["name"] for c in self.sanity.get("checks", []) if not c.get("passed", True)]
             out.append(f"sanity checks FAILED: {', '.join(failed)}")
@@ -174,6 +191,19 @@ class RunResults:
                       if isinstance(c, dict) and not c.get("passed", True)]
             out.append(f"robust accuracy may be overestimated: {'; '.join(failed)}")
         return out + [w for w in self.warnings if w not in out]
+
+    def near_majority_baseline(self) -> Optional[str]:
+        """A warning when clean accuracy is within :data:`MAJORITY_MARGIN` of the majority-class baseline
+        (not for a collapsed model: its own warning says more)."""
+        base = self.majority_baseline or {}
+        accuracy = self.metrics.get("clean", {}).get("accuracy")
+        if self.collapsed or "accuracy" not in base or not isinstance(accuracy, (int, float)):
+            return None
+        if accuracy > base["accuracy"] + MAJORITY_MARGIN:
+            return None
+        return (f"clean accuracy {accuracy:.3f} is within {MAJORITY_MARGIN:g} of always predicting the majority "
+                f"class {base.get('class')} ({base['accuracy']:.3f}, macro-F1 {base.get('macro_f1', 0):.3f}): the "
+                "model has learnt little beyond the label prior")
 
     def summary_line(self) -> str:
         """The last line a user reads: cost, and either "sanity checks passed" or every warning."""
@@ -187,9 +217,21 @@ class RunResults:
     def table(self) -> str:
         """The readable end-of-run table: headline metric clean and per (attack, eps), the task's extra
         columns grouped as tables, sharpness, then :meth:`summary_line`."""
-        rows = [("clean", "-", self.clean), *self.robust()]
-        parts = [format_table(["attack", "eps", self.headline_metric], rows)]
-        parts += [table for table in column_tables(self.columns)]
+        blocks = [("clean", "-", self.metrics["clean"])] + [
+            (attack, label, m) for attack, by_eps in self.metrics.get("robust", {}).items()
+            for label, m in by_eps.items() if isinstance(m, dict) and self.headline_metric in m]
+        f1 = any("macro_f1" in m for _, _, m in blocks)
+        header = ["attack", "eps", self.headline_metric] + (["macro_f1"] if f1 else [])
+        rows = [[a, e, m[self.headline_metric]] + ([m.get("macro_f1")] if f1 else []) for a, e, m in blocks]
+        base = self.majority_baseline or {}
+        if "accuracy" in base and self.headline_metric == "accuracy":
+            rows.append([f"majority class {base.get('class')}", "-", base["accuracy"]]
+                        + ([base.get("macro_f1")] if f1 else []))
+        parts = [format_table(header, rows)]
+        if self.attacks_skipped:
+            parts.append(self.attacks_skipped)
+        parts += [table for table in column_tables({k: v for k, v in self.columns.items()
+                                                    if not k.startswith(BASELINE_GROUP + "/")})]
         sharp = self.sharpness or {}
         if sharp.get("sam"):
             probes = [f"{form} rho {rho}: {v['sharpness']:.4f}" for form in ("sam", "asam")
@@ -197,6 +239,14 @@ class RunResults:
             parts.append(f"weight-space sharpness (loss rise, {sharp['num_examples']} examples): "
                          + ", ".join(probes))
         return "\n\n".join(parts) + "\n" + self.summary_line()
+
+
+def baseline_columns(baseline: Optional[dict]) -> dict[str, float]:
+    """``baseline/majority_class/accuracy`` and ``.../macro_f1`` of a ``majority_baseline`` block (none
+    without one), so that every table of runs shows the baseline beside the model."""
+    if not baseline:
+        return {}
+    return {f"{BASELINE_GROUP}/{k}": float(baseline[k]) for k in ("accuracy", "macro_f1") if k in baseline}
 
 
 def legacy_columns(metrics: dict) -> dict[str, float]:

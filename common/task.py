@@ -94,6 +94,9 @@ class Task(abc.ABC):
     pixel_space: ClassVar[bool]     # the perturbation lives in pixel space with a [0, 1] box
     default_eval_linf: ClassVar[tuple[str, ...]]
     default_eval_l2: ClassVar[tuple[str, ...]]
+    # One class per example (``labels`` ``(B,)``, logits ``(B, K)``)? Then evaluation adds macro-F1 and the
+    # majority-class baseline, and the divergence guard prices the label prior (see ClassificationTask).
+    single_label: ClassVar[bool] = False
     # The task's own flags (a dataclass parsed next to RunArgs/MethodArgs/EvalArgs).
     Args: ClassVar[type]
     # The task's recipe for flags left at None (optimizer, lr, schedule, AT radii, CPU subsets); an instance

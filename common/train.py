@@ -91,7 +91,8 @@ def train(ctx: StepContext, train_loader: Any, train_set: Any, scheduler: Any, r
         if not result.skipped:
             scheduler.step()
         state.step += 1
-        failure = guard.failure(state.step, result.loss, result.skipped) if guard else None
+        labels = _step_labels(group) if guard is not None and guard.prior is not None else None
+        failure = guard.failure(state.step, result.loss, result.skipped, labels) if guard else None
         if guard and _any_process(accelerator, failure is not None):
             progress.close()
             raise TrainingFailed(failure or "training failed on another process (see its log)")
@@ -145,6 +146,14 @@ def _any_process(accelerator: Any, flag: bool) -> bool:
         return flag
     value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def _step_labels(group: list[dict]) -> Optional[Tensor]:
+    """The class labels of one optimizer step's micro-batches, flattened (the guard prices the prior on
+    them); ``None`` when a batch has none."""
+    if not all(isinstance(b.get("labels"), Tensor) for b in group):
+        return None
+    return torch.cat([b["labels"].detach().flatten() for b in group])
 
 
 def _batch_size(batch: dict) -> int:

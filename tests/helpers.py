@@ -71,3 +71,27 @@ def load_script(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def prior_only_dataset(folder, signal: bool, n_train: int = 640, n_test: int = 64, majority: float = 0.7,
+                       seed: int = 0):
+    """A ``save_to_disk`` folder of 8×8 grey images, two classes in shares ``majority`` / ``1 - majority``
+    (a seeded shuffle). Without ``signal`` every image is the same mid-grey picture, so nothing beyond the
+    label prior can be learnt (a model's best loss is the prior's entropy); with it, class 1 is bright and
+    class 0 dark (learnt in a few steps)."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def split(n: int):
+        labels = (np.arange(n) >= round(majority * n)).astype(int)
+        rng.shuffle(labels)
+        level = lambda y: (200 if y else 50) if signal else 128  # noqa: E731
+        images = [Image.fromarray(np.full((8, 8), level(y), dtype=np.uint8)) for y in labels]
+        return datasets.Dataset.from_dict({"image": images, "label": labels.tolist()}, features=datasets.Features(
+            {"image": datasets.Image(), "label": datasets.ClassLabel(names=["majority", "minority"])}))
+
+    datasets.DatasetDict({"train": split(n_train), "test": split(n_test)}).save_to_disk(str(folder))
+    return folder

@@ -1,9 +1,15 @@
-"""Every ``samat reproduce`` preset, ``gpu`` included, exercised on this CPU: each planned run's flags resolve
-through ``scripts/run.py``'s own parser and checks to the preset's and the task recipe's stated values (AT
-radius, step and steps, threat model, SAM's rho, suite), and each preset's AT run trains and evaluates end to
-end on tiny data (only sizes overridden), its results.json recording those values. A preset can then no
-longer drift from the task's recipe without a failing test (issue 19: the segmentation gpu preset had trained
-PGD-3 with steps of eps/4)."""
+"""Every ``samat reproduce`` preset, ``gpu`` included, exercised on this CPU.
+
+- Each planned run's flags, with only sizes overridden, resolve through ``scripts/run.py``'s own parser and
+  checks to the preset's and the task recipe's stated values (AT radius, step and steps, threat model, SAM's
+  rho, the suite with its real budget).
+- Each preset's AT run trains and evaluates end to end on tiny data, its results.json recording those values.
+  Here the attacks' iteration budgets are cut too (``CHEAP_EVAL``): at the presets' own budgets (APGD-100,
+  the masking diagnostics, TextAttack) the nine runs took 2-5 minutes each on the 2-core CPU, past CI's budget,
+  and the first test already pins those budgets.
+
+A preset can then no longer drift from the task's recipe without a failing test (issue 19: the segmentation
+gpu preset had trained PGD-3 with steps of eps/4)."""
 
 from __future__ import annotations
 
@@ -28,6 +34,10 @@ TINY = {
                      "--eval_batch_size", "4", "--max_steps", "2", "--sharpness_examples", "0",
                      "--eval_diagnostics_examples", "2", "--canvas_train_size", "16", "--canvas_test_size", "8"],
 }
+
+
+CHEAP_EVAL = ["--eval_steps", "2", "--eval_apgd_steps", "2", "--eval_diagnostics", "false"]
+TEXTATTACK_OFF = {"text": ["--textattack_recipes", "none"]}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +92,8 @@ def test_each_presets_at_run_trains_end_to_end(run_py, tmp_path, task, scale):
     at = [j for j in jobs if j.name.startswith("pgd-at") and _flag(j.args, "--train_eps") == preset.primary_eps]
     assert len(at) == 1
     out = tmp_path / "out"
-    run_py.main(at[0].args + TINY[task] + ["--output_dir", str(out), "--log_with", "none"])
+    run_py.main(at[0].args + TINY[task] + CHEAP_EVAL + TEXTATTACK_OFF.get(task, []) + ["--output_dir", str(out),
+                                                                                       "--log_with", "none"])
     results = json.loads((out / "results.json").read_text())
     eps, alpha, steps, norm = _expected_at(task, scale)
     got = results["method_resolved"]

@@ -232,3 +232,38 @@ def test_verdicts_only_trains_nothing(reproduce, capsys, tmp_path):
     assert {c["claim"]: c["verdict"] for c in data["claims"]}["b"] == "inconclusive at this sample size"
     assert _guarded(reproduce, "--root", str(tmp_path / "empty"), "--verdicts_only") == 2
     assert "no finished runs" in capsys.readouterr().err
+
+
+class DataRunner(FakeRunner):
+    """A FakeRunner whose results say which data and model they ran on (from the command's flags)."""
+
+    def __call__(self, command: list[str]) -> int:
+        code = super().__call__(command)
+        path = Path(_flag(command, "--output_dir")) / "results.json"
+        record = json.loads(path.read_text())
+        record["data"] = {"dataset": _flag(command, "--dataset") or "fashion_mnist",
+                          "model": _flag(command, "--model"),
+                          "train_examples": int(_flag(command, "--max_train_samples")), "eval_examples": 500}
+        path.write_text(json.dumps(record))
+        return code
+
+
+def test_the_summary_names_the_dataset_the_user_gave(reproduce, capsys, tmp_path):
+    """Issue 24: `-- --dataset <other>` is what the headline, verdicts.md and verdicts.json describe."""
+    root = tmp_path / "other"
+    argv = ["--root", str(root), "--seeds", "1", "--", "--dataset", "my/leaves", "--max_train_samples", "300"]
+    assert reproduce.main(argv, runner=DataRunner()) == 0
+    out = capsys.readouterr().out
+    headline = next(line for line in out.splitlines() if line.startswith("reproduce: vision at scale quick"))
+    assert "small_cnn on my/leaves, 300 training examples, 6 epochs, 500 evaluation examples" in headline
+    assert "Fashion-MNIST" not in headline and "LOW-POWERED" in headline
+    md = (root / "verdicts.md").read_text()
+    assert "small_cnn on my/leaves" in md and "Fashion-MNIST" not in md
+    assert "`my/leaves` with `small_cnn` (300 training, 500 evaluation examples)" in md
+    verdicts = json.loads((root / "verdicts.json").read_text())
+    assert "my/leaves" in verdicts["preset"]["summary"] and "Fashion-MNIST" not in verdicts["preset"]["summary"]
+    assert verdicts["data_used"] == [{"dataset": "my/leaves", "model": "small_cnn", "train_examples": 300,
+                                      "eval_examples": 500}]
+    # without such flags the preset's own summary stands
+    assert reproduce.main(["--root", str(tmp_path / "plain"), "--seeds", "1"], runner=DataRunner()) == 0
+    assert "5,000 Fashion-MNIST images" in capsys.readouterr().out

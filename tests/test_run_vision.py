@@ -268,3 +268,33 @@ def test_read_only_arrays_become_tensors_without_a_warning():
         out = to_chw_float(image)
     assert out.shape == (3, 2, 2) and out.dtype == torch.float32
     assert torch.allclose(out[:, 0, 0] * 255, torch.tensor([0.0, 1.0, 2.0]))
+
+
+def test_resume_past_a_damaged_checkpoint(tmp_path):
+    """Issue 24: a truncated model.safetensors in the newest checkpoint: --resume falls back to the previous
+    one with a warning naming the file, keeps the damaged folder; with no readable one, one error line."""
+    out = tmp_path / "run"
+    args = ["--max_steps", "6", "--checkpoint_every", "2", "--eval_l2", "none", "--sharpness_examples", "0",
+            *FAST, "--output_dir", str(out)]
+    assert run(*args).returncode == 0
+    (out / "results.json").unlink()  # as if the run had been stopped after its last checkpoint
+    newest = out / "checkpoints" / "step_6" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:5])
+    proc = run(*args, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "resumed from" in proc.stderr
+    warning = next(line for line in proc.stderr.splitlines() if "cannot be read" in line)
+    assert "step_6/model.safetensors" in warning and "step_4" in warning
+    kept = out / "checkpoints" / "damaged-step_6" / "model.safetensors"
+    assert kept.stat().st_size == 5  # never deleted, never overwritten
+    results = json.loads((out / "results.json").read_text())
+    assert results["cost"]["optimizer_steps"] == 6 and any("cannot be read" in w for w in results["warnings"])
+
+    (out / "results.json").unlink()
+    for checkpoint in (out / "checkpoints").glob("step_*"):
+        (checkpoint / "model.safetensors").write_bytes(b"\0" * 3)
+    proc = run(*args, "--resume")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.safetensors" in errors[0] and "--overwrite" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and (out / "checkpoints" / "step_6").is_dir()

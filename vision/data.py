@@ -122,6 +122,10 @@ class ImageClassification(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
+    def labels(self) -> torch.Tensor:
+        """``(N,)`` int64 class labels, read from the label column alone (no image is decoded)."""
+        return torch.as_tensor([int(v) for v in self.data[self.label_column]], dtype=torch.long)
+
     def set_epoch(self, epoch: int) -> None:
         """Called by the training loop at each epoch start: new augmentations every epoch."""
         self.epoch = epoch
