@@ -143,10 +143,12 @@ class MethodArgs:
         default=None, metadata={"help": "SAM/ASAM neighbourhood radius (default 0.05 for sam, 0.5 for asam)."}
     )
     asam_eta: float = field(default=0.01, metadata={"help": "ASAM's eta: |w| + eta scales the ball."})
-    sam_sync: str = field(
-        default="local",
+    sam_sync: Optional[str] = field(
+        default=None,
         metadata={"help": "Multi-process SAM: 'local' perturbs each replica with its own gradient (as the "
-                  "original SAM, first pass under no_sync); 'global' uses the all-reduced gradient."},
+                  "original SAM, first pass under no_sync); 'global' uses the all-reduced gradient. Default: "
+                  "local under DDP; global under FSDP, where each rank holds only a shard of the gradient "
+                  "(local is refused there)."},
     )
     train_eps: Optional[str] = field(
         default=None,

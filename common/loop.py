@@ -92,6 +92,9 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
     output_dir = Path(run.output_dir)
     for note in resolved.notes:
         logger.info(note)
+    if resolved.engine.sharded and accelerator.distributed_type.value.lower() != resolved.engine.sharded:
+        logger.warning("the launch asked for %s, but Accelerate engaged %s (it shards on accelerators only): "
+                       "this run is not sharded", resolved.engine.sharded, accelerator.distributed_type.value)
     if run.resume and (output_dir / RESULTS_FILE).is_file() and not run.overwrite:
         results = RunResults.read(output_dir / RESULTS_FILE)
         if accelerator.is_main_process:
@@ -140,6 +143,7 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
     eval_started = time.perf_counter()
     results = evaluate(run, method.method.name, method.describe(), evals, task, accelerator, built, specs,
                        resolved.suite)
+    results.extra["engine"] = engine_record(resolved.engine, accelerator)
     results.config = config_record
     results.warnings = damaged + results.warnings
     results.cost = Cost(train_wall_s=round(state.train_wall_s, 3),
@@ -148,6 +152,13 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
                         **{name: getattr(state, name) for name in PassCounter.FIELDS})
     finish(accelerator, run, results, output_dir, state.step)
     return results
+
+
+def engine_record(engine: Any, accelerator: Any) -> dict:
+    """What results.json says of the distributed engine: what the launch asked for and what Accelerate
+    engaged (on CPU, Accelerate runs an FSDP or DeepSpeed launch as DDP)."""
+    return {"requested": engine.sharded or "none", "fsdp_version": engine.fsdp_version,
+            "engaged": str(accelerator.distributed_type.value)}
 
 
 def make_accelerator(run: RunArgs) -> Any:

@@ -80,10 +80,11 @@ def resolve(argv: list[str]):
     :func:`samat.common.resolve.resolve_run`)."""
     from accelerate import PartialState
 
-    from samat.common.resolve import resolve_run
+    from samat.common.resolve import Engine, resolve_run
 
     run, method_args, eval_args, task = parse(argv)
-    return resolve_run(run, method_args, eval_args, task, on_gpu=PartialState().device.type != "cpu"), task
+    return resolve_run(run, method_args, eval_args, task, on_gpu=PartialState().device.type != "cpu",
+                       engine=Engine.from_environment()), task
 
 
 def main(argv: Optional[list[str]] = None) -> None:
