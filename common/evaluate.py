@@ -253,9 +253,14 @@ def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any, att
     show = accelerator.is_local_main_process
     # Eval mode (BatchNorm statistics, no dropout), under the run's mixed precision: the losses and scores
     # read logits in float32.
+    # Each pass over the loader draws its base seed from torch's global RNG; restoring it after the clean pass
+    # gives the attacks' random starts the very draws they had when clean and attacks shared one pass, so a
+    # seed's robust numbers do not depend on whether a clean pass came first.
+    rng = torch.get_rng_state()
     with eval_mode(model), accelerator.autocast():
         for batch in tqdm(dataloader, desc="eval clean", leave=False, disable=not show):
             _clean_batch(model, task, batch, rec)
+    torch.set_rng_state(rng)
     predicted = {str(i): int(c) for i, c in enumerate(rec.sums.sums["predicted"].tolist())}
     skipped = collapse_reason(predicted)
     collapsed = skipped is not None
