@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,47 @@ def test_a_run_records_the_engine_asked_for_and_engaged(run_py, tmp_path, monkey
     # one CPU process: Accelerate engages no FSDP here, and the record says so instead of claiming sharding
     assert results["engine"] == {"requested": "fsdp", "fsdp_version": 2, "engaged": "NO"}
     assert results["method_resolved"]["sam_sync"] == "global"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["sam", "asam"])
+def test_sam_on_fsdp2_shards_equals_one_process(tmp_path, rule):
+    """FSDP2 with unequal shards, 2 gloo processes: ``e`` is the single-process perturbation of the whole batch
+    (so no norm was taken over one shard: SAM's ||e|| = rho, ASAM's ||e / T|| = rho), restore is exact, and the
+    descent gradient is the single-process gradient at ``w + e`` with nothing left of the ascent pass."""
+    import torch
+    import torch.nn.functional as F
+
+    from samat.common.sam import SAM
+    sys.path.insert(0, str(ROOT / "tests"))
+    import fsdp_sam_worker as W
+
+    out, rho = tmp_path / "fsdp.pt", 0.5 if rule == "asam" else 0.05
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    with socket.socket() as probe:  # a free port: other test runs may hold the usual ones
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", port,
+                           str(ROOT / "tests" / "fsdp_sam_worker.py"), str(out), str(rho), rule],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out)
+    assert got["shard_rows"][0] == 3  # the first weight's 5 rows split 3 + 2: unequal shards
+
+    net, (x, y) = W.model(), W.batch()
+    before = [p.detach().clone() for p in net.parameters()]
+    F.cross_entropy(net(x), y).backward()
+    sam = SAM(torch.optim.SGD(net.parameters(), lr=0.1), rho=rho, adaptive=rule == "asam")
+    sam.perturb()
+    e = [p.detach() - b for p, b in zip(net.parameters(), before)]
+    net.zero_grad(set_to_none=True)
+    F.cross_entropy(net(x), y).backward()
+    descent = [p.grad.clone() for p in net.parameters()]
+    for mine, ref in zip(got["e"], e):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-7)
+    if rule == "sam":
+        assert float(torch.linalg.vector_norm(torch.cat([t.flatten() for t in got["e"]]))) == pytest.approx(rho)
+    for mine, ref in zip(got["restored"], before):
+        assert torch.equal(mine, ref)
+    for mine, ref in zip(got["descent"], descent):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-7)
