@@ -160,7 +160,8 @@ def step(accelerator: Any, model: nn.Module, optimizer: Any, batch: Union[dict, 
 
 def evaluate_model(model: nn.Module, data: Any, *, task: Optional[Task] = None, suite: str = "pgd",
                    eval_linf: Optional[list[str]] = None, eval_l2: Optional[list[str]] = None, steps: int = 10,
-                   batch_size: int = 32, collate_fn: Optional[Callable] = None, accelerator: Any = None) -> dict:
+                   batch_size: int = 32, collate_fn: Optional[Callable] = None, accelerator: Any = None,
+                   attack_collapsed: bool = False) -> dict:
     """Clean and robust accuracy of an in-memory model, the record ``samat evaluate`` computes.
 
     Args:
@@ -170,6 +171,7 @@ def evaluate_model(model: nn.Module, data: Any, *, task: Optional[Task] = None, 
         task: default: samat's text task when batches have ``input_ids`` (embedding-space attacks).
         suite: ``pgd``, ``apgd`` or ``autoattack`` (as ``--eval_attacks``).
         eval_linf, eval_l2: radii as strings (``["0.02"]``); default the task's. steps: PGD steps.
+        attack_collapsed: attack a model that predicts one class anyway (else ``attacks_skipped`` says why).
 
     Returns ``{"task", "headline_metric", "metrics": {"clean", "robust"}, "sanity", "suite", ...}`` with
     ``robust[attack][radius]`` as in ``results.json``.
@@ -194,5 +196,5 @@ def evaluate_model(model: nn.Module, data: Any, *, task: Optional[Task] = None, 
         task = _text_task(None)
     evals = EvalArgs(eval_linf=eval_linf, eval_l2=eval_l2, eval_steps=steps, eval_attacks=[suite])
     evaluation = evaluate_all(model, task, loader, accelerator, attack_specs(task, evals), steps,
-                              suite=resolve_suite(task, evals))
+                              suite=resolve_suite(task, evals), attack_collapsed=attack_collapsed)
     return {"task": task.name, "headline_metric": task.headline_metric, **evaluation}

@@ -176,3 +176,18 @@ def test_import_samat_is_light():
 
     code = "import sys, samat; assert 'transformers' not in sys.modules and 'torch' not in sys.modules; samat.SAM"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_evaluate_model_in_memory_gives_the_results_record(text_data):
+    tok, rows = text_data
+    from transformers import DataCollatorWithPadding
+
+    model = tiny_bert(tok.vocab_size)
+    record = samat.evaluate_model(model, rows, collate_fn=DataCollatorWithPadding(tok), eval_l2=["0.02", "0.5"],
+                                  steps=3, batch_size=4, attack_collapsed=True)
+    assert record["task"] == "text" and record["headline_metric"] == "accuracy"
+    clean = record["metrics"]["clean"]["accuracy"]
+    robust = record["metrics"]["robust"]["pgd-l2"]
+    assert set(robust) == {"0.02", "0.5"}
+    assert 0 <= robust["0.5"]["accuracy"] <= robust["0.02"]["accuracy"] <= clean <= 1
+    assert "sanity" in record and record["suite"]["name"] == "pgd"
