@@ -189,6 +189,7 @@ class SAM(torch.optim.Optimizer):
         self._alias_base()
         self._perturbation: Optional[Perturbation] = None
         self._bn_freeze: Optional[contextlib.ExitStack] = None
+        self._moved = False
         self.last_result: Optional[StepResult] = None
 
     def _alias_base(self) -> None:
@@ -240,6 +241,7 @@ class SAM(torch.optim.Optimizer):
                                           eta=m.eta)
         scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
         moved = self._perturbation.perturb(grad_scale=scale, check_finite=self.scaler is not None)
+        self._moved = moved
         if not moved:
             self.scaler.update(scale * self.scaler.get_backoff_factor())
         else:
@@ -256,7 +258,7 @@ class SAM(torch.optim.Optimizer):
         Returns True if the step was skipped (fp16 overflow)."""
         if self._perturbation is None:
             raise RuntimeError("second_step called before first_step")
-        moved = bool(self._perturbation._saved)
+        moved = self._moved
         self._perturbation.restore()
         self._perturbation = None
         if self._bn_freeze is not None:
