@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .attack_losses import LOSSES, example_score
-from .attacks import AttackResult, project, run_pgd
+from .attacks import AttackResult, project, random_start, run_pgd
 from .errors import UsageError
 from .library_attacks import LIBRARY_ATTACKS, WHITE_BOX, library_attack
 from .task import AttackSpec, Task
@@ -63,6 +63,7 @@ class Suite:
     apgd_steps: int = 100
     diagnostics: bool = False
     diagnostics_examples: int = 100
+    cascade: bool = True
 
     def key(self, norm: str) -> str:
         """The results key of the suite's worst case in ``norm``, e.g. ``"apgd-suite-linf"``."""
@@ -70,7 +71,7 @@ class Suite:
 
     def describe(self) -> dict:
         return {"name": self.name, "attacks": [a.name for a in self.attacks], "restarts": self.restarts,
-                "apgd_steps": self.apgd_steps, "diagnostics": self.diagnostics}
+                "apgd_steps": self.apgd_steps, "diagnostics": self.diagnostics, "cascade": self.cascade}
 
 
 def library_capable(task: Task) -> bool:
@@ -112,7 +113,7 @@ def resolve_suite(task: Task, evals: Any) -> Suite:
         diagnostics = bool(members)  # on for apgd/autoattack, off for pgd: keeps pgd's cost
     return Suite(name="+".join(names), attacks=tuple(ATTACKS[m] for m in members), restarts=evals.eval_restarts,
                  apgd_steps=evals.eval_apgd_steps, diagnostics=diagnostics,
-                 diagnostics_examples=evals.eval_diagnostics_examples)
+                 diagnostics_examples=evals.eval_diagnostics_examples, cascade=evals.eval_cascade)
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -151,38 +152,80 @@ def worse(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, T
 @dataclass(frozen=True)
 class Planned:
     """One attack of an evaluation: its results key, norm, radii ``[(label, value)]`` and how to run it on a
-    batch: ``run(model, task, batch, eps) -> AttackResult`` with logits and score."""
+    batch: ``run(model, task, batch, eps, rows=None) -> AttackResult`` with logits and score for ``rows``
+    (indices into ``batch``; all when None), or None when ``rows`` is empty. ``member``: a suite attack
+    (cascaded after the task's own attacks), not one of the task's."""
 
     key: str
     norm: str
     eps: list[tuple[str, float]]
     white_box: bool
-    run: Callable[[nn.Module, Task, dict, float], AttackResult]
+    run: Callable[..., Optional[AttackResult]]
+    member: bool = False
+
+
+def _rows(batch: dict, rows: Optional[Tensor]) -> Tensor:
+    labels = batch["labels"]
+    return torch.arange(len(labels), device=labels.device) if rows is None else rows
+
+
+def _starts(task: Task, model: nn.Module, batch: dict, eps: float, norm: str, restarts: int) -> list[Tensor]:
+    """One random start per restart for every example of ``batch``, drawn whether or not it is attacked: an
+    example's start, and so its result, does not depend on which other examples are still attacked (the
+    cascade and the full evaluation draw the same numbers)."""
+    surface = task.surface(model, batch)
+    return [random_start(surface, eps * surface.eps_scale, norm) for _ in range(restarts)]
+
+
+def _own_problem(model: nn.Module, task: Task, batch: dict, objective_of: Callable[[dict], Callable]):
+    """``rows -> (surface, objective, score)`` of ``batch`` restricted to ``rows``."""
+    def narrow(rows: Tensor):
+        sub = select(batch, rows)
+        return task.surface(model, sub), objective_of(sub), score_fn(task, sub)
+    return narrow
 
 
 def _spec_runner(spec: AttackSpec, steps: int, restarts: int):
-    def run(model: nn.Module, task: Task, batch: dict, eps: float) -> AttackResult:
-        surface = task.surface(model, batch)
+    def run(model: nn.Module, task: Task, batch: dict, eps: float, rows: Optional[Tensor] = None):
+        starts = _starts(task, model, batch, eps, spec.norm, restarts)
+        rows = _rows(batch, rows)
+        if not len(rows):
+            return None
         # Madry et al.'s step 2.5 eps / steps, the objective the task chose (its loss, SegPGD's).
-        return run_pgd(surface, lambda logits, step: spec.objective(logits, batch, step, steps), eps=eps,
-                       alpha=2.5 * eps / steps, steps=steps, norm=spec.norm, restarts=restarts,
-                       score=score_fn(task, batch), done_below=DONE_BELOW)
+        narrow = _own_problem(model, task, batch,
+                              lambda sub: lambda logits, step: spec.objective(logits, sub, step, steps))
+        surface, objective, score = narrow(rows)
+        return run_pgd(surface, objective, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=spec.norm,
+                       restarts=restarts, score=score, done_below=DONE_BELOW,
+                       starts=[s[rows] for s in starts], narrow=lambda r: narrow(rows[r]))
     return run
 
 
 def _own_runner(attack: AttackDef, norm: str, steps: int, restarts: int):
     loss = LOSSES[attack.loss]
 
-    def run(model: nn.Module, task: Task, batch: dict, eps: float) -> AttackResult:
-        surface, mask = task.surface(model, batch), task.loss_mask(batch)
-        return run_pgd(surface, lambda logits, step: loss(logits, batch["labels"], mask), eps=eps, steps=steps,
-                       norm=norm, restarts=restarts, score=score_fn(task, batch), schedule=attack.schedule,
-                       done_below=DONE_BELOW)
+    def run(model: nn.Module, task: Task, batch: dict, eps: float, rows: Optional[Tensor] = None):
+        starts = _starts(task, model, batch, eps, norm, restarts)
+        rows = _rows(batch, rows)
+        if not len(rows):
+            return None
+        narrow = _own_problem(model, task, batch, lambda sub: lambda logits, step: loss(
+            logits, sub["labels"], task.loss_mask(sub)))
+        surface, objective, score = narrow(rows)
+        return run_pgd(surface, objective, eps=eps, steps=steps, norm=norm, restarts=restarts, score=score,
+                       schedule=attack.schedule, done_below=DONE_BELOW, starts=[s[rows] for s in starts],
+                       narrow=lambda r: narrow(rows[r]))
     return run
 
 
 def _library_runner(attack: AttackDef, norm: str, restarts: int, **budget: int):
-    def run(model: nn.Module, task: Task, batch: dict, eps: float) -> AttackResult:
+    def run(model: nn.Module, task: Task, batch: dict, eps: float, rows: Optional[Tensor] = None):
+        rows = _rows(batch, rows)
+        if not len(rows):
+            return None
+        # The library seeds its own generator (the global one is restored): its random starts follow the
+        # position of an example in the subset it is given, so they differ between cascade and full mode.
+        batch = select(batch, rows)
         surface = task.surface(model, batch)
         classify = lambda x: task.forward(model, {**batch, task.recipe.input_key: x})  # noqa: E731
         x_adv = library_attack(attack.name, classify, model, surface.x, batch["labels"], eps=eps, norm=norm,
@@ -206,5 +249,5 @@ def plan(specs: list[AttackSpec], suite: Optional[Suite], steps: int, **library_
         for attack in (suite.attacks if suite else ()):
             run = (_library_runner(attack, norm, restarts, **library_budget) if attack.library
                    else _own_runner(attack, norm, suite.apgd_steps, restarts))
-            planned.append(Planned(f"{attack.name}-{norm}", norm, eps, attack.white_box, run))
+            planned.append(Planned(f"{attack.name}-{norm}", norm, eps, attack.white_box, run, member=True))
     return planned
