@@ -4,7 +4,8 @@ Run on the first ``--eval_diagnostics_examples`` evaluation examples, at the lar
 (Carlini et al. 2019, "On evaluating adversarial robustness"; Croce & Hein 2020's AutoAttack checks):
 
 (i) ``pgd_vs_white_box``: the evaluation's PGD must not sit more than 3 points above the strongest white-box
-    attack (APGD-CE / APGD-DLR on the subset; on the full set, the suite's other white-box attacks if any).
+    attack (APGD-CE / APGD-DLR, each alone, on the subset; on the full set, the suite's other white-box attacks
+    if any: the strongest alone, or in a cascade the white-box part of the cascade as a whole).
 (ii) ``huge_radius``: at L-inf 64/255 (pixels; for embeddings, a radius of the mean token-embedding norm) no
     image survives, so accuracy must fall to about chance (1/K + 0.05).
 (iii) ``black_box_vs_white_box`` (pixel-space classifiers): Square, which needs no gradient, must not fool

@@ -11,6 +11,18 @@ Every evaluation runs the task's own attacks (``pgd-linf``, ``pgd-l2``; SegPGD f
 Single attacks can be named too (``--eval_attacks apgd-cw aa-square``). Per example, each attack keeps the worst
 point it found (and the clean point, so an example counts as robust only if it is also correct clean); the suite
 keeps, per example, the worst over all attacks of the same norm.
+
+**Cascade** (``--eval_cascade``, the default): as AutoAttack's standard run, each suite attack runs only on the
+examples still robust after the task's own attacks, the suite attacks before it at this radius and the whole
+suite at the smaller radii; and every attack drops an example as soon as it is broken. The suite's worst case
+is the full evaluation's, example by example: an example's outcome under one attack depends on nothing but
+the example and its random start, and the starts are drawn for the whole batch in both modes (the library
+attacks of ``autoattack`` seed their own starts per subset: for them the worst case is AutoAttack's, not
+bit-for-bit the full mode's). What changes is the meaning of a suite member's entry: in a cascade,
+``apgd-dlr-linf`` counts the examples robust after ``pgd-linf``, ``apgd-ce-linf`` *and* ``apgd-dlr-linf``
+("robust after the members up to this one"); with ``--eval_cascade false`` it counts APGD-DLR alone. The task's
+own attacks (``pgd-<norm>``, SegPGD) are never cascaded: their entries are their standalone numbers. The
+gradient-masking diagnostics run their PGD-vs-APGD comparison on their subset with each attack alone, as before.
 """
 
 from __future__ import annotations
