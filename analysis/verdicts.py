@@ -280,8 +280,9 @@ def paired(name: str, a: Setting, b: Setting, get: Getter, kind: str = "differen
 # ------------------------------------------------------------------------------------------- like with like
 
 
-# Evaluation flags that change nothing a verdict reads (batching, diagnostics, sharpness).
-_NOT_MEASURED = ("eval_batch_size", "eval_diagnostics", "sharpness")
+# Evaluation flags that change nothing a verdict reads (batching, diagnostics, sharpness, the cascade: the
+# suite's worst case is the same example by example with it or without it).
+_NOT_MEASURED = ("eval_batch_size", "eval_diagnostics", "sharpness", "eval_cascade")
 
 
 def comparable(run: Run, ep: Optional["Endpoint"]) -> dict[str, str]:

@@ -222,6 +222,14 @@ class EvalArgs:
         default=1, metadata={"help": "Random restarts per attack; each keeps its worst iterate per example."}
     )
     eval_apgd_steps: int = field(default=100, metadata={"help": "Iterations of the APGD attacks (AutoAttack: 100)."})
+    eval_cascade: bool = field(
+        default=True,
+        metadata={"help": "Run each suite attack only on the examples still robust after the task's PGD and the "
+                  "suite attacks before it (as AutoAttack's standard run does): the suite's worst case is the "
+                  "same, at a fraction of the cost, and each suite attack's entry counts what is robust after "
+                  "it and everything before it. false: every attack on every example (its standalone "
+                  "number)."},
+    )
     eval_diagnostics: Optional[bool] = field(
         default=None,
         metadata={"help": "Gradient-masking diagnostics on a subset (PGD vs APGD gap, huge radius, Square vs "
