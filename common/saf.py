@@ -65,8 +65,12 @@ class IndexedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[int, Any]:
         return int(index), self.dataset[index]
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[int, Any]]:
+        # DataLoader fetches through __getitems__ when the dataset has one: it must carry the positions too
+        return [self[i] for i in indices]
+
     def __getattr__(self, name: str) -> Any:  # set_epoch, labels, ... of the wrapped dataset
-        if name == "dataset":  # not set yet (unpickling in a worker): no recursion
+        if name == "dataset" or name.startswith("__"):  # unpickling; dunders (__getitems__) are our own
             raise AttributeError(name)
         return getattr(self.dataset, name)
 

@@ -160,3 +160,8 @@ def test_indexed_dataset_and_collate_add_positions():
     batch = collate([data[3], data[1]])
     assert batch[INDEX_KEY].tolist() == [3, 1] and batch["x"].flatten().tolist() == [3.0, 1.0]
     assert list(batch)[-1] == INDEX_KEY
+    # a DataLoader fetches through __getitems__ (a Subset has one): the positions must survive it
+    subset = torch.utils.data.Subset(items, [4, 2, 0])
+    loader = torch.utils.data.DataLoader(IndexedDataset(subset), batch_size=3, collate_fn=collate)
+    batch = next(iter(loader))
+    assert batch[INDEX_KEY].tolist() == [0, 1, 2] and batch["x"].flatten().tolist() == [4.0, 2.0, 0.0]
