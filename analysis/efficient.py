@@ -33,9 +33,9 @@ from .runs import Setting
 from .verdicts import (MARGIN, Effect, Verdicts, by_seed, clean_se, endpoint_se, exact, find_setting, format_pct,
                        paired, passes_per_step)
 
-# The efficient SAM update rules of the engine's registry on the clean objective (samat.common.efficient_sam;
-# a test keeps this list equal to the registry's).
-EFFICIENT = ("sam-every-k", "looksam", "ae-sam")
+# The efficient SAM update rules of the engine's registry on the clean objective (samat.common.efficient_sam,
+# samat.common.saf; a test keeps this list equal to the registry's).
+EFFICIENT = ("sam-every-k", "looksam", "ae-sam", "saf", "mesa")
 GOAL_COST, GOAL_SHARE = 1.4, 0.8
 
 
@@ -123,7 +123,8 @@ def frontier(v: Verdicts) -> Optional[Frontier]:
         row.goal = _goal(row) if role == "variant" else "–"
         rows.append(row)
     for s in variants:
-        if v.primary_rho is not None and (s.rho is None or not math.isclose(s.rho, v.primary_rho)):
+        # SAF and MESA have no rho (no ascent step): nothing to compare
+        if v.primary_rho is not None and s.rho is not None and not math.isclose(s.rho, v.primary_rho):
             notes.append(f"{s.name}: rho differs from SAM's pre-specified {v.primary_rho:g}; its share compares "
                          "different radii")
     return Frontier(ep.describe(), sam.name, rows, notes)

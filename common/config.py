@@ -192,6 +192,31 @@ class MethodArgs:
     aesam_c_end: Optional[float] = field(
         default=None, metadata={"help": "ae-sam: c at the last step (default -1, Jiang et al. 2023)."}
     )
+    traj_lambda: Optional[float] = field(
+        default=None,
+        metadata={"help": "saf, mesa (and -at): weight lambda of the trajectory loss lambda*tau^2*KL(reference || "
+                  "current) (default saf 0.3, mesa 0.8: the authors' ImageNet runs, Du et al. 2022)."},
+    )
+    traj_temperature: Optional[float] = field(
+        default=None,
+        metadata={"help": "saf, mesa: softmax temperature tau of both outputs in the trajectory loss (default 5, "
+                  "Du et al. 2022)."},
+    )
+    traj_start_epoch: Optional[int] = field(
+        default=None,
+        metadata={"help": "saf, mesa: the trajectory loss is on from this (0-based) epoch on, E_start (default "
+                  "5, Du et al. 2022); 0: from the first step."},
+    )
+    saf_delay_epochs: Optional[int] = field(
+        default=None,
+        metadata={"help": "saf: the reference outputs of an example are the model's own from this many epochs "
+                  "(visits of the example) ago, E-tilde >= 1 (default 3, Du et al. 2022)."},
+    )
+    mesa_decay: Optional[float] = field(
+        default=None,
+        metadata={"help": "mesa: decay in [0, 1) of the EMA model that gives the reference outputs, updated "
+                  "every optimizer step (default 0.9998, the authors' code)."},
+    )
     at_clean_weight: Optional[float] = field(
         default=None,
         metadata={"help": "pgd-at/fgsm-at/sam-at: train on (1-w)*adversarial + w*clean loss (Goodfellow et al. "
@@ -355,6 +380,16 @@ def validate(run: RunArgs, method: MethodArgs, evals: EvalArgs) -> None:
         if c is not None and (math.isnan(c) or (math.isinf(c) and c != other)):
             raise UsageError(f"{flag}: {c!r} must be a number (inf or -inf only with the same value for "
                              "--aesam_c_start and --aesam_c_end)")
+    if method.traj_lambda is not None and not method.traj_lambda >= 0:
+        raise UsageError(f"--traj_lambda: {method.traj_lambda!r} must be >= 0")
+    if method.traj_temperature is not None and not method.traj_temperature > 0:
+        raise UsageError(f"--traj_temperature: {method.traj_temperature!r} must be > 0")
+    if method.traj_start_epoch is not None and not method.traj_start_epoch >= 0:
+        raise UsageError(f"--traj_start_epoch: {method.traj_start_epoch!r} must be >= 0")
+    if method.saf_delay_epochs is not None and not method.saf_delay_epochs >= 1:
+        raise UsageError(f"--saf_delay_epochs: {method.saf_delay_epochs!r} must be >= 1")
+    if method.mesa_decay is not None and not 0 <= method.mesa_decay < 1:
+        raise UsageError(f"--mesa_decay: {method.mesa_decay!r} must be in [0, 1)")
     if method.at_clean_weight is not None and not 0 <= method.at_clean_weight <= 1:
         raise UsageError(f"--at_clean_weight: {method.at_clean_weight!r} must be in [0, 1]")
     if run.warmup_ratio is not None and not 0 <= run.warmup_ratio < 1:

@@ -33,7 +33,9 @@ from .methods import StepContext
 from .model_io import publish
 from .results import Cost, RunResults, baseline_columns, versions
 from .sharpness import measure_sharpness
+from .registry import UPDATE_RULES
 from .resolve import ResolvedRun
+from .saf import IndexedDataset, extra_memory, indexed_collate
 from .suites import Suite, resolve_suite
 from .task import AttackSpec, Task, TaskData
 from .train import make_optimizer, make_scheduler, train
@@ -107,7 +109,7 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
     from accelerate.utils import set_seed
 
     set_seed(run.seed)
-    built = build(run, task, accelerator)
+    built = build(run, task, accelerator, indexed=UPDATE_RULES[method.method.update].needs_index)
     counter = PassCounter(built.model)
     state = TrainState(task=task.name)
     damaged: list[str] = []  # unreadable checkpoints passed over on --resume: warnings of the run
@@ -123,7 +125,8 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
     start_trackers(accelerator, run, config_record)
 
     ctx = StepContext(accelerator=accelerator, model=built.model, optimizer=built.optimizer, task=task,
-                      method=method, max_grad_norm=run.max_grad_norm, total_steps=built.total_steps)
+                      method=method, max_grad_norm=run.max_grad_norm, total_steps=built.total_steps,
+                      steps_per_epoch=math.ceil(len(built.train_loader) / run.gradient_accumulation_steps))
     guard = None
     if run.divergence_guard:
         per_step = run.batch_size * run.gradient_accumulation_steps * accelerator.num_processes
@@ -144,6 +147,9 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
     results = evaluate(run, method.method.name, method.describe(), evals, task, accelerator, built, specs,
                        resolved.suite)
     results.extra["engine"] = engine_record(resolved.engine, accelerator)
+    held = extra_memory(built.optimizer, method.method.update)
+    if held:  # SAF's stored outputs, MESA's EMA copy: the memory they pay instead of passes
+        results.extra["extra_memory"] = held
     results.config = config_record
     results.warnings = damaged + results.warnings
     results.cost = Cost(train_wall_s=round(state.train_wall_s, 3),
@@ -195,12 +201,16 @@ def build_for_evaluation(run: RunArgs, task: Task, accelerator: Any) -> Evaluabl
     return Evaluable(data, eval_set, model, eval_loader)
 
 
-def build(run: RunArgs, task: Task, accelerator: Any) -> Prepared:
-    """Data and model from the task, the seeded subsets and loaders, optimizer and schedule, all prepared."""
+def build(run: RunArgs, task: Task, accelerator: Any, indexed: bool = False) -> Prepared:
+    """Data and model from the task, the seeded subsets and loaders, optimizer and schedule, all prepared.
+    ``indexed``: training batches also carry each example's position in the training set (``sample_index``,
+    SAF's per-example memory; the same draws, so the run is otherwise unchanged)."""
     data, eval_set, eval_loader = _task_data(run, task, accelerator)
     train_set = train_subset(data.train_dataset, run)
     loader_generator = torch.Generator().manual_seed(run.seed)
-    train_loader = DataLoader(train_set, batch_size=run.batch_size, shuffle=True, collate_fn=data.collate_fn,
+    loader_set, collate = ((IndexedDataset(train_set), indexed_collate(data.collate_fn)) if indexed
+                           else (train_set, data.collate_fn))
+    train_loader = DataLoader(loader_set, batch_size=run.batch_size, shuffle=True, collate_fn=collate,
                               num_workers=run.num_workers, generator=loader_generator)
     optimizer = make_optimizer(data.model, run)
     batches_per_epoch = math.ceil(len(train_set) / (run.batch_size * accelerator.num_processes))

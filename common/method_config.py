@@ -15,6 +15,9 @@ from .errors import UsageError, lookup
 from .registry import METHODS, UPDATE_RULES, Method
 from .task import Task
 
+# The trajectory-loss flags of SAF and MESA: defaults per rule (UPDATE_RULES[...].defaults).
+TRAJECTORY_FIELDS = ("traj_lambda", "traj_temperature", "traj_start_epoch", "saf_delay_epochs", "mesa_decay")
+
 # The papers' hyper-parameters, from the method registry (common/registry.py).
 DEFAULT_RHO = {name: rule.defaults["rho"] for name, rule in UPDATE_RULES.items() if "rho" in rule.defaults}
 
@@ -38,6 +41,12 @@ class ResolvedMethod:
     aesam_delta: float = UPDATE_RULES["ae-sam"].defaults["aesam_delta"]
     aesam_c_start: float = UPDATE_RULES["ae-sam"].defaults["aesam_c_start"]
     aesam_c_end: float = UPDATE_RULES["ae-sam"].defaults["aesam_c_end"]
+    # SAF / MESA (common/saf.py); the rule's own defaults are filled by resolve_method (lambda differs)
+    traj_lambda: float = 0.0
+    traj_temperature: float = UPDATE_RULES["saf"].defaults["traj_temperature"]
+    traj_start_epoch: int = UPDATE_RULES["saf"].defaults["traj_start_epoch"]
+    saf_delay_epochs: int = UPDATE_RULES["saf"].defaults["saf_delay_epochs"]
+    mesa_decay: float = UPDATE_RULES["mesa"].defaults["mesa_decay"]
 
     def describe(self) -> dict:
         """Only the hyper-parameters the method uses (for results.json and tables)."""
@@ -49,7 +58,8 @@ class ResolvedMethod:
             out["sam_sync"] = self.sam_sync
         if self.method.update == "asam":
             out["asam_eta"] = self.eta
-        for name in ("sam_interval", "looksam_alpha", "aesam_delta", "aesam_c_start", "aesam_c_end"):
+        for name in ("sam_interval", "looksam_alpha", "aesam_delta", "aesam_c_start", "aesam_c_end",
+                     *TRAJECTORY_FIELDS):
             if name in flags:
                 out[name] = getattr(self, name)
         if self.method.objective != "clean":
@@ -88,6 +98,15 @@ def resolve_method(name: str, args: MethodArgs, task: Task, explicit: set[str],
     for name in ("sam_interval", "looksam_alpha", "aesam_delta", "aesam_c_start", "aesam_c_end"):
         if getattr(args, name) is not None:  # else the paper's default, a field default of ResolvedMethod
             setattr(resolved, name, getattr(args, name))
+    rule = UPDATE_RULES[method.update]
+    if rule.needs_index and not task.recipe.pipeline_tag.endswith("classification"):
+        # one stored output distribution per example: per-pixel outputs (segmentation) would be H*W times that
+        raise UsageError(f"--method {name}: stores one output distribution per training example, which needs a "
+                         f"classification task; the {task.name} task has per-position outputs (use mesa)")
+    for field_name in TRAJECTORY_FIELDS:
+        if field_name in rule.defaults:
+            value = getattr(args, field_name)
+            setattr(resolved, field_name, rule.defaults[field_name] if value is None else value)
     if "at_clean_weight" in method.flags:
         resolved.clean_weight = (defaults.at_clean_weight if args.at_clean_weight is None
                                  else args.at_clean_weight)

@@ -11,6 +11,7 @@ Update rules (how the gradient of that loss moves the weights):
     sam     gradient at w + rho·g/||g||, base optimizer step at w (Foret et al. 2021; common/sam.py)
     asam    the same with the ball scaled by |w| + eta (Kwon et al. 2021; common/sam.py)
     sam-every-k, looksam, ae-sam   SAM's second pass on only some steps (common/efficient_sam.py)
+    saf, mesa   no second pass: a trajectory loss, KL to past or EMA outputs (common/saf.py)
 
 The rules' names, summaries, flags and defaults are ``common/registry.py``'s ``UPDATE_RULES``; their
 implementations are :data:`UPDATES` here, under the same names. A method's hyper-parameters are resolved in
@@ -44,6 +45,7 @@ from .efficient_sam import EFFICIENT_UPDATES
 # resolved hyper-parameters, the step's context and result).
 from .method_config import DEFAULT_RHO, ResolvedMethod, resolve_method  # noqa: F401
 from .registry import METHODS, UPDATE_RULES, Method  # noqa: F401
+from .saf import TRAJECTORY_UPDATES
 from .sam import SAM_UPDATES
 from .step import Objective, StepContext, StepResult, UpdateRule, plain_update  # noqa: F401
 
@@ -135,7 +137,7 @@ OBJECTIVES: dict[str, Objective] = {"clean": CleanObjective(), "pgd": Adversaria
 
 
 # Every update rule of the registry's UPDATE_RULES, by the same name; each family's module lists its own.
-UPDATES: dict[str, UpdateRule] = {"plain": plain_update, **SAM_UPDATES, **EFFICIENT_UPDATES}
+UPDATES: dict[str, UpdateRule] = {"plain": plain_update, **SAM_UPDATES, **EFFICIENT_UPDATES, **TRAJECTORY_UPDATES}
 
 
 def train_step(ctx: StepContext, micro_batches: list[dict]) -> StepResult:

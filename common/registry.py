@@ -52,7 +52,8 @@ class UpdateRule:
     summary: str
     flags: frozenset = field(default_factory=frozenset)
     defaults: dict = field(default_factory=dict)
-    efficient: bool = False  # pays for SAM's second pass on only some steps
+    efficient: bool = False  # an efficient SAM: SAM's second pass on only some steps, or none (SAF, MESA)
+    needs_index: bool = False  # reads each example's dataset index (batch key "sample_index"): SAF
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Method:
 
 
 _SAM = frozenset({"rho", "sam_sync"})
+_TRAJ = frozenset({"traj_lambda", "traj_temperature", "traj_start_epoch"})
 # The papers' hyper-parameters: SAM rho 0.05 (Foret et al.), ASAM rho 0.5, eta 0.01 (Kwon et al.); LookSAM k = 5,
 # alpha = 0.7 (Liu et al. 2022); AE-SAM delta = 0.9, c from lambda2 = 1 to lambda1 = -1, so that about half the
 # steps are SAM steps (Jiang et al. 2023).
@@ -82,6 +84,19 @@ UPDATE_RULES: dict[str, UpdateRule] = {u.name: u for u in [
     UpdateRule("ae-sam", "AE-SAM: SAM only when the squared gradient norm exceeds its EMA mean + c*std (Jiang "
                "et al. 2023, ICLR)", frozenset({"rho", "aesam_delta", "aesam_c_start", "aesam_c_end"}),
                {"rho": 0.05, "aesam_delta": 0.9, "aesam_c_start": 1.0, "aesam_c_end": -1.0}, efficient=True),
+    # SAF and MESA (Du et al. 2022, "Sharpness-Aware Training for Free", NeurIPS): no second pass at all, a
+    # trajectory loss lambda*tau^2*KL(reference || current) on softmax(./tau) outputs instead. Defaults from the
+    # authors' code (AngusDujw/SAF: README, run.sh, argparse): lambda 0.3 (SAF) / 0.8 (MESA) as in their ImageNet
+    # runs, tau 5, E_start 5, E-tilde 3 (README "2/3"; argparse default 3), EMA decay 0.9998 (timm's
+    # --model-ema-decay default, not overridden in run.sh).
+    UpdateRule("saf", "SAF: trajectory loss, KL to the model's own outputs for the same example E epochs ago "
+               "(Du et al. 2022, NeurIPS)", _TRAJ | {"saf_delay_epochs"},
+               {"traj_lambda": 0.3, "traj_temperature": 5.0, "traj_start_epoch": 5, "saf_delay_epochs": 3},
+               efficient=True, needs_index=True),
+    UpdateRule("mesa", "MESA: trajectory loss, KL to an EMA model's outputs (one extra forward; Du et al. 2022, "
+               "NeurIPS)", _TRAJ | {"mesa_decay"},
+               {"traj_lambda": 0.8, "traj_temperature": 5.0, "traj_start_epoch": 5, "mesa_decay": 0.9998},
+               efficient=True),
 ]}
 _AT = frozenset({"train_eps", "train_alpha", "train_steps", "train_norm"})
 _MIXED_AT = _AT | {"at_clean_weight"}

@@ -35,6 +35,7 @@ class StepContext:
     method: ResolvedMethod
     max_grad_norm: float = 0.0
     total_steps: int = 0       # optimizer steps of the whole run (AE-SAM's threshold schedule reads it)
+    steps_per_epoch: int = 0   # optimizer steps per epoch, 0 unknown (MESA's start epoch reads it)
 
     @property
     def unwrapped(self) -> nn.Module:

@@ -126,11 +126,12 @@ def test_no_variants_no_frontier_and_missing_sam_is_named(tmp_path):
 
 
 def test_variant_list_is_the_registrys():
-    from samat.common.methods import METHODS
-    from samat.common.efficient_sam import EFFICIENT_UPDATES
+    from samat.common.methods import METHODS, UPDATES
+    from samat.common.registry import UPDATE_RULES
 
-    registry = [m.name for m in METHODS.values() if m.update in EFFICIENT_UPDATES and m.objective == "clean"]
+    registry = [m.name for m in METHODS.values() if UPDATE_RULES[m.update].efficient and m.objective == "clean"]
     assert sorted(registry) == sorted(E.EFFICIENT)
+    assert {"saf", "mesa"} <= set(E.EFFICIENT) and all(name in UPDATES for name in E.EFFICIENT)
 
 
 # ------------------------------------------------------------------------------------------- reproduce
@@ -160,7 +161,10 @@ def test_reproduce_plans_variants_at_the_primary_rho(reproduce, capsys, tmp_path
     extra = [c for c in commands if _flag(c, "--method") in E.EFFICIENT]
     assert len(commands) == 3 * (1 + 1 + 1) + 2 * 3 and len(extra) == 2 * 3
     assert {_flag(c, "--rho") for c in extra} == {"0.1"} and {_flag(c, "--seed") for c in extra} == {"0", "1", "2"}
-    assert len(_print(reproduce, capsys, "--root", str(tmp_path / "q"), "--efficient_sam")) == 9 + 3 * 3
+    every = _print(reproduce, capsys, "--root", str(tmp_path / "q"), "--efficient_sam")
+    assert len(every) == 9 + len(E.EFFICIENT) * 3
+    # SAF and MESA take no ascent step: planned without --rho (run.py would refuse it)
+    assert all("--rho" not in c for c in every if _flag(c, "--method") in ("saf", "mesa"))
 
 
 def test_reproduce_writes_the_frontier(reproduce, capsys, tmp_path):
@@ -183,5 +187,5 @@ def test_unknown_variant_is_one_line_exit_2(reproduce, capsys, tmp_path):
                                           runner=FakeRunner()))
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: --efficient_sam: unknown variant 'esam'; choose from: sam-every-k, looksam, ae-sam"]
+    assert err == ["error: --efficient_sam: unknown variant 'esam'; choose from: sam-every-k, looksam, ae-sam, saf, mesa"]
     assert not (tmp_path / "x").exists()

@@ -10,6 +10,8 @@ import torch
 from samat.common.config import MethodArgs
 from samat.common.errors import UsageError
 from samat.common.methods import METHODS, resolve_method, train_step
+from samat.common.registry import UPDATE_RULES
+from samat.common.saf import INDEX_KEY
 from helpers import context, eval_loss, image_batch, resolved, tiny_cnn, vision_task
 
 
@@ -26,8 +28,14 @@ def test_every_update_rule_of_the_registry_is_implemented_under_its_name():
 def test_method_lowers_the_loss_on_a_fixed_batch(accelerator, name):
     torch.manual_seed(0)
     model, batch = tiny_cnn(), image_batch(n=16)
-    ctx = context(accelerator, model, resolved(name, rho=0.05, eps=2 / 255, alpha=1 / 255, steps=2), lr=0.05,
-                  momentum=0.9)
+    rule = UPDATE_RULES[METHODS[name].update]
+    # SAF/MESA: the trajectory loss on from the first step (SAF: a reference one visit back), at the paper's lambda
+    traj = ({"traj_lambda": rule.defaults["traj_lambda"], "traj_start_epoch": 0, "saf_delay_epochs": 1}
+            if "traj_lambda" in rule.defaults else {})
+    if rule.needs_index:
+        batch[INDEX_KEY] = torch.arange(16)
+    ctx = context(accelerator, model, resolved(name, rho=0.05, eps=2 / 255, alpha=1 / 255, steps=2, **traj),
+                  lr=0.05, momentum=0.9)
     task = vision_task()
 
     before = eval_loss(task, model, batch)
