@@ -127,11 +127,21 @@ def _clean_batch(model: nn.Module, task: Task, batch: dict, rec: _Recorder) -> N
     with torch.no_grad():
         clean_logits = task.forward(model, batch).detach()
     rec.add("clean", clean_logits, batch)
-    preds = task.predictions(clean_logits).flatten()
-    rec.sums.add("predicted", torch.bincount(preds, minlength=clean_logits.shape[1]).float()[None])
+    k = clean_logits.shape[1]
+    # Counts per example (rows), so that gather_for_metrics drops exactly the padded duplicates.
+    rec.sums.add("predicted", per_example_counts(task.predictions(clean_logits), k))
     if rec.classes is not None:
-        counts = torch.bincount(batch["labels"].flatten(), minlength=clean_logits.shape[1])
-        rec.sums.add("labels", counts.float()[None])
+        rec.sums.add("labels", per_example_counts(batch["labels"], k))
+
+
+def per_example_counts(classes: Tensor, num_classes: int) -> Tensor:
+    """``(B, K)`` float: how many positions of each example hold each class (``classes``: ``(B, ...)`` int;
+    entries outside ``[0, K)``, such as an ``ignore_index``, are left out)."""
+    flat = classes.reshape(classes.shape[0], -1).long()
+    valid = (flat >= 0) & (flat < num_classes)
+    rows = torch.arange(flat.shape[0], device=flat.device)[:, None].expand_as(flat)
+    index = (rows * num_classes + flat)[valid]
+    return torch.bincount(index, minlength=flat.shape[0] * num_classes).view(-1, num_classes).float()
 
 
 def _attack_batch(model: nn.Module, task: Task, batch: dict, planned: list[Planned], suite_norms: set[str],

@@ -96,7 +96,8 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
 
     set_seed(run.seed)
     built = build(run, task, accelerator)
-    counter = PassCounter(built.model)
+    # on the unwrapped model: the attacks call it directly, and a DDP wrapper's forward calls it too
+    counter = PassCounter(accelerator.unwrap_model(built.model))
     state = TrainState(task=task.name)
     damaged: list[str] = []  # unreadable checkpoints passed over on --resume: warnings of the run
     if resume_from is not None:
