@@ -18,13 +18,13 @@ are in ``common/step.py``.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .step import (Objective, StepContext, StepResult, UpdateRule, backward_all, descend, global_norm,
-                   loss_scale, params_with_grad)
+from .step import (Objective, StepContext, StepResult, UpdateRule, all_processes, backward_all, descend,
+                   global_norm, loss_scale, params_with_grad)
 
 _TINY = 1e-12
 
@@ -53,7 +53,8 @@ class SAM:
         return params_with_grad(self.optimizer)
 
     @torch.no_grad()
-    def perturb(self, grad_scale: float = 1.0, check_finite: Optional[bool] = None) -> bool:
+    def perturb(self, grad_scale: float = 1.0, check_finite: Optional[bool] = None,
+                agree: Optional[Callable[[Tensor], bool]] = None) -> bool:
         """Move every parameter with a gradient to ``w + e(w)``, using the gradients in ``.grad``.
 
         Args:
@@ -62,6 +63,10 @@ class SAM:
                 the true gradient).
             check_finite: test the gradient norm for inf/NaN and, if so, move nothing and return False.
                 Default: only when ``grad_scale != 1`` (fp16), since the test costs a device sync per step.
+            agree: turns this process's "the norm is finite" (0-dim bool tensor) into the decision of every
+                process (:func:`samat.common.step.all_processes`). Under ``--sam_sync local`` each rank sees
+                only its own gradient, and one rank that skipped while another went on to the descent
+                pass's all-reduce would leave the collectives and the loss scales mismatched from then on.
 
         Uses ``torch._foreach_*`` kernels: a handful of launches for the whole model instead of several per
         tensor, which is what keeps a SAM step close to 2x an ERM step on a GPU.
@@ -81,8 +86,10 @@ class SAM:
         norm = global_norm(grads)
         if check_finite is None:
             check_finite = grad_scale != 1.0
-        if check_finite and not torch.isfinite(norm):
-            return False
+        if check_finite:
+            finite = torch.isfinite(norm)
+            if not (agree(finite) if agree is not None else bool(finite)):
+                return False
         scale = self.rho / (norm + _TINY)
         step = torch._foreach_mul(grads, t) if self.adaptive else grads  # T (T g) = T^2 g for ASAM
         step = torch._foreach_mul(step, scale.to(params[0].device))
@@ -132,10 +139,11 @@ def regrad_at_ascent_point(ctx: StepContext, objective: Objective, micro_batches
     """From the gradient at ``w`` in ``.grad``: move to ``w + e``, replace ``.grad`` by the all-reduced
     gradient there (BatchNorm running stats untouched), move back to ``w`` exactly. Returns False, with
     nothing moved and ``.grad`` cleared, on an fp16 overflow in the first gradient (the loss scale backs off,
-    as GradScaler would)."""
+    as GradScaler would); the overflow decision is agreed by every process."""
     scaler = ctx.accelerator.scaler
     scale = loss_scale(ctx)
-    moved = sam.perturb(grad_scale=scale, check_finite=scaler is not None)
+    moved = sam.perturb(grad_scale=scale, check_finite=scaler is not None,
+                        agree=lambda finite: all_processes(ctx.accelerator, finite))
     ctx.optimizer.zero_grad(set_to_none=True)
     if not moved:
         if scaler is not None:

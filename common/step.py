@@ -70,6 +70,18 @@ def global_norm(tensors: list[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(tensors)]))
 
 
+def all_processes(accelerator: Any, flag: Tensor) -> bool:
+    """True on every process iff ``flag`` (a 0-dim bool tensor) is true on every process.
+
+    Every branch of a step that decides whether a collective runs (skip on an fp16 overflow, the guard's stop)
+    goes through here first: a rank that branched alone would wait forever in an all-reduce the others never
+    enter, or pair it with the wrong one. One all-reduce under several processes; none in a single one."""
+    if accelerator.num_processes == 1:
+        return bool(flag)
+    return bool(accelerator.reduce(flag.to(accelerator.device, torch.float32).reshape(1), reduction="sum")
+                .item() == accelerator.num_processes)
+
+
 def sync_context(ctx: StepContext, sync: bool) -> ContextManager:
     """Nothing when ``sync``, else ``accelerator.no_sync``: the backward inside keeps its gradient local to
     this replica (DDP skips the all-reduce)."""
