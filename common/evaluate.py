@@ -17,6 +17,7 @@ processes.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -245,8 +246,15 @@ def collapse_reason(predicted: dict[str, int]) -> Optional[str]:
             "true attacks it anyway")
 
 
+def _precision(accelerator: Any, precision: str) -> Any:
+    """The evaluation's autocast: none for ``"fp32"`` (the caller has taken Accelerate's autocast off the
+    model's forward, :func:`samat.common.loop.evaluate`), the run's mixed precision for ``"train"``."""
+    return contextlib.nullcontext() if precision == "fp32" else accelerator.autocast()
+
+
 def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any, attacks: list[AttackSpec],
-                 steps: int, suite: Optional[Suite] = None, attack_collapsed: bool = False) -> dict:
+                 steps: int, suite: Optional[Suite] = None, attack_collapsed: bool = False,
+                 precision: str = "fp32") -> dict:
     """A clean pass over the whole set, then every attack (the task's ``attacks`` and the ``suite``'s) at
     every eps + sanity checks. A model that predicts a single class is not attacked unless
     ``attack_collapsed`` (then ``attacks_skipped`` says why and ``robust`` is empty).
@@ -261,9 +269,9 @@ def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any, att
     planned = plan(attacks, suite, steps)
     rec = _Recorder(task, accelerator)
     show = accelerator.is_local_main_process
-    # Eval mode (BatchNorm statistics, no dropout), under the run's mixed precision: the losses and scores
-    # read logits in float32.
-    with eval_mode(model), accelerator.autocast():
+    # Eval mode (BatchNorm statistics, no dropout); fp32 unless ``precision`` is "train" (the run's autocast:
+    # the losses and scores then read logits in float32).
+    with eval_mode(model), _precision(accelerator, precision):
         for batch in tqdm(dataloader, desc="eval clean", leave=False, disable=not show):
             _clean_batch(model, task, batch, rec)
     predicted = {str(i): int(c) for i, c in enumerate(rec.sums.sums["predicted"].tolist())}
@@ -280,7 +288,7 @@ def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any, att
     members = _suite_members(planned, suite)
     suite_norms = {p.norm for p in planned if suite is not None and suite.key(p.norm) in members}
     if planned:
-        with eval_mode(model), accelerator.autocast():
+        with eval_mode(model), _precision(accelerator, precision):
             for batch in tqdm(dataloader, desc="eval attacks", leave=False, disable=not show):
                 _attack_batch(model, task, batch, planned, suite_norms, rec)
     clean = rec.metrics("clean")
@@ -310,7 +318,7 @@ def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any, att
         out["suite"] = {**suite.describe(), "members": members}
         if suite.diagnostics and planned:
             gaps = full_set_gaps(robust, planned, _count_metric(clean))
-            with eval_mode(model), accelerator.autocast():
+            with eval_mode(model), _precision(accelerator, precision):
                 out["diagnostics"] = masking_diagnostics(model, task, dataloader, accelerator, attacks, suite,
                                                          steps, gaps)
     return out

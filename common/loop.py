@@ -197,10 +197,17 @@ def save_model(accelerator: Any, task: Task, model: nn.Module, output_dir: Path)
 
 def evaluate(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: Task, accelerator: Any,
              built: Prepared, specs: list[AttackSpec], suite: Optional[Suite] = None) -> RunResults:
-    """Clean and robust metrics with sanity checks, the task's own evaluation and columns, sharpness."""
+    """Clean and robust metrics with sanity checks, the task's own evaluation and columns, sharpness.
+
+    In fp32 unless ``--eval_precision train``: Accelerate's autocast comes off the model's forward (for good:
+    training is over), so the clean pass, every attack, the task's own evaluation and the sharpness probe see
+    the fp32 weights and inputs whatever the training precision."""
+    precision = evals.eval_precision
+    if precision == "fp32":
+        accelerator.unwrap_model(built.model, keep_fp32_wrapper=False)  # in place: the forward without autocast
     evaluation = evaluate_all(built.model, task, built.eval_loader, accelerator, specs, evals.eval_steps,
                               suite=resolve_suite(task, evals) if suite is None else suite,
-                              attack_collapsed=evals.attack_collapsed)
+                              attack_collapsed=evals.attack_collapsed, precision=precision)
     unwrapped = accelerator.unwrap_model(built.model)
     # A collapsed model's evaluation stops after the clean pass: no task attacks (TextAttack), no sharpness.
     stopped = evaluation.get("attacks_skipped") is not None
@@ -224,6 +231,8 @@ def evaluate(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: Task, 
         "num_processes": accelerator.num_processes,
         "cpu_threads": torch.get_num_threads(),
         "mixed_precision": accelerator.mixed_precision,
+        "eval_precision": "fp32" if precision == "fp32" or accelerator.mixed_precision == "no"
+        else accelerator.mixed_precision,
         "versions": versions(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "schema_version": 1,

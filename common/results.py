@@ -111,6 +111,7 @@ class RunResults:
     num_processes: int = 1
     cpu_threads: int = 0
     mixed_precision: str = "no"
+    eval_precision: str = "fp32"   # "fp32", or the training precision ("bf16", "fp16") with --eval_precision train
     versions: dict = field(default_factory=dict)
     finished_at: str = ""
     extra: dict = field(default_factory=dict)
