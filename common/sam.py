@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .step import (Objective, StepContext, StepResult, UpdateRule, all_processes, backward_all, descend,
-                   global_norm, loss_scale, params_with_grad)
+                   fp32_forward, global_norm, loss_scale, params_with_grad)
 
 _TINY = 1e-12
 
@@ -137,9 +137,10 @@ def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
 def regrad_at_ascent_point(ctx: StepContext, objective: Objective, micro_batches: list[dict], prepared: list,
                            sam: SAM) -> bool:
     """From the gradient at ``w`` in ``.grad``: move to ``w + e``, replace ``.grad`` by the all-reduced
-    gradient there (BatchNorm running stats untouched), move back to ``w`` exactly. Returns False, with
-    nothing moved and ``.grad`` cleared, on an fp16 overflow in the first gradient (the loss scale backs off,
-    as GradScaler would); the overflow decision is agreed by every process."""
+    gradient there (in fp32 whatever the training precision; BatchNorm running stats untouched), move back to
+    ``w`` exactly. Returns False, with nothing moved and ``.grad`` cleared, on an fp16 overflow in the first
+    gradient (the loss scale backs off, as GradScaler would); the overflow decision is agreed by every
+    process."""
     scaler = ctx.accelerator.scaler
     scale = loss_scale(ctx)
     moved = sam.perturb(grad_scale=scale, check_finite=scaler is not None,
@@ -149,8 +150,9 @@ def regrad_at_ascent_point(ctx: StepContext, objective: Objective, micro_batches
         if scaler is not None:
             scaler.update(scale * scaler.get_backoff_factor())
         return False
-    # Pass 2 at w + e: the descent gradient, all-reduced; BatchNorm running stats keep pass 1's update.
-    with frozen_batchnorm_stats(ctx.model):
+    # Pass 2 at w + e: the descent gradient, all-reduced; BatchNorm running stats keep pass 1's update. In
+    # fp32 under bf16/fp16 training: autocast's per-op cast would round most of e away (fp32_forward).
+    with frozen_batchnorm_stats(ctx.model), fp32_forward(ctx.unwrapped):
         backward_all(ctx, objective, micro_batches, prepared, sync_last=True)
     sam.restore()
     return True

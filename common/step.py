@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Protocol
+from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -80,6 +80,28 @@ def all_processes(accelerator: Any, flag: Tensor) -> bool:
         return bool(flag)
     return bool(accelerator.reduce(flag.to(accelerator.device, torch.float32).reshape(1), reduction="sum")
                 .item() == accelerator.num_processes)
+
+
+@contextlib.contextmanager
+def fp32_forward(model: nn.Module) -> Iterator[None]:
+    """Forwards of ``model`` (the unwrapped module, DDP's inner one) without autocast, in fp32.
+
+    Accelerate's mixed precision wraps ``model.forward`` in autocast, which casts each fp32 weight to bf16/fp16
+    per op. A weight perturbation ``e`` of SAM's size mostly does not survive that cast: measured on PreAct
+    ResNet-18 at rho 0.05, ``bf16(w + e) - bf16(w)`` has cosine 0.60 with ``e`` and 1.66x its norm
+    (bench/bf16_sam_fidelity.py). Inside this context the forward is the one Accelerate saved before wrapping
+    it (``_original_forward``) and any outer autocast is off, so the pass sees ``w + e`` exactly."""
+    original = model.__dict__.get("_original_forward")
+    patched = model.__dict__.get("forward")
+    device_type = next(model.parameters()).device.type
+    if original is not None:
+        model.forward = original
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        if original is not None:
+            model.forward = patched
 
 
 def sync_context(ctx: StepContext, sync: bool) -> ContextManager:
