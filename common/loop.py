@@ -33,6 +33,7 @@ from .methods import ResolvedMethod, StepContext
 from .model_io import publish
 from .results import Cost, RunResults, baseline_columns, versions
 from .sharpness import measure_sharpness
+from .step import fp32_forward
 from .resolve import ResolvedRun
 from .suites import Suite, resolve_suite
 from .task import AttackSpec, Task, TaskData
@@ -214,8 +215,11 @@ def evaluate(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: Task, 
     extra = {} if stopped else dict(task.extra_evaluation(unwrapped, accelerator, run))
     warnings = list(extra.pop("warnings", []))
     evaluation["metrics"].update(extra)
-    sharpness = None if stopped else measure_sharpness(unwrapped, task, built.eval_set, built.data.collate_fn,
-                                                       evals, accelerator)
+    sharpness = None
+    if not stopped:
+        with fp32_forward(unwrapped):  # always fp32: a rho-sized weight perturbation does not survive a bf16 cast
+            sharpness = measure_sharpness(unwrapped, task, built.eval_set, built.data.collate_fn, evals,
+                                          accelerator)
     return RunResults.from_dict({
         **evaluation,
         "task": task.name,

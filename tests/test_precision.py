@@ -86,3 +86,46 @@ def test_evaluation_is_fp32_by_default_under_bf16_training(bf16_accelerator):
     torch.testing.assert_close(logits[0], expected, rtol=0, atol=0)
     assert not torch.equal(bf16_logits, expected)
     assert out_fp32["metrics"]["clean"]["examples"] == out_train["metrics"]["clean"]["examples"] == 16
+
+
+@pytest.mark.slow
+def test_bf16_run_records_fp32_evaluation_and_a_bf16_one_on_request(tmp_path, monkeypatch):
+    """``accelerate launch --mixed_precision bf16`` of a SAM run on CPU: results.json says bf16 training, fp32
+    evaluation; the same saved model evaluated with --eval_precision train says bf16, on the same examples."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from accelerate.state import AcceleratorState
+
+    from samat.common.evaluate_saved import main as evaluate_saved
+
+    root = Path(__file__).resolve().parents[1]
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    out = tmp_path / "sam-bf16"
+    proc = subprocess.run([accelerate, "launch", "--num_processes", "1", "--cpu", "--mixed_precision", "bf16",
+                           str(root / "scripts" / "run.py"), "--task", "vision", "--method", "sam", "--model",
+                           "small_cnn", "--width", "4", "--max_train_samples", "64", "--max_eval_samples", "24",
+                           "--batch_size", "16", "--max_steps", "2", "--eval_linf", "2/255", "--eval_l2", "none",
+                           "--eval_steps", "1", "--sharpness_examples", "8", "--sharpness_steps", "1",
+                           "--attack_collapsed", "true", "--divergence_guard", "false", "--log_with", "none",
+                           "--output_dir", str(out)],
+                          capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = json.loads((out / "results.json").read_text())
+    assert (trained["mixed_precision"], trained["eval_precision"]) == ("bf16", "fp32")
+    assert trained["config"]["eval"]["eval_precision"] == "fp32"
+    assert trained["sharpness"] is not None
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    try:
+        evaluate_saved([str(out), "--eval_precision", "train", "--eval_linf", "2/255", "--eval_l2", "none",
+                        "--eval_steps", "1", "--sharpness_examples", "0", "--attack_collapsed", "true"])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    again = json.loads(next((out / "evaluations").glob("*.json")).read_text())
+    assert (again["mixed_precision"], again["eval_precision"]) == ("bf16", "bf16")
+    assert again["metrics"]["clean"]["examples"] == trained["metrics"]["clean"]["examples"] == 24
