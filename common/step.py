@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator, Protocol
+from typing import Any, Callable, ContextManager, Iterator, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +43,8 @@ class StepContext:
 
 @dataclass
 class StepResult:
-    loss: float          # training loss at w (mean over the step's micro-batches)
+    loss: Tensor         # 0-dim float32, on the device: training loss at w (mean over the step's micro-batches);
+                         # reading it (float(), .item()) waits for the device, so the loop reads it when it logs
     skipped: bool        # fp16 overflow: no weight update happened
 
 
@@ -111,16 +112,17 @@ def sync_context(ctx: StepContext, sync: bool) -> ContextManager:
 
 
 def backward_all(ctx: StepContext, objective: Objective, micro_batches: list[dict], prepared: list,
-                 sync_last: bool) -> float:
+                 sync_last: bool) -> Tensor:
     """Accumulate ``sum_i loss_i / K`` into ``.grad``; all-reduce (DDP) only on the last micro-batch and
-    only if ``sync_last``. Returns the mean loss."""
-    total = 0.0
+    only if ``sync_last``. Returns the mean loss, a 0-dim float32 tensor on the device (no host sync)."""
+    total: Optional[Tensor] = None
     k = len(micro_batches)
     for i, (batch, prep) in enumerate(zip(micro_batches, prepared)):
         with sync_context(ctx, sync_last and i == k - 1):
             loss = objective.loss(ctx, batch, prep) / k
             ctx.accelerator.backward(loss)
-        total += loss.detach().float().item()
+        loss = loss.detach().float()
+        total = loss if total is None else total + loss
     return total
 
 

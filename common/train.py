@@ -79,7 +79,7 @@ def train(ctx: StepContext, train_loader: Any, train_set: Any, scheduler: Any, r
     started, wall0 = time.perf_counter(), state.train_wall_s
     progress = tqdm(total=total_steps, initial=state.step, desc=f"train {ctx.method.method.name}",
                     disable=not accelerator.is_local_main_process)
-    losses: list[float] = []
+    losses: list[Tensor] = []  # device tensors, read (one host sync) when logged
 
     def snapshot() -> TrainState:
         state.train_wall_s = wall0 + time.perf_counter() - started
@@ -103,7 +103,7 @@ def train(ctx: StepContext, train_loader: Any, train_set: Any, scheduler: Any, r
         losses.append(result.loss)
         progress.update(1)
         if state.step % run.logging_steps == 0:
-            _log(accelerator, progress, sum(losses) / len(losses), scheduler, state.step)
+            _log(accelerator, progress, float(torch.stack(losses).mean()), scheduler, state.step)
             losses.clear()
         if state.step < total_steps and run.checkpoint_every and state.step % run.checkpoint_every == 0:
             save_checkpoint(accelerator, output_dir, snapshot())
