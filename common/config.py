@@ -117,9 +117,15 @@ class RunArgs:
                   "use (accelerate launch sets OMP_NUM_THREADS=1, which would leave the other cores idle); "
                   "otherwise the launcher's setting."},
     )
+    find_unused_parameters: bool = field(
+        default=False,
+        metadata={"help": "Multi-process: let DDP find parameters that get no gradient in a step (hub models with "
+                  "unused heads or poolers fail without it; it costs an extra pass over the graph each step)."},
+    )
     divergence_guard: bool = field(
         default=True,
-        metadata={"help": "Stop with one line (exit 2, no results.json) when the training loss is non-finite, or "
+        metadata={"help": "Stop with one line (exit 2, no results.json) when the training loss is non-finite (read "
+                  "every --logging_steps steps, not to wait on the device every step), or "
                   "no lower than predicting the training labels' prior (its entropy; ln K when balanced) after the "
                   "warm-up and 512 examples and again at twice that step, naming the likely fix (--lr, "
                   "--warmup_ratio, more steps); false trains on regardless."},

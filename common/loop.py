@@ -146,10 +146,11 @@ def make_accelerator(run: RunArgs) -> Any:
     """The Accelerator (precision and processes come from ``accelerate launch``), seedable sampler, trackers
     logging into ``<output_dir>/logs``; torch's CPU threads set (see :func:`set_cpu_threads`)."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
 
     output_dir = Path(run.output_dir)
     accelerator = Accelerator(
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=run.find_unused_parameters)],
         log_with=None if run.log_with == "none" else run.log_with,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         step_scheduler_with_optimizer=False,

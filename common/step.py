@@ -91,16 +91,21 @@ def fp32_forward(model: nn.Module) -> Iterator[None]:
     per op. A weight perturbation ``e`` of SAM's size mostly does not survive that cast: measured on PreAct
     ResNet-18 at rho 0.05, ``bf16(w + e) - bf16(w)`` has cosine 0.60 with ``e`` and 1.66x its norm
     (bench/bf16_sam_fidelity.py). Inside this context the forward is the one Accelerate saved before wrapping
-    it (``_original_forward``) and any outer autocast is off, so the pass sees ``w + e`` exactly."""
+    it (``_original_forward``) and any outer autocast is off, so the pass sees ``w + e`` exactly. TF32 is off
+    inside too (cuDNN convolutions use it by default): its 10-bit mantissa would round ``w + e`` per op again,
+    about 8 times less than bf16 but enough to matter at rho 0.05."""
     original = model.__dict__.get("_original_forward")
     patched = model.__dict__.get("forward")
     device_type = next(model.parameters()).device.type
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     if original is not None:
         model.forward = original
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         with torch.autocast(device_type, enabled=False):
             yield
     finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         if original is not None:
             model.forward = patched
 

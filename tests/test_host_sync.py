@@ -60,3 +60,19 @@ def test_host_syncs_per_step(accelerator, method, request):
         guard.failure(step, result.loss, result.skipped, labels)
     assert sum(counts.values()) == (check - 5) * PER_STEP[method], dict(counts)
     guard.close()
+
+
+def test_text_embedding_norm_is_read_once_per_version_of_the_matrix(count_syncs):
+    from text_helpers import tiny_bert
+
+    from samat.text.task import embedding_scale
+
+    model = tiny_bert(vocab_size=50)
+    weight = model.get_input_embeddings().weight
+    first = embedding_scale(model)
+    assert first == pytest.approx(float(weight.detach().norm(dim=-1).mean()))
+    count_syncs.clear()
+    assert [embedding_scale(model) for _ in range(3)] == [first] * 3 and not count_syncs  # no read while unchanged
+    with torch.no_grad():
+        weight.mul_(2.0)  # an optimizer step updates it in place (its _version moves)
+    assert embedding_scale(model) == pytest.approx(2 * first)

@@ -22,7 +22,6 @@ majority class again (5 %, from the ERM model: 89 % positive); the engine warns 
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -257,9 +256,6 @@ def textattack_columns(summaries: dict) -> dict[str, float]:
             for key in TEXTATTACK_COLUMNS if isinstance(summary.get(key), (int, float))}
 
 
-_SCALES: "weakref.WeakKeyDictionary[Tensor, tuple[int, float]]" = weakref.WeakKeyDictionary()
-
-
 def embedding_scale(model: nn.Module) -> float:
     """Mean L2 norm of the rows of ``model``'s input-embedding matrix (the unit of text eps).
 
@@ -267,10 +263,10 @@ def embedding_scale(model: nn.Module) -> float:
     ``_version``), not on every ``surface()``: the norm of a vocabulary-sized matrix and a host sync for each
     attack and each training forward of a step, where one per step gives the same number."""
     weight = getattr(model, "module", model).get_input_embeddings().weight
-    cached = _SCALES.get(weight)
+    cached = getattr(weight, "_samat_scale", None)  # (version, value), kept on the matrix itself
     if cached is not None and cached[0] == weight._version:
         return cached[1]
     with torch.no_grad():
         value = float(weight.detach().float().norm(dim=-1).mean())
-    _SCALES[weight] = (weight._version, value)
+    weight._samat_scale = (weight._version, value)
     return value
