@@ -2,7 +2,8 @@
 
 Two failures are caught while training, on every process alike (the decision is all-reduced):
 
-- a non-finite training loss on a step that was not skipped by the fp16 loss scaler;
+- a non-finite training loss on a step that was not skipped by the fp16 loss scaler (read every
+  ``--logging_steps`` steps, on the check steps and on the last step, so no step waits on the device for it);
 - a loss no lower than the label prior's after the warm-up and :data:`CHECK_EXAMPLES` training examples, and
   again at twice that step (a slow start that then learns is not stopped): the mean loss over the last
   :data:`WINDOW` steps at least ``STUCK_SHARE`` times the loss of predicting the training labels' prior on
@@ -58,12 +59,13 @@ class DivergenceGuard:
     float is checked at once)."""
 
     def __init__(self, model: nn.Module, check_steps: tuple[int, ...], lr: float, warmup_ratio: float,
-                 prior: Optional[Tensor] = None, poll_every: int = WINDOW):
+                 prior: Optional[Tensor] = None, poll_every: int = WINDOW, last_step: Optional[int] = None):
         """``prior``: ``(K,)`` class probabilities of the training labels (:func:`label_prior`); ``None``
-        compares with ``ln K`` (a uniform prior)."""
+        compares with ``ln K`` (a uniform prior). ``poll_every``: steps between reads of the losses'
+        finiteness, which is also read on the check steps and on ``last_step`` (the run's last)."""
         self.check_steps, self.lr, self.warmup_ratio = tuple(sorted(set(check_steps))), lr, warmup_ratio
         self.prior = None if prior is None else prior.detach().double().cpu()
-        self.poll_every = max(1, poll_every)
+        self.poll_every, self.last_step = max(1, poll_every), last_step
         self.stuck_at: list[int] = []  # check steps at which the loss was at chance
         self.losses: deque[Tensor] = deque(maxlen=WINDOW)
         self.references: deque = deque(maxlen=WINDOW)  # the prior's (loss sum, count) on each step's labels
@@ -118,7 +120,7 @@ class DivergenceGuard:
         at_once = not isinstance(loss, Tensor)
         loss = torch.as_tensor(loss).detach().double()
         self._pending.append((step, loss))
-        if at_once or step % self.poll_every == 0 or step in self.check_steps:
+        if at_once or step % self.poll_every == 0 or step in self.check_steps or step == self.last_step:
             bad = self._nonfinite()
             if bad is not None:
                 return (f"the training loss is {bad[1]} at step {bad[0]}: training diverged; lower --lr (now "
@@ -142,9 +144,9 @@ class DivergenceGuard:
         priced = [None if r is None else _mean_or_none(*r) for r in self.references]
         # the prior's loss on the window's labels when every step had them; else ln K
         reference = (sum(priced) / len(priced) if all(r is not None for r in priced) else chance)
-        mean = float(torch.stack([l.cpu() for l in self.losses]).mean())
+        mean = float(torch.stack(list(self.losses)).mean())
         seen = [c for c in self.classes if c is not None]
-        used = int(torch.stack([c.cpu() for c in seen]).any(dim=0).sum()) if seen else 0
+        used = int(torch.stack(seen).any(dim=0).sum()) if seen else 0
         one_class = self.num_classes >= 3 and used == 1
         if mean >= STUCK_SHARE * reference or (one_class and mean >= COLLAPSED_SHARE * reference):
             self.stuck_at.append(step)

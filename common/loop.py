@@ -121,7 +121,7 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
         prior = label_prior(dataset_labels(built.train_set), int(built.data.info.get("num_classes") or 0))
         guard = DivergenceGuard(accelerator.unwrap_model(built.model), lr=run.lr, warmup_ratio=run.warmup_ratio,
                                 check_steps=guard_check_steps(built.total_steps, run.warmup_ratio, per_step),
-                                prior=prior, poll_every=run.logging_steps)
+                                prior=prior, poll_every=run.logging_steps, last_step=built.total_steps)
     state = train(ctx, built.train_loader, built.train_set, built.scheduler, run, built.total_steps, state,
                   counter, guard)
     save_checkpoint(accelerator, output_dir, state)
