@@ -44,7 +44,9 @@ def versions() -> dict[str, str]:
 class PassCounts:
     """Training cost as exact pass counts, counted by :class:`samat.common.cost.PassCounter`: forward calls of
     the model and backward passes through its output, as calls and as examples (rows of the logits; a doubled
-    clean+adversarial batch is one call but twice the examples). The one declaration of these fields:
+    clean+adversarial batch is one call but twice the examples), of one process: under N processes each runs
+    every pass of every step on its share of the batch (``train_examples`` counts all). The one declaration of
+    these fields:
     :class:`Cost` (results.json) and ``checkpoint.TrainState`` (``trainer_state.json``) inherit them."""
 
     forward_passes: int = 0
