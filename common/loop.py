@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import RESULTS_FILE, TrainState, load_newest_readable, prepare_output_dir, save_checkpoint
 from .config import EvalArgs, RunArgs
 from .data import dataset_labels, eval_subset, train_subset
+from .errors import UsageError
 from .cost import PassCounter
 from .evaluate import evaluate_all
 from .guard import DivergenceGuard, label_prior
@@ -81,6 +82,7 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
     run, method, evals, specs = resolved.run, resolved.method, resolved.evals, list(resolved.specs)
     config_record = resolved.config()
     accelerator = make_accelerator(run)
+    check_sharding(accelerator, method)
     output_dir = Path(run.output_dir)
     for note in resolved.notes:
         logger.info(note)
@@ -140,6 +142,16 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
                         **{name: getattr(state, name) for name in PassCounter.FIELDS})
     finish(accelerator, run, results, output_dir, state.step)
     return results
+
+
+def check_sharding(accelerator: Any, method: ResolvedMethod) -> None:
+    """Refuse SAM-family updates under sharded training (FSDP, DeepSpeed ZeRO): SAM reads every parameter's
+    whole gradient and moves every whole weight, which a process of a sharded run does not hold."""
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if method.method.update != "plain" and kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise UsageError(f"--method {method.method.name} under {kind}: SAM-family updates need every parameter's "
+                         "whole gradient and weight on each process, which sharded training does not keep; "
+                         "launch with plain data parallelism (accelerate launch --multi_gpu)")
 
 
 def make_accelerator(run: RunArgs) -> Any:
