@@ -138,6 +138,9 @@ class RunResults:
             raise UsageError(f"{source} has schema_version {version!r}; this samat reads up to {SCHEMA_VERSION}: "
                              "upgrade samat")
         values = dict(values)
+        if "eval_precision" not in values:  # written before issue 26: evaluated under the training autocast
+            precision = values.get("mixed_precision", "no")
+            values["eval_precision"] = precision if precision in ("bf16", "fp16") else "fp32"
         if version == 0:
             values.setdefault("columns", legacy_columns(values["metrics"]))
             values.setdefault("headline_metric", "accuracy")
