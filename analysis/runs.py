@@ -197,7 +197,7 @@ def _sharpness(block: Optional[dict]) -> dict[str, float]:
 # Run flags that change neither what is trained nor what is measured: runs that differ only in these (and
 # the seed) are seeds of one setting. Every other run and task flag is part of the setting, so that e.g. a
 # 5-epoch and a 10-epoch run of one seed are never averaged as if they were two seeds.
-_NOT_RECIPE = frozenset({"task", "method", "seed", "output_dir", "resume", "overwrite", "log_with", "logging_steps",
+NOT_RECIPE = frozenset({"task", "method", "seed", "output_dir", "resume", "overwrite", "log_with", "logging_steps",
                          "num_workers", "cpu_threads", "checkpoint_every", "push_to_hub", "hub_model_id", "config",
                          "divergence_guard", "eval_batch_size"})
 
@@ -208,7 +208,7 @@ def _hyper(results: RunResults) -> dict[str, Any]:
     config = results.config or {}
     for block in ("run", "task"):
         for k, v in (config.get(block) or {}).items():
-            if k not in _NOT_RECIPE and k not in hyper:
+            if k not in NOT_RECIPE and k not in hyper:
                 hyper[k] = v
     return hyper
 

@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
 from samat.common.errors import UsageError
-from samat.common.stats import Interval, Stat, binomial_se, effect_interval, seeds_to_resolve, stat
+from samat.common.stats import Interval, Stat, binomial_se, effect_interval, seeds_to_resolve
 from samat.common.tables import format_table
 
-from .runs import _NOT_RECIPE, Run, Setting, eps_value, group
+from .runs import NOT_RECIPE, Run, Setting, eps_value, group
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive at this sample size"
 NO_EFFECT = "no effect within ±margin"  # a finding: the equivalence test puts the effect inside ±MARGIN
@@ -280,8 +280,9 @@ def paired(name: str, a: Setting, b: Setting, get: Getter, kind: str = "differen
 # ------------------------------------------------------------------------------------------- like with like
 
 
-# Evaluation flags that change nothing a verdict reads (batching, diagnostics, sharpness).
-_NOT_MEASURED = ("eval_batch_size", "eval_diagnostics", "sharpness")
+# Evaluation flags that change nothing a verdict reads (batching, diagnostics, sharpness, the cascade: the
+# suite's worst case is the same example by example with it or without it).
+_NOT_MEASURED = ("eval_batch_size", "eval_diagnostics", "sharpness", "eval_cascade")
 
 
 def comparable(run: Run, ep: Optional["Endpoint"]) -> dict[str, str]:
@@ -290,7 +291,7 @@ def comparable(run: Run, ep: Optional["Endpoint"]) -> dict[str, str]:
     evaluation flags and examples (``eval.*``, ``data.*``), and the attacks at each endpoint radius."""
     config = run.results.config or {}
     out = {f"recipe.{k}": repr(v) for block in ("run", "task") for k, v in (config.get(block) or {}).items()
-           if k not in _NOT_RECIPE}
+           if k not in NOT_RECIPE}
     out.update({f"eval.{k}": repr(v) for k, v in (config.get("eval") or {}).items()
                 if not k.startswith(_NOT_MEASURED)})
     out.update({f"data.{k}": repr(v) for k, v in (run.results.data or {}).items()})

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -114,7 +114,9 @@ class WorstIterate:
     """Per example, the point with the lowest ``score(logits)`` offered so far: the worst case for the model.
 
     ``score`` maps logits to ``(B,)``; lower means the attack did better (see
-    :func:`common.attack_losses.example_score`: any misclassifying point beats every correct one).
+    :func:`common.attack_losses.example_score`: any misclassifying point beats every correct one). Points may
+    be offered for a subset of the examples (``rows``, indices into the first offer's batch): the examples
+    still attacked once the others are done.
     """
 
     def __init__(self, score: Callable[[Tensor], Tensor], done_below: Optional[float] = None):
@@ -123,22 +125,68 @@ class WorstIterate:
         self.logits: Optional[Tensor] = None
         self.score: Optional[Tensor] = None
 
-    def offer(self, delta: Tensor, logits: Tensor) -> None:
+    def offer(self, delta: Tensor, logits: Tensor, rows: Optional[Tensor] = None) -> None:
         delta, logits = delta.detach(), logits.detach()
         score = self.score_fn(logits).detach()
-        if self.score is None:
-            self.delta, self.logits, self.score = delta, logits, score
+        if self.score is None:  # copies: later offers write into these, and the attack may still hold delta
+            self.delta, self.logits, self.score = delta.clone(), logits.clone(), score.clone()
             return
-        better = score < self.score  # strict: on a tie the earlier point stays
-        self.delta = torch.where(_rows(better, delta), delta, self.delta)
-        self.logits = torch.where(_rows(better, logits), logits, self.logits)
-        self.score = torch.where(better, score, self.score)
+        if rows is None:
+            rows = torch.arange(len(self.score), device=score.device)
+        better = score < self.score[rows]  # strict: on a tie the earlier point stays
+        self.delta[rows] = torch.where(_rows(better, delta), delta, self.delta[rows])
+        self.logits[rows] = torch.where(_rows(better, logits), logits, self.logits[rows])
+        self.score[rows] = torch.where(better, score, self.score[rows])
+
+    def done_rows(self, rows: Tensor) -> Tensor:
+        """``(len(rows),)`` bool: has each of ``rows`` a point scoring below ``done_below``?"""
+        if self.done_below is None or self.score is None:
+            return torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+        return self.score[rows] < self.done_below
 
     def done(self) -> bool:
         """Has every example a point scoring below ``done_below`` (e.g. misclassified)? Then no further
         iterate can change what is counted, and the attack may stop."""
         return (self.done_below is not None and self.score is not None
                 and bool((self.score < self.done_below).all()))
+
+
+# The problem restricted to some rows of the batch: ``rows -> (surface, objective, score)``.
+Narrow = Callable[[Tensor], tuple[AttackSurface, Callable[[Tensor, int], Tensor], Callable[[Tensor], Tensor]]]
+
+
+class _Active:
+    """The examples an evaluation attack still works on: their ``rows`` in the batch and the problem
+    restricted to them. With a ``narrow``, an example leaves as soon as ``worst`` counts it done (broken), so
+    no later forward or backward pass is spent on it; every example's own trajectory is unchanged (per-example
+    objectives, per-example steps)."""
+
+    def __init__(self, surface: AttackSurface, objective, worst: Optional[WorstIterate],
+                 narrow: Optional[Narrow]):
+        self.surface, self.objective, self.worst, self.narrow = surface, objective, worst, narrow
+        self.rows = torch.arange(len(surface.x), device=surface.x.device)
+
+    def offer(self, delta: Tensor, logits: Tensor) -> None:
+        if self.worst is not None:
+            self.worst.offer(delta, logits, self.rows)
+
+    def finished(self) -> bool:
+        """Is every example done (nothing left to fool)?"""
+        return self.worst is not None and bool(self.worst.done_rows(self.rows).all())
+
+    def keep(self) -> Optional[Tensor]:
+        """``(n,)`` bool of the active examples to keep, or None when no example leaves (or no ``narrow``)."""
+        if self.narrow is None or self.worst is None:
+            return None
+        done = self.worst.done_rows(self.rows)
+        if not done.any():
+            return None
+        keep = ~done
+        self.rows = self.rows[keep]
+        if len(self.rows):
+            self.surface, self.objective, score = self.narrow(self.rows)
+            self.worst.score_fn = score
+        return keep
 
 
 def _value_and_grad(surface: AttackSurface, objective: Callable[[Tensor, int], Tensor], delta: Tensor,
@@ -153,18 +201,20 @@ def _value_and_grad(surface: AttackSurface, objective: Callable[[Tensor, int], T
     return value.detach(), logits.detach(), grad
 
 
-def _pgd_steps(surface: AttackSurface, objective, delta: Tensor, eps: float, alpha: float, steps: int,
-               norm: str, worst: Optional[WorstIterate]) -> Tensor:
-    """Fixed-step PGD (Madry et al.); every iterate but the last is offered to ``worst`` (the caller
-    evaluates the last)."""
+def _pgd_steps(active: _Active, delta: Tensor, eps: float, alpha: float, steps: int, norm: str) -> Tensor:
+    """Fixed-step PGD (Madry et al.); every iterate but the last is offered to the worst-iterate record (the
+    caller evaluates the last). Returns the last iterate of the examples still active."""
     for step in range(steps):
-        _, logits, grad = _value_and_grad(surface, objective, delta, step)
-        if worst is not None:
-            worst.offer(delta, logits)
-            if worst.done():
-                break
+        _, logits, grad = _value_and_grad(active.surface, active.objective, delta, step)
+        active.offer(delta, logits)
+        if active.finished():
+            break
+        keep = active.keep()
+        if keep is not None:
+            delta, grad = delta[keep], grad[keep]
         with torch.no_grad():
-            delta = project(delta + alpha * ascent_direction(grad, surface, norm), surface, eps, norm)
+            delta = project(delta + alpha * ascent_direction(grad, active.surface, norm), active.surface, eps,
+                            norm)
     return delta
 
 
@@ -184,21 +234,20 @@ def apgd_checkpoints(steps: int) -> dict[int, int]:
     return out
 
 
-def _apgd_steps(surface: AttackSurface, objective, delta: Tensor, eps: float, steps: int, norm: str,
-                worst: Optional[WorstIterate]) -> Tensor:
+def _apgd_steps(active: _Active, delta: Tensor, eps: float, steps: int, norm: str) -> Tensor:
     """APGD (Croce & Hein 2020, Alg. 1): step ``2 eps`` per example, momentum 0.75, and at each checkpoint
     the step is halved, and the iterate reset to the best point, for examples whose loss rose in fewer than
     75% of the window's steps or whose best loss has not moved since an unhalved checkpoint.
 
-    ``objective`` must return per-example values ``(B,)``. Returns the best-loss point; every iterate is
-    offered to ``worst``.
+    ``objective`` must return per-example values ``(B,)``. Returns the best-loss point of the examples still
+    active; every iterate is offered to the worst-iterate record.
     """
-    loss, logits, grad = _value_and_grad(surface, objective, delta, 0)
+    surface = active.surface
+    loss, logits, grad = _value_and_grad(surface, active.objective, delta, 0)
     if loss.shape != delta.shape[:1]:
         raise ValueError(f"APGD needs a per-example objective of shape {tuple(delta.shape[:1])}, "
                          f"got {tuple(loss.shape)}")
-    if worst is not None:
-        worst.offer(delta, logits)
+    active.offer(delta, logits)
     eta = _rows(torch.full_like(loss, 2.0 * eps), delta)
     best_loss, best_delta, best_grad = loss, delta, grad
     previous = delta
@@ -207,17 +256,23 @@ def _apgd_steps(surface: AttackSurface, objective, delta: Tensor, eps: float, st
     best_at_last = best_loss
     checkpoints = apgd_checkpoints(steps)
     for i in range(steps):
+        keep = active.keep()
+        if keep is not None:  # the broken examples leave; every per-example state follows
+            delta, previous, grad, eta, loss, increases = (t[keep] for t in (delta, previous, grad, eta, loss,
+                                                                             increases))
+            best_loss, best_delta, best_grad, halved_last, best_at_last = (
+                t[keep] for t in (best_loss, best_delta, best_grad, halved_last, best_at_last))
+            surface = active.surface
         with torch.no_grad():
             momentum = 1.0 if i == 0 else APGD_MOMENTUM
             z = project(delta + eta * ascent_direction(grad, surface, norm), surface, eps, norm)
             # The momentum step mixes the new point with the last move; project again onto ball and box.
             step = momentum * (z - delta) + (1 - momentum) * (delta - previous)
             previous, delta = delta, project(delta + step, surface, eps, norm)
-        new_loss, logits, grad = _value_and_grad(surface, objective, delta, i)
-        if worst is not None:
-            worst.offer(delta, logits)
-            if worst.done():
-                return delta
+        new_loss, logits, grad = _value_and_grad(surface, active.objective, delta, i)
+        active.offer(delta, logits)
+        if active.finished():
+            return delta
         increases += (new_loss > loss).float()
         loss = new_loss
         improved = loss > best_loss
@@ -257,6 +312,8 @@ def run_pgd(
     score: Optional[Callable[[Tensor], Tensor]] = None,
     schedule: str = "pgd",
     done_below: Optional[float] = None,
+    starts: Optional[Sequence[Tensor]] = None,
+    narrow: Optional[Narrow] = None,
 ) -> AttackResult:
     """Maximise ``objective(surface.forward(delta), step)`` over ``delta`` in the eps-ball.
 
@@ -279,6 +336,13 @@ def run_pgd(
             momentum).
         done_below: with a ``score``, stop as soon as every example has a point scoring below this (with
             :func:`common.attack_losses.example_score`, 1.0: every example misclassified).
+        starts: explicit start of each restart (overrides ``init`` and ``random_init``), shaped like
+            ``surface.x``, already scaled by ``eps_scale``; projected first. Evaluation draws them for the whole
+            batch and passes its rows, so an example's start does not depend on which others are attacked.
+        narrow: with ``score`` and ``done_below``, ``rows -> (surface, objective, score)``, the same problem
+            restricted to ``rows`` (indices into this batch). An example then leaves the attack as soon as it
+            is done (and later restarts start only the others): the same per-example result for
+            per-example objectives, without the passes on broken examples.
 
     The caller chooses the model's mode (``with eval_mode(model)``) — the engine always attacks in eval
     mode. Only ``delta``'s gradient is taken (``torch.autograd.grad``), so parameters' ``.grad`` are untouched.
@@ -298,17 +362,23 @@ def run_pgd(
         if worst is not None:
             with torch.no_grad():
                 worst.offer(delta, surface.forward(delta))
+    active = _Active(surface, objective, worst, narrow if done_below is not None else None)
     for restart in range(restarts if eps and steps else 0):
-        if worst is not None and worst.done():
-            break
-        delta = _start(surface, eps, norm, init if restart == 0 else None, random_init or restart > 0)
+        if restart:
+            if active.finished():
+                break
+            active.keep()  # later restarts start only the examples not yet done
+        if starts is not None:
+            delta = project(starts[restart][active.rows].detach(), active.surface, eps, norm)
+        else:
+            delta = _start(active.surface, eps, norm, init if restart == 0 else None, random_init or restart > 0)
         if schedule == "apgd":
-            delta = _apgd_steps(surface, objective, delta, eps, steps, norm, worst)
+            delta = _apgd_steps(active, delta, eps, steps, norm)
             continue
-        delta = _pgd_steps(surface, objective, delta, eps, alpha * surface.eps_scale, steps, norm, worst)
-        if worst is not None and not worst.done():
+        delta = _pgd_steps(active, delta, eps, alpha * surface.eps_scale, steps, norm)
+        if worst is not None and not active.finished():
             with torch.no_grad():
-                worst.offer(delta, surface.forward(delta))
+                active.offer(delta, active.surface.forward(delta))
     if worst is None:
         return AttackResult(delta.detach())
     return AttackResult(worst.delta, worst.logits, worst.score)

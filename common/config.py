@@ -149,10 +149,12 @@ class MethodArgs:
         default=None, metadata={"help": "SAM/ASAM neighbourhood radius (default 0.05 for sam, 0.5 for asam)."}
     )
     asam_eta: float = field(default=0.01, metadata={"help": "ASAM's eta: |w| + eta scales the ball."})
-    sam_sync: str = field(
-        default="local",
+    sam_sync: Optional[str] = field(
+        default=None,
         metadata={"help": "Multi-process SAM: 'local' perturbs each replica with its own gradient (as the "
-                  "original SAM, first pass under no_sync); 'global' uses the all-reduced gradient."},
+                  "original SAM, first pass under no_sync); 'global' uses the all-reduced gradient. Default: "
+                  "local under DDP; global under FSDP, where each rank holds only a shard of the gradient "
+                  "(local is refused there)."},
     )
     train_eps: Optional[str] = field(
         default=None,
@@ -229,6 +231,14 @@ class EvalArgs:
         default=1, metadata={"help": "Random restarts per attack; each keeps its worst iterate per example."}
     )
     eval_apgd_steps: int = field(default=100, metadata={"help": "Iterations of the APGD attacks (AutoAttack: 100)."})
+    eval_cascade: bool = field(
+        default=True,
+        metadata={"help": "Run each suite attack only on the examples still robust after the task's PGD and the "
+                  "suite attacks before it (as AutoAttack's standard run does): the suite's worst case is the "
+                  "same, at a fraction of the cost, and each suite attack's entry counts what is robust after "
+                  "it and everything before it. false: every attack on every example (its standalone "
+                  "number)."},
+    )
     eval_diagnostics: Optional[bool] = field(
         default=None,
         metadata={"help": "Gradient-masking diagnostics on a subset (PGD vs APGD gap, huge radius, Square vs "

@@ -4,7 +4,8 @@ Run on the first ``--eval_diagnostics_examples`` evaluation examples, at the lar
 (Carlini et al. 2019, "On evaluating adversarial robustness"; Croce & Hein 2020's AutoAttack checks):
 
 (i) ``pgd_vs_white_box``: the evaluation's PGD must not sit more than 3 points above the strongest white-box
-    attack (APGD-CE / APGD-DLR on the subset; on the full set, the suite's other white-box attacks if any).
+    attack (APGD-CE / APGD-DLR, each alone, on the subset; on the full set, the suite's other white-box attacks
+    if any: the strongest alone, or in a cascade the white-box part of the cascade as a whole).
 (ii) ``huge_radius``: at L-inf 64/255 (pixels; for embeddings, a radius of the mean token-embedding norm) no
     image survives, so accuracy must fall to about chance (1/K + 0.05).
 (iii) ``black_box_vs_white_box`` (pixel-space classifiers): Square, which needs no gradient, must not fool
@@ -168,24 +169,46 @@ def _judge(frac: dict[str, float], counts: dict[str, Tensor], classes: int, norm
     return out
 
 
-def full_set_gaps(robust: dict, planned: list[Planned], metric: str) -> list[Diagnostic]:
+def _cascade_rival(planned: list[Planned], norm: str) -> tuple[Optional[str], list[str]]:
+    """In a cascade, the white-box rival of ``pgd-<norm>``: the last suite member before the first black-box
+    one (its entry counts what survives it and every attack before it), and those attacks' keys."""
+    run, rival = [], None
+    for p in planned:
+        if p.norm != norm:
+            continue
+        if p.member and not p.white_box:
+            break
+        run.append(p.key)
+        rival = p.key if p.member else rival
+    return rival, run
+
+
+def full_set_gaps(robust: dict, planned: list[Planned], metric: str, cascade: bool = False) -> list[Diagnostic]:
     """(i) on the whole evaluation set, at every radius: ``pgd-<norm>`` against the suite's other white-box
-    attacks of that norm, where the suite ran any."""
+    attacks of that norm, where the suite ran any. Full mode: against the strongest of them alone. In a
+    ``cascade`` each member's entry counts what is robust after it and every attack before it, so PGD is
+    compared with the white-box part of the cascade as a whole (a gap at least the full mode's)."""
     out = []
     for norm in dict.fromkeys(p.norm for p in planned):
         pgd_key = f"pgd-{norm}"
-        rivals = [p.key for p in planned if p.norm == norm and p.white_box and p.key != pgd_key
-                  and not p.key.startswith("segpgd")]
+        if cascade:
+            rival, run = _cascade_rival(planned, norm)
+            rivals = [rival] if rival else []
+        else:
+            rivals = [p.key for p in planned if p.norm == norm and p.white_box and p.key != pgd_key
+                      and not p.key.startswith("segpgd")]
         if pgd_key not in robust or not rivals:
             continue
         for label, m in robust[pgd_key].items():
             values = {k: robust[k][label][metric] for k in rivals if label in robust[k]}
             name, best = min(values.items(), key=lambda kv: kv[1])
+            shown = f"the cascade {' -> '.join(run)}" if cascade else name
             gap = m[metric] - best
             out.append(Diagnostic("pgd_vs_white_box", _within(gap, GAP_TOLERANCE),
-                                  f"{norm} eps {label}, full set: PGD {m[metric]:.3f} vs {name} {best:.3f} "
+                                  f"{norm} eps {label}, full set: PGD {m[metric]:.3f} vs {shown} {best:.3f} "
                                   f"(gap {gap:+.3f}, tolerance {GAP_TOLERANCE})",
-                                  {"norm": norm, "eps": label, "pgd": m[metric], name: best}))
+                                  {"norm": norm, "eps": label, "pgd": m[metric], name: best,
+                                   "cascade": cascade}))
     return out
 
 

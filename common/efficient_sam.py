@@ -135,9 +135,9 @@ def aesam_update(ctx: StepContext, objective: Objective, micro_batches: list[dic
     # the all-reduced gradient; its largest value over the processes (one float all-reduce), so that every
     # process takes the same branch (and keeps the same EMAs) even where their arithmetic differs in the
     # last bit.
-    norm = global_norm(grads) if grads else torch.zeros(())
+    norm = global_norm(grads) if grads else torch.zeros((), device=getattr(ctx.accelerator, "device", "cpu"))
     if ctx.accelerator.num_processes > 1:
-        norm = ctx.accelerator.reduce(norm.to(ctx.accelerator.device).reshape(1), reduction="max")[0]
+        norm = ctx.accelerator.reduce(norm.reshape(1), reduction="max")[0]
     sq = (norm.item() / loss_scale(ctx)) ** 2
     sam_step = False
     if math.isfinite(sq):  # an fp16 overflow leaves the EMAs alone; the plain step below is then skipped

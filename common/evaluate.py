@@ -55,13 +55,14 @@ def _radii(planned: list[Planned], norm: str) -> list[tuple[str, float]]:
 
 def _attack_alive(p: Planned, model: nn.Module, task: Task, batch: dict, eps: float,
                   base: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """``p`` at ``eps``, combined per example with ``base`` (the clean point, or this attack's worst at the
-    previous, smaller radius: it lies in this ball too). Only examples with something left to fool are
-    attacked; for the others ``base`` already is a witness, so the count is the same and the work is not."""
+    """``p`` at ``eps``, combined per example with ``base``: the clean point, this attack's worst at the
+    previous, smaller radius (it lies in this ball too), or in a cascade the worst of every attack before it.
+    Only examples with something left to fool are attacked; for the others ``base`` already is a witness, so
+    the count is the same and the work is not."""
     alive = (base[1] >= DONE_BELOW).nonzero().flatten()
-    if len(alive) == 0:
+    result = p.run(model, task, batch, eps, alive)  # draws its random starts even when nothing is alive
+    if result is None:
         return base
-    result = p.run(model, task, select(batch, alive), eps)
     sub = worse((base[0][alive], base[1][alive]), (result.logits, result.score))
     logits, score = base[0].clone(), base[1].clone()
     logits[alive], score[alive] = sub
@@ -146,9 +147,14 @@ def per_example_counts(classes: Tensor, num_classes: int) -> Tensor:
 
 
 def _attack_batch(model: nn.Module, task: Task, batch: dict, planned: list[Planned], suite_norms: set[str],
-                  rec: _Recorder) -> None:
+                  rec: _Recorder, cascade: bool = False) -> None:
     """The eps-0 check and every planned attack at every radius (increasing) on one batch; the suite's worst
-    per norm and radius."""
+    per norm and radius.
+
+    The task's own attacks each run on the examples they have not broken at a smaller radius. A suite member
+    runs, in full mode, likewise on its own; in a ``cascade``, only on the examples still robust after the
+    task's attacks, the members before it at this radius, and the whole suite at the smaller radii: its entry
+    then counts what is robust after all of those, and the suite's worst case is the full mode's."""
     with torch.no_grad():  # recomputed: the clean pass ran over the whole set first (collapse is known then)
         clean_logits = task.forward(model, batch).detach()
     surface = task.surface(model, batch)
@@ -157,12 +163,13 @@ def _attack_batch(model: nn.Module, task: Task, batch: dict, planned: list[Plann
     clean = (clean_logits, score_fn(task, batch)(clean_logits))
     last: dict[str, tuple[Tensor, Tensor]] = {}  # attack key -> its worst at the last radius
     for norm in dict.fromkeys(p.norm for p in planned):
+        suite_worst = clean  # the suite's worst at the previous radius, then at this one
         for label, eps in _radii(planned, norm):
-            suite_worst = clean
             for p in planned:
                 if p.norm != norm or label not in dict(p.eps):
                     continue
-                last[p.key] = _attack_alive(p, model, task, batch, eps, last.get(p.key, clean))
+                base = suite_worst if cascade and p.member else last.get(p.key, clean)
+                last[p.key] = _attack_alive(p, model, task, batch, eps, base)
                 rec.add((p.key, label), last[p.key][0], batch)
                 suite_worst = worse(suite_worst, last[p.key])
             if norm in suite_norms:
@@ -271,9 +278,14 @@ def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any, att
     show = accelerator.is_local_main_process
     # Eval mode (BatchNorm statistics, no dropout); fp32 unless ``precision`` is "train" (the run's autocast:
     # the losses and scores then read logits in float32).
+    # Each pass over the loader draws its base seed from torch's global RNG; restoring it after the clean pass
+    # gives the attacks' random starts the very draws they had when clean and attacks shared one pass, so a
+    # seed's robust numbers do not depend on whether a clean pass came first.
+    rng = torch.get_rng_state()
     with eval_mode(model), _precision(accelerator, precision):
         for batch in tqdm(dataloader, desc="eval clean", leave=False, disable=not show):
             _clean_batch(model, task, batch, rec)
+    torch.set_rng_state(rng)
     predicted = {str(i): int(c) for i, c in enumerate(rec.sums.sums["predicted"].tolist())}
     skipped = collapse_reason(predicted)
     collapsed = skipped is not None
@@ -290,7 +302,8 @@ def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any, att
     if planned:
         with eval_mode(model), _precision(accelerator, precision):
             for batch in tqdm(dataloader, desc="eval attacks", leave=False, disable=not show):
-                _attack_batch(model, task, batch, planned, suite_norms, rec)
+                _attack_batch(model, task, batch, planned, suite_norms, rec, cascade=suite is not None
+                              and suite.cascade)
     clean = rec.metrics("clean")
     robust: dict[str, dict[str, dict]] = {}
     for p in planned:
@@ -317,7 +330,7 @@ def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any, att
     if suite is not None:
         out["suite"] = {**suite.describe(), "members": members}
         if suite.diagnostics and planned:
-            gaps = full_set_gaps(robust, planned, _count_metric(clean))
+            gaps = full_set_gaps(robust, planned, _count_metric(clean), cascade=suite.cascade)
             with eval_mode(model), _precision(accelerator, precision):
                 out["diagnostics"] = masking_diagnostics(model, task, dataloader, accelerator, attacks, suite,
                                                          steps, gaps)

@@ -15,11 +15,10 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, get_type_hints
 
 from .checkpoint import RESULTS_FILE
 from .config import EvalArgs, RunArgs, non_default_fields, resolve_defaults
@@ -34,7 +33,7 @@ EXTERNAL_METHOD = "external"  # the method of a --model nobody trained here: unk
 
 
 @dataclass
-class EvaluateArgs:
+class _EvaluateOwnArgs:
     model: Optional[list[str]] = field(
         default=None,
         metadata={"help": "Models to evaluate besides the run folders: hub ids, timm:<name>, built-in names or local "
@@ -43,31 +42,40 @@ class EvaluateArgs:
     task: Optional[str] = field(
         default=None, metadata={"help": "Task of the --model models (default vision); run folders know theirs."}
     )
-    dataset: Optional[str] = field(
-        default=None,
-        metadata={"help": "Dataset (hub id, save_to_disk folder, built-in). Default: each run's own; the task's "
-                  "embedded dataset for --model."},
-    )
-    dataset_config: Optional[str] = field(default=None, metadata={"help": "Dataset config name on the hub."})
-    eval_split: Optional[str] = field(
-        default=None, metadata={"help": "Split to attack. Default: the run's, else 'test', else 'validation'."}
-    )
-    label_column: Optional[str] = field(default=None, metadata={"help": "Label (mask) column. Default: the run's."})
-    max_eval_samples: Optional[int] = field(
-        default=None,
-        metadata={"help": "Attack N examples (a seeded shuffle; 0 = all). Default: as many as the run evaluated "
-                  "(the same ones); for --model, all on a GPU and the task's CPU subset on CPU."},
-    )
-    eval_batch_size: Optional[int] = field(default=None, metadata={"help": "Per-process batch size."})
-    seed: Optional[int] = field(
-        default=None, metadata={"help": "Seed of the example subset and the attacks' random starts (the run's)."}
-    )
     output: str = field(
         default=EVALUATIONS_DIR,
         metadata={"help": "Folder for the evaluation files of --model models (<slug>-<suite>.json); run folders "
                   "get theirs in <run>/evaluations/<suite>.json."},
     )
-    cpu_threads: Optional[int] = field(default=None, metadata={"help": "Torch CPU threads (default: every core)."})
+
+
+# RunArgs fields that `samat evaluate` takes too: their type and help come from RunArgs; only what the default
+# means here is said (a run folder's own value, or the task's for --model).
+_SHARED_RUN_FLAGS = {
+    "dataset": "Default: each run's own; the task's embedded dataset for --model.",
+    "dataset_config": "",
+    "eval_split": "Default: the run's, else 'test', else 'validation'.",
+    "label_column": "Default: the run's.",
+    "max_eval_samples": "Default: as many as the run evaluated (the same ones); for --model, all on a GPU and the "
+                        "task's CPU subset on CPU.",
+    "eval_batch_size": "",
+    "seed": "Default: the run's (the example subset and the attacks' random starts).",
+    "cpu_threads": "Default: every core.",
+}
+
+
+def _shared_field(name: str, default_note: str) -> tuple[str, Any, Any]:
+    """``(name, Optional[type], field)`` of RunArgs' ``name`` with ``None`` (the run's value) as default."""
+    run_field = {f.name: f for f in fields(RunArgs)}[name]
+    help_text = run_field.metadata["help"].split(" Default:")[0]
+    kind = get_type_hints(RunArgs)[name]
+    return name, Optional[kind], field(default=None, metadata={"help": f"{help_text} {default_note}".strip()})
+
+
+EvaluateArgs = make_dataclass("EvaluateArgs", [_shared_field(n, d) for n, d in _SHARED_RUN_FLAGS.items()],
+                              bases=(_EvaluateOwnArgs,))
+EvaluateArgs.__module__ = __name__
+EvaluateArgs.__doc__ = "The flags of ``samat evaluate`` besides EvalArgs and the task's: what to evaluate and where."
 
 
 @dataclass
@@ -232,16 +240,6 @@ def resolve_targets(ev: EvaluateArgs, evals: EvalArgs, task_args: Any, runs: lis
 # ---------------------------------------------------------------------------------------- evaluation
 
 
-class _Recorded(SimpleNamespace):
-    """How a saved model was trained, as ``loop.evaluate`` reads a method: ``.method.name``, ``describe()``."""
-
-    def __init__(self, name: str, resolved: dict):
-        super().__init__(method=SimpleNamespace(name=name), resolved=dict(resolved))
-
-    def describe(self) -> dict:
-        return dict(self.resolved)
-
-
 def evaluate_target(target: Target, built: Any, evals: EvalArgs, accelerator: Any) -> RunResults:
     """``loop.evaluate`` on a built target; the record says how the model was trained, what was evaluated."""
     from accelerate.utils import set_seed
@@ -250,8 +248,8 @@ def evaluate_target(target: Target, built: Any, evals: EvalArgs, accelerator: An
 
     set_seed(target.run.seed)
     started = time.perf_counter()
-    results = evaluate(target.run, _Recorded(target.method, target.method_resolved), evals, target.task,
-                       accelerator, built, target.specs)
+    results = evaluate(target.run, target.method, dict(target.method_resolved), evals, target.task, accelerator,
+                       built, target.specs)
     results.cost = Cost(eval_wall_s=round(time.perf_counter() - started, 3))
     if target.record is not None:
         results.data["train_examples"] = target.record.data.get("train_examples")
@@ -280,7 +278,7 @@ def comparison_table(rows: list[tuple[str, RunResults]]) -> str:
 
 def main(argv: Sequence[str]) -> list[tuple[str, RunResults]]:
     """Parse, check, build every model, evaluate each, write the files, print the table."""
-    from .loop import build, make_accelerator
+    from .loop import build_for_evaluation, make_accelerator
 
     ev, evals, task_args, runs = parse(argv)
     if ev.max_eval_samples is not None and ev.max_eval_samples < 0:
@@ -300,7 +298,7 @@ def main(argv: Sequence[str]) -> list[tuple[str, RunResults]]:
         from accelerate.utils import set_seed
 
         set_seed(t.run.seed)
-        built.append(build(t.run, t.task, accelerator))
+        built.append(build_for_evaluation(t.run, t.task, accelerator))
 
     rows = []
     for t, b in zip(targets, built):

@@ -158,10 +158,11 @@ class DivergenceGuard:
                 level = (f"no lower than predicting the training labels' prior ({reference:.3f} on the same "
                          f"examples; prior entropy {prior_entropy(self.prior):.3f}, ln {self.num_classes} = "
                          f"{chance:.3f})")
+            warmup = ("a longer warm-up" if self.warmup_ratio >= 0.1 else "a warm-up") + \
+                f" (--warmup_ratio, now {self.warmup_ratio:g})"
             return (f"after {step} steps the model {what}still has a training loss of {mean:.3f}, {level}: it "
-                    f"is not learning beyond the label prior; try {self._lr_advice(mean, reference)}, a warm-up "
-                    f"(--warmup_ratio 0.1, now {self.warmup_ratio:g}) or more steps (--epochs, --max_steps); "
-                    "--divergence_guard false trains on regardless")
+                    f"is not learning beyond the label prior; try {self._lr_advice(mean, reference)}, {warmup} "
+                    "or more steps (--epochs, --max_steps); --divergence_guard false trains on regardless")
         return None
 
     def _lr_advice(self, mean: float, reference: float) -> str:

@@ -25,12 +25,11 @@ from torch.utils.data import DataLoader
 from .checkpoint import RESULTS_FILE, TrainState, load_newest_readable, prepare_output_dir, save_checkpoint
 from .config import EvalArgs, RunArgs
 from .data import dataset_labels, eval_subset, train_subset
-from .errors import UsageError
 from .cost import PassCounter
 from .evaluate import evaluate_all
 from .guard import DivergenceGuard, label_prior
 from .guard import check_steps as guard_check_steps
-from .methods import ResolvedMethod, StepContext
+from .methods import StepContext
 from .model_io import publish
 from .results import Cost, RunResults, baseline_columns, versions
 from .sharpness import measure_sharpness
@@ -59,18 +58,27 @@ def set_cpu_threads(requested: Optional[int], accelerator: Any) -> int:
 
 
 @dataclass
-class Prepared:
-    """What :func:`build` hands to training and evaluation: prepared model, optimizer, loaders, scheduler."""
+class Evaluable:
+    """What evaluation needs (:func:`build_for_evaluation`): the task's data, the evaluation subset and its
+    loader, and the prepared model. ``train_examples``: the size of the training subset, when one was built."""
 
     data: TaskData
-    train_set: Any
     eval_set: Any
     model: nn.Module
-    optimizer: torch.optim.Optimizer
-    train_loader: Any
     eval_loader: Any
-    scheduler: Any
-    total_steps: int
+    train_examples: Optional[int] = None
+
+
+@dataclass
+class Prepared(Evaluable):
+    """What :func:`build` hands to training and evaluation: besides :class:`Evaluable`, the training subset
+    and its loader, the optimizer and the schedule, all prepared."""
+
+    train_set: Any = None
+    optimizer: Optional[torch.optim.Optimizer] = None
+    train_loader: Any = None
+    scheduler: Any = None
+    total_steps: int = 0
 
 
 def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
@@ -82,10 +90,12 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
     run, method, evals, specs = resolved.run, resolved.method, resolved.evals, list(resolved.specs)
     config_record = resolved.config()
     accelerator = make_accelerator(run)
-    check_sharding(accelerator, method)
     output_dir = Path(run.output_dir)
     for note in resolved.notes:
         logger.info(note)
+    if resolved.engine.sharded and accelerator.distributed_type.value.lower() != resolved.engine.sharded:
+        logger.warning("the launch asked for %s, but Accelerate engaged %s (it shards on accelerators only): "
+                       "this run is not sharded", resolved.engine.sharded, accelerator.distributed_type.value)
     if run.resume and (output_dir / RESULTS_FILE).is_file() and not run.overwrite:
         results = RunResults.read(output_dir / RESULTS_FILE)
         if accelerator.is_main_process:
@@ -133,7 +143,9 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
     save_model(accelerator, task, built.model, output_dir)
 
     eval_started = time.perf_counter()
-    results = evaluate(run, method, evals, task, accelerator, built, specs, resolved.suite)
+    results = evaluate(run, method.method.name, method.describe(), evals, task, accelerator, built, specs,
+                       resolved.suite)
+    results.extra["engine"] = engine_record(resolved.engine, accelerator)
     results.config = config_record
     results.warnings = damaged + results.warnings
     results.cost = Cost(train_wall_s=round(state.train_wall_s, 3),
@@ -144,14 +156,11 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
     return results
 
 
-def check_sharding(accelerator: Any, method: ResolvedMethod) -> None:
-    """Refuse SAM-family updates under sharded training (FSDP, DeepSpeed ZeRO): SAM reads every parameter's
-    whole gradient and moves every whole weight, which a process of a sharded run does not hold."""
-    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-    if method.method.update != "plain" and kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise UsageError(f"--method {method.method.name} under {kind}: SAM-family updates need every parameter's "
-                         "whole gradient and weight on each process, which sharded training does not keep; "
-                         "launch with plain data parallelism (accelerate launch --multi_gpu)")
+def engine_record(engine: Any, accelerator: Any) -> dict:
+    """What results.json says of the distributed engine: what the launch asked for and what Accelerate
+    engaged (on CPU, Accelerate runs an FSDP or DeepSpeed launch as DDP)."""
+    return {"requested": engine.sharded or "none", "fsdp_version": engine.fsdp_version,
+            "engaged": str(accelerator.distributed_type.value)}
 
 
 def make_accelerator(run: RunArgs) -> Any:
@@ -172,17 +181,30 @@ def make_accelerator(run: RunArgs) -> Any:
     return accelerator
 
 
-def build(run: RunArgs, task: Task, accelerator: Any) -> Prepared:
-    """Data and model from the task, the seeded subsets and loaders, optimizer and schedule, all prepared."""
+def _task_data(run: RunArgs, task: Task, accelerator: Any) -> tuple[TaskData, Any, DataLoader]:
+    """The task's data and model, the seeded evaluation subset and its (unprepared) loader."""
     with accelerator.main_process_first():
         data = task.build(run, accelerator)
-    train_set = train_subset(data.train_dataset, run)
     eval_set = eval_subset(data.eval_dataset, run)
+    eval_loader = DataLoader(eval_set, batch_size=run.eval_batch_size, shuffle=False,
+                             collate_fn=data.collate_fn, num_workers=run.num_workers)
+    return data, eval_set, eval_loader
+
+
+def build_for_evaluation(run: RunArgs, task: Task, accelerator: Any) -> Evaluable:
+    """Data, model and evaluation loader, prepared; no optimizer and no training loader (``samat evaluate``)."""
+    data, eval_set, eval_loader = _task_data(run, task, accelerator)
+    model, eval_loader = accelerator.prepare(data.model, eval_loader)
+    return Evaluable(data, eval_set, model, eval_loader)
+
+
+def build(run: RunArgs, task: Task, accelerator: Any) -> Prepared:
+    """Data and model from the task, the seeded subsets and loaders, optimizer and schedule, all prepared."""
+    data, eval_set, eval_loader = _task_data(run, task, accelerator)
+    train_set = train_subset(data.train_dataset, run)
     loader_generator = torch.Generator().manual_seed(run.seed)
     train_loader = DataLoader(train_set, batch_size=run.batch_size, shuffle=True, collate_fn=data.collate_fn,
                               num_workers=run.num_workers, generator=loader_generator)
-    eval_loader = DataLoader(eval_set, batch_size=run.eval_batch_size, shuffle=False,
-                             collate_fn=data.collate_fn, num_workers=run.num_workers)
     optimizer = make_optimizer(data.model, run)
     batches_per_epoch = math.ceil(len(train_set) / (run.batch_size * accelerator.num_processes))
     steps_per_epoch = math.ceil(batches_per_epoch / run.gradient_accumulation_steps)
@@ -190,8 +212,8 @@ def build(run: RunArgs, task: Task, accelerator: Any) -> Prepared:
     scheduler = make_scheduler(optimizer, run, total_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         data.model, optimizer, train_loader, eval_loader, scheduler)
-    return Prepared(data, train_set, eval_set, model, optimizer, train_loader, eval_loader, scheduler,
-                    total_steps)
+    return Prepared(data, eval_set, model, eval_loader, len(train_set), train_set, optimizer, train_loader,
+                    scheduler, total_steps)
 
 
 def start_trackers(accelerator: Any, run: RunArgs, config_record: dict) -> None:
@@ -209,9 +231,10 @@ def save_model(accelerator: Any, task: Task, model: nn.Module, output_dir: Path)
         task.save_model(accelerator.unwrap_model(model), str(output_dir / "model"))
 
 
-def evaluate(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: Task, accelerator: Any,
-             built: Prepared, specs: list[AttackSpec], suite: Optional[Suite] = None) -> RunResults:
+def evaluate(run: RunArgs, method: str, method_resolved: dict, evals: EvalArgs, task: Task, accelerator: Any,
+             built: Evaluable, specs: list[AttackSpec], suite: Optional[Suite] = None) -> RunResults:
     """Clean and robust metrics with sanity checks, the task's own evaluation and columns, sharpness.
+    ``method``/``method_resolved``: how the model was trained (the method's name and its hyper-parameters).
 
     In fp32 unless ``--eval_precision train``: Accelerate's autocast comes off the model's forward (for good:
     training is over), so the clean pass, every attack, the task's own evaluation and the sharpness probe see
@@ -236,10 +259,10 @@ def evaluate(run: RunArgs, method: ResolvedMethod, evals: EvalArgs, task: Task, 
     return RunResults.from_dict({
         **evaluation,
         "task": task.name,
-        "method": method.method.name,
+        "method": method,
         "headline_metric": task.headline_metric,
-        "method_resolved": method.describe(),
-        "data": {**built.data.info, "train_examples": len(built.train_set), "eval_examples": len(built.eval_set)},
+        "method_resolved": method_resolved,
+        "data": {**built.data.info, "train_examples": built.train_examples, "eval_examples": len(built.eval_set)},
         "sharpness": sharpness,
         "columns": {**baseline_columns(evaluation.get("majority_baseline")),
                     **task.extra_columns(evaluation["metrics"])},

@@ -61,11 +61,13 @@ class ResolvedMethod:
         return out
 
 
-def resolve_method(name: str, args: MethodArgs, task: Task, explicit: set[str]) -> ResolvedMethod:
+def resolve_method(name: str, args: MethodArgs, task: Task, explicit: set[str],
+                   sharded: bool = False) -> ResolvedMethod:
     """Check the flags against the method and fill the task's defaults.
 
     ``explicit`` is the set of MethodArgs fields the user set; a flag the method does not read is an error
-    rather than silently ignored.
+    rather than silently ignored. ``sharded``: the model is sharded (FSDP), where SAM's ascent must use the
+    reduce-scattered gradient: ``--sam_sync`` defaults to ``global`` and ``local`` is refused.
     """
     method = lookup(METHODS, "method", name)
     unused = sorted(explicit - method.flags)
@@ -74,7 +76,12 @@ def resolve_method(name: str, args: MethodArgs, task: Task, explicit: set[str]) 
                          f"{', '.join('--' + f for f in sorted(method.flags)) or 'no method flags'})")
     defaults = task.defaults
     norm = args.train_norm or defaults.train_norm
-    resolved = ResolvedMethod(method=method, sam_sync=args.sam_sync, eta=args.asam_eta,
+    if sharded and args.sam_sync == "local" and "sam_sync" in method.flags:
+        # FSDP2 keeps an un-synced gradient unsharded and out of .grad: the ascent would move nothing
+        raise UsageError("--sam_sync local: under FSDP each rank holds only its shard of the gradient, so the "
+                         "per-replica ascent is not available; use --sam_sync global (the default under FSDP)")
+    sam_sync = args.sam_sync or ("global" if sharded else "local")
+    resolved = ResolvedMethod(method=method, sam_sync=sam_sync, eta=args.asam_eta,
                               trades_beta=args.trades_beta, norm=norm)
     if "rho" in method.flags:
         resolved.rho = DEFAULT_RHO[method.update] if args.rho is None else args.rho

@@ -122,7 +122,29 @@ def _front_matter(results: RunResults, model_dir: Path) -> str:
     }
     if pipeline_tag:
         meta["pipeline_tag"] = pipeline_tag
+    meta["model-index"] = model_index(results, pipeline_tag)
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def model_index(results: RunResults, pipeline_tag: Optional[str]) -> list[dict]:
+    """The hub's machine-readable ``model-index``, built with ``huggingface_hub``'s ``EvalResult``: the clean
+    headline metric, and one robust value per attack (suite member or suite worst case) x radius, with the
+    suite, attack, radius and number of examples in the metric arguments."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    dataset = str(results.data.get("dataset") or "unknown")
+    n = results.data.get("eval_examples")
+    suite = (results.extra.get("suite") or {}).get("name", "pgd")
+    metric = results.headline_metric
+    common = dict(task_type=pipeline_tag or "other", dataset_type=dataset, dataset_name=dataset,
+                  dataset_split=results.data.get("eval_split"), metric_type=metric)
+    rows = [EvalResult(**common, metric_value=results.clean, metric_name=f"clean {metric}",
+                       metric_args={"examples": n})]
+    rows += [EvalResult(**common, metric_value=value, metric_name=f"robust {metric} ({attack}, eps {eps})",
+                        metric_args={"suite": suite, "attack": attack, "eps": eps, "examples": n})
+             for attack, eps, value in results.robust()]
+    name = f"samat-{results.task}-{results.method}"
+    return ModelCardData(model_name=name, eval_results=rows).to_dict()["model-index"]
 
 
 def _suite_line(results: RunResults) -> str:
@@ -162,7 +184,7 @@ def model_card(results: RunResults, model_dir: Path, evaluations: Iterable[tuple
     classes = data.get("class_names") or data.get("label_names") or []
     body = [
         f"# {results.task} model trained with `{results.method}` by samat", "",
-        f"Method: **{results.method}**, trained by [samat](https://pypi.org/project/samat/) "
+        f"Method: **{results.method}**, trained by samat "
         f"(`samat run --task {results.task} --method {results.method}`).", "",
         "## Hyper-parameters", "", format_table(["name", "value"], list(hyper.items())), "",
         "## Data", "",

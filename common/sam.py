@@ -29,6 +29,15 @@ from .step import (Objective, StepContext, StepResult, UpdateRule, all_processes
 _TINY = 1e-12
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    return hasattr(t, "to_local") and hasattr(t, "placements")
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (a view that writes through), or ``t`` itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
 class SAM:
     """Perturb the parameters of ``optimizer`` to the SAM (or ASAM) ascent point and back.
 
@@ -102,8 +111,13 @@ class SAM:
     @torch.no_grad()
     def restore(self) -> None:
         """Put the saved weights back exactly; keeps the current ``.grad`` (the descent gradient)."""
-        if self._saved:
-            torch._foreach_copy_(list(self._saved), list(self._saved.values()))
+        params, saved = list(self._saved), list(self._saved.values())
+        if params and any(_is_dtensor(p) for p in params):
+            # FSDP2's sharded parameters: DTensor has no sharding rule for _foreach_copy_; each shard copies
+            # its own saved shard (no gathering).
+            torch._foreach_copy_([_local(p) for p in params], [_local(w) for w in saved])
+        elif params:
+            torch._foreach_copy_(params, saved)
         self._saved = {}
 
 

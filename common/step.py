@@ -79,8 +79,8 @@ def all_processes(accelerator: Any, flag: Tensor) -> bool:
     enter, or pair it with the wrong one. One all-reduce under several processes; none in a single one."""
     if accelerator.num_processes == 1:
         return bool(flag)
-    return bool(accelerator.reduce(flag.to(accelerator.device, torch.float32).reshape(1), reduction="sum")
-                .item() == accelerator.num_processes)
+    votes = accelerator.reduce(flag.to(torch.float32).reshape(1), reduction="sum")  # on the flag's device
+    return bool(votes.item() == accelerator.num_processes)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,18 @@ Every evaluation runs the task's own attacks (``pgd-linf``, ``pgd-l2``; SegPGD f
 Single attacks can be named too (``--eval_attacks apgd-cw aa-square``). Per example, each attack keeps the worst
 point it found (and the clean point, so an example counts as robust only if it is also correct clean); the suite
 keeps, per example, the worst over all attacks of the same norm.
+
+**Cascade** (``--eval_cascade``, the default): as AutoAttack's standard run, each suite attack runs only on the
+examples still robust after the task's own attacks, the suite attacks before it at this radius and the whole
+suite at the smaller radii; and every attack drops an example as soon as it is broken. The suite's worst case
+is the full evaluation's, example by example: an example's outcome under one attack depends on nothing but
+the example and its random start, and the starts are drawn for the whole batch in both modes (the library
+attacks of ``autoattack`` seed their own starts per subset: for them the worst case is AutoAttack's, not
+bit-for-bit the full mode's). What changes is the meaning of a suite member's entry: in a cascade,
+``apgd-dlr-linf`` counts the examples robust after ``pgd-linf``, ``apgd-ce-linf`` *and* ``apgd-dlr-linf``
+("robust after the members up to this one"); with ``--eval_cascade false`` it counts APGD-DLR alone. The task's
+own attacks (``pgd-<norm>``, SegPGD) are never cascaded: their entries are their standalone numbers. The
+gradient-masking diagnostics run their PGD-vs-APGD comparison on their subset with each attack alone, as before.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .attack_losses import LOSSES, example_score
-from .attacks import AttackResult, project, run_pgd
+from .attacks import AttackResult, project, random_start, run_pgd
 from .errors import UsageError
 from .library_attacks import LIBRARY_ATTACKS, WHITE_BOX, library_attack
 from .task import AttackSpec, Task
@@ -63,6 +75,7 @@ class Suite:
     apgd_steps: int = 100
     diagnostics: bool = False
     diagnostics_examples: int = 100
+    cascade: bool = True
 
     def key(self, norm: str) -> str:
         """The results key of the suite's worst case in ``norm``, e.g. ``"apgd-suite-linf"``."""
@@ -70,7 +83,7 @@ class Suite:
 
     def describe(self) -> dict:
         return {"name": self.name, "attacks": [a.name for a in self.attacks], "restarts": self.restarts,
-                "apgd_steps": self.apgd_steps, "diagnostics": self.diagnostics}
+                "apgd_steps": self.apgd_steps, "diagnostics": self.diagnostics, "cascade": self.cascade}
 
 
 def library_capable(task: Task) -> bool:
@@ -112,7 +125,7 @@ def resolve_suite(task: Task, evals: Any) -> Suite:
         diagnostics = bool(members)  # on for apgd/autoattack, off for pgd: keeps pgd's cost
     return Suite(name="+".join(names), attacks=tuple(ATTACKS[m] for m in members), restarts=evals.eval_restarts,
                  apgd_steps=evals.eval_apgd_steps, diagnostics=diagnostics,
-                 diagnostics_examples=evals.eval_diagnostics_examples)
+                 diagnostics_examples=evals.eval_diagnostics_examples, cascade=evals.eval_cascade)
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -151,38 +164,80 @@ def worse(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, T
 @dataclass(frozen=True)
 class Planned:
     """One attack of an evaluation: its results key, norm, radii ``[(label, value)]`` and how to run it on a
-    batch: ``run(model, task, batch, eps) -> AttackResult`` with logits and score."""
+    batch: ``run(model, task, batch, eps, rows=None) -> AttackResult`` with logits and score for ``rows``
+    (indices into ``batch``; all when None), or None when ``rows`` is empty. ``member``: a suite attack
+    (cascaded after the task's own attacks), not one of the task's."""
 
     key: str
     norm: str
     eps: list[tuple[str, float]]
     white_box: bool
-    run: Callable[[nn.Module, Task, dict, float], AttackResult]
+    run: Callable[..., Optional[AttackResult]]
+    member: bool = False
+
+
+def _rows(batch: dict, rows: Optional[Tensor]) -> Tensor:
+    labels = batch["labels"]
+    return torch.arange(len(labels), device=labels.device) if rows is None else rows
+
+
+def _starts(task: Task, model: nn.Module, batch: dict, eps: float, norm: str, restarts: int) -> list[Tensor]:
+    """One random start per restart for every example of ``batch``, drawn whether or not it is attacked: an
+    example's start, and so its result, does not depend on which other examples are still attacked (the
+    cascade and the full evaluation draw the same numbers)."""
+    surface = task.surface(model, batch)
+    return [random_start(surface, eps * surface.eps_scale, norm) for _ in range(restarts)]
+
+
+def _own_problem(model: nn.Module, task: Task, batch: dict, objective_of: Callable[[dict], Callable]):
+    """``rows -> (surface, objective, score)`` of ``batch`` restricted to ``rows``."""
+    def narrow(rows: Tensor):
+        sub = select(batch, rows)
+        return task.surface(model, sub), objective_of(sub), score_fn(task, sub)
+    return narrow
 
 
 def _spec_runner(spec: AttackSpec, steps: int, restarts: int):
-    def run(model: nn.Module, task: Task, batch: dict, eps: float) -> AttackResult:
-        surface = task.surface(model, batch)
+    def run(model: nn.Module, task: Task, batch: dict, eps: float, rows: Optional[Tensor] = None):
+        starts = _starts(task, model, batch, eps, spec.norm, restarts)
+        rows = _rows(batch, rows)
+        if not len(rows):
+            return None
         # Madry et al.'s step 2.5 eps / steps, the objective the task chose (its loss, SegPGD's).
-        return run_pgd(surface, lambda logits, step: spec.objective(logits, batch, step, steps), eps=eps,
-                       alpha=2.5 * eps / steps, steps=steps, norm=spec.norm, restarts=restarts,
-                       score=score_fn(task, batch), done_below=DONE_BELOW)
+        narrow = _own_problem(model, task, batch,
+                              lambda sub: lambda logits, step: spec.objective(logits, sub, step, steps))
+        surface, objective, score = narrow(rows)
+        return run_pgd(surface, objective, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=spec.norm,
+                       restarts=restarts, score=score, done_below=DONE_BELOW,
+                       starts=[s[rows] for s in starts], narrow=lambda r: narrow(rows[r]))
     return run
 
 
 def _own_runner(attack: AttackDef, norm: str, steps: int, restarts: int):
     loss = LOSSES[attack.loss]
 
-    def run(model: nn.Module, task: Task, batch: dict, eps: float) -> AttackResult:
-        surface, mask = task.surface(model, batch), task.loss_mask(batch)
-        return run_pgd(surface, lambda logits, step: loss(logits, batch["labels"], mask), eps=eps, steps=steps,
-                       norm=norm, restarts=restarts, score=score_fn(task, batch), schedule=attack.schedule,
-                       done_below=DONE_BELOW)
+    def run(model: nn.Module, task: Task, batch: dict, eps: float, rows: Optional[Tensor] = None):
+        starts = _starts(task, model, batch, eps, norm, restarts)
+        rows = _rows(batch, rows)
+        if not len(rows):
+            return None
+        narrow = _own_problem(model, task, batch, lambda sub: lambda logits, step: loss(
+            logits, sub["labels"], task.loss_mask(sub)))
+        surface, objective, score = narrow(rows)
+        return run_pgd(surface, objective, eps=eps, steps=steps, norm=norm, restarts=restarts, score=score,
+                       schedule=attack.schedule, done_below=DONE_BELOW, starts=[s[rows] for s in starts],
+                       narrow=lambda r: narrow(rows[r]))
     return run
 
 
 def _library_runner(attack: AttackDef, norm: str, restarts: int, **budget: int):
-    def run(model: nn.Module, task: Task, batch: dict, eps: float) -> AttackResult:
+    def run(model: nn.Module, task: Task, batch: dict, eps: float, rows: Optional[Tensor] = None):
+        rows = _rows(batch, rows)
+        if not len(rows):
+            return None
+        # The library seeds its own generator (the global one is restored): its random starts follow the
+        # position of an example in the subset it is given, so they differ between cascade and full mode.
+        batch = select(batch, rows)
         surface = task.surface(model, batch)
         classify = lambda x: task.forward(model, {**batch, task.recipe.input_key: x})  # noqa: E731
         x_adv = library_attack(attack.name, classify, model, surface.x, batch["labels"], eps=eps, norm=norm,
@@ -206,5 +261,5 @@ def plan(specs: list[AttackSpec], suite: Optional[Suite], steps: int, **library_
         for attack in (suite.attacks if suite else ()):
             run = (_library_runner(attack, norm, restarts, **library_budget) if attack.library
                    else _own_runner(attack, norm, suite.apgd_steps, restarts))
-            planned.append(Planned(f"{attack.name}-{norm}", norm, eps, attack.white_box, run))
+            planned.append(Planned(f"{attack.name}-{norm}", norm, eps, attack.white_box, run, member=True))
     return planned

@@ -81,13 +81,14 @@ def resolve(argv: list[str]):
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from samat.common.resolve import resolve_run
+    from samat.common.resolve import Engine, resolve_run
 
     run, method_args, eval_args, task = parse(argv)
     # The first PartialState fixes the process group for the whole run: without cpu=, a CPU multi-process
     # launch (ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu) became N independent single-process runs.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    return resolve_run(run, method_args, eval_args, task, on_gpu=state.device.type != "cpu"), task
+    return resolve_run(run, method_args, eval_args, task, on_gpu=state.device.type != "cpu",
+                       engine=Engine.from_environment()), task
 
 
 def main(argv: Optional[list[str]] = None) -> None:

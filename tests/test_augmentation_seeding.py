@@ -44,3 +44,20 @@ def test_same_seed_epoch_index_same_example_whatever_the_global_rng():
         dataset.set_epoch(1)
         changed = [dataset[i]["pixel_values"] for i in range(4)]
         assert any(not torch.equal(a, b) for a, b in zip(first, changed))
+
+
+def test_decoded_once_batches_are_the_items_read_one_by_one():
+    g = torch.Generator().manual_seed(0)
+    features = datasets.Features({"image": datasets.Array2D((8, 8), "uint8"), "label": datasets.Value("int64")})
+    data = datasets.Dataset.from_dict({"image": torch.randint(0, 256, (20, 8, 8), generator=g).numpy(),
+                                       "label": list(range(20))}, features=features)
+    batched, single = (ImageClassification(data, "image", "label", 3, 12, augment=True, seed=4) for _ in "ab")
+    single._cache = None  # the per-item Arrow path
+    for ds in (batched, single):
+        ds.set_epoch(1)
+    rows = [7, 3, 19, 3]
+    got = batched.__getitems__(rows)
+    assert batched._cache is not None and batched._cache[0].shape == (20, 3, 12, 12)
+    for item, i in zip(got, rows):
+        want = single[i]
+        assert torch.equal(item["pixel_values"], want["pixel_values"]) and item["labels"] == want["labels"] == i

@@ -175,3 +175,20 @@ def test_push_to_hub_offline_is_refused(monkeypatch):
     run = type("Run", (), {"push_to_hub": True, "output_dir": "x"})()
     with pytest.raises(UsageError, match="--push_to_hub: the Hugging Face hub cannot be reached"):
         check_push_to_hub(run)
+
+
+def test_model_card_model_index_parses_back_with_the_results(tmp_path):
+    from huggingface_hub import ModelCard
+
+    results = _results("sam-at")
+    (tmp_path / "samat_model.json").write_text(json.dumps({"kind": "builtin"}))
+    (tmp_path / "README.md").write_text(model_card(results, tmp_path))
+    card = ModelCard.load(tmp_path / "README.md")
+    rows = card.data.eval_results
+    assert len(rows) == 1 + len(results.robust())
+    assert rows[0].metric_name == "clean accuracy" and rows[0].metric_value == results.clean
+    robust = {(r.metric_args["attack"], r.metric_args["eps"]): r.metric_value for r in rows[1:]}
+    assert robust == {(a, e): v for a, e, v in results.robust()}
+    assert all(r.metric_args["suite"] == "pgd" and r.metric_args["examples"] == results.data.get("eval_examples")
+               for r in rows[1:])
+    assert "pypi.org" not in card.text

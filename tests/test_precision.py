@@ -130,17 +130,3 @@ def test_bf16_run_records_fp32_evaluation_and_a_bf16_one_on_request(tmp_path, mo
     assert (again["mixed_precision"], again["eval_precision"]) == ("bf16", "bf16")
     assert again["metrics"]["clean"]["examples"] == trained["metrics"]["clean"]["examples"] == 24
 
-
-def test_sam_family_is_refused_under_sharded_training():
-    from types import SimpleNamespace
-
-    from accelerate.utils import DistributedType
-
-    from samat.common.errors import UsageError
-    from samat.common.loop import check_sharding
-
-    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
-    with pytest.raises(UsageError, match="sam-at under FSDP"):
-        check_sharding(fsdp, resolved("sam-at"))
-    check_sharding(fsdp, resolved("pgd-at"))  # a plain update is not refused
-    check_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), resolved("sam"))

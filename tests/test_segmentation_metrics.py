@@ -90,3 +90,26 @@ def test_segpgd_weights_correct_and_wrong_pixels():
         expected = ((1 - lam) * ce[0] + lam * ce[1]) / 3
         got = objective(logits, {"labels": labels}, step, steps)
         assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_miou_and_pixel_accuracy_equal_torchmetrics():
+    """Oracle: torchmetrics' per-class Jaccard index (IoU) over the classes present in prediction or target,
+    and its micro accuracy over labelled pixels, on random maps with an ignore index."""
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_jaccard_index
+
+    g = torch.Generator().manual_seed(3)
+    classes, ignore = 5, 255
+    target = torch.randint(0, classes - 1, (6, 12, 12), generator=g)  # class 4 never in the target
+    target[:, :2] = ignore
+    pred = torch.randint(0, classes, (6, 12, 12), generator=g)
+    pred[pred == 3] = 2  # class 3 only in the target
+    counts = confusion_counts(pred, target, classes, ignore).sum(dim=0)
+    ours = segmentation_metrics(counts)
+    per_class = multiclass_jaccard_index(pred, target, num_classes=classes, average="none", ignore_index=ignore)
+    valid = target != ignore
+    present = torch.zeros(classes, dtype=torch.bool)
+    present[pred[valid].unique()] = True
+    present[target[valid].unique()] = True
+    assert ours["miou"] == pytest.approx(float(per_class[present].mean()), abs=1e-6)
+    accuracy = multiclass_accuracy(pred, target, num_classes=classes, average="micro", ignore_index=ignore)
+    assert ours["pixel_accuracy"] == pytest.approx(float(accuracy), abs=1e-6)

@@ -101,6 +101,11 @@ def match_channels(x: Tensor, channels: int) -> Tensor:
     raise UsageError(f"cannot map {x.shape[0]}-channel images to a {channels}-channel model")
 
 
+# Datasets whose prepared images take at most this many bytes are decoded once, into one tensor (Fashion-MNIST's
+# 60,000 images: 188 MB); larger ones are read item by item.
+DECODE_ONCE_BYTES = 1 << 30
+
+
 class ImageClassification(torch.utils.data.Dataset):
     """Items ``{"pixel_values": (C, S, S) float in [0, 1], "labels": int64}`` from a ``datasets.Dataset``.
 
@@ -130,15 +135,53 @@ class ImageClassification(torch.utils.data.Dataset):
         """Called by the training loop at each epoch start: new augmentations every epoch."""
         self.epoch = epoch
 
-    def __getitem__(self, index: int) -> dict:
-        row = self.data[int(index)]
-        x = match_channels(to_chw_float(row[self.image_column]), self.channels)
+    def _prepare(self, image: Any) -> Tensor:
+        """One stored image -> ``(C, S, S)`` float in ``[0, 1]``, before augmentation."""
+        x = match_channels(to_chw_float(image), self.channels)
         if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
             x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", align_corners=False,
                               antialias=True)[0].clamp(0, 1)
+        return x
+
+    def _decoded(self) -> Optional[tuple[Tensor, Tensor]]:
+        """Every image prepared once, ``(N, C, S, S)``, with the labels ``(N,)``, for a dataset whose images
+        come out of Arrow as one array (e.g. Fashion-MNIST's ``Array2D``) and fit in
+        :data:`DECODE_ONCE_BYTES`; None otherwise (then each item is read on its own). The same
+        ``_prepare`` per image as the per-item path, so the tensors are bit-identical to it."""
+        if not hasattr(self, "_cache"):
+            self._cache = None
+            if not hasattr(self.data, "with_format") or not len(self.data):
+                return None
+            first = self._prepare(self.data[0][self.image_column])
+            if first.numel() * first.element_size() * len(self.data) > DECODE_ONCE_BYTES:
+                return None
+            # One read of the column, not N rows.
+            images = self.data.with_format("numpy", columns=[self.image_column])[:][self.image_column]
+            if isinstance(images, np.ndarray) and images.dtype != object:
+                self._cache = (torch.stack([self._prepare(image) for image in images]), self.labels())
+        return self._cache
+
+    def _item(self, x: Tensor, label: Tensor, index: int) -> dict:
         if self.augment:
             x = random_crop_flip(x, example_generator(self.seed, self.epoch, int(index)))
-        return {"pixel_values": x, "labels": torch.tensor(int(row[self.label_column]), dtype=torch.long)}
+        return {"pixel_values": x, "labels": label}
+
+    def __getitem__(self, index: int) -> dict:
+        decoded = self._decoded()
+        if decoded is not None:
+            return self._item(decoded[0][int(index)], decoded[1][int(index)], index)
+        row = self.data[int(index)]
+        return self._item(self._prepare(row[self.image_column]),
+                          torch.tensor(int(row[self.label_column]), dtype=torch.long), index)
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A batch's items at once (the DataLoader calls this instead of one ``__getitem__`` per index)."""
+        decoded = self._decoded()
+        if decoded is None:
+            return [self[i] for i in indices]
+        rows = torch.as_tensor([int(i) for i in indices], dtype=torch.long)
+        images, labels = decoded[0][rows], decoded[1][rows]
+        return [self._item(images[k], labels[k], i) for k, i in enumerate(indices)]
 
 
 def random_crop_flip(x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:

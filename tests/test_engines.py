@@ -1,0 +1,136 @@
+"""Sharded engines (issue 20): what a launch under FSDP or DeepSpeed may run is decided before anything is
+written. SAM-family methods are refused under DeepSpeed and FSDP1 with one line naming FSDP2; under FSDP
+``--sam_sync`` defaults to ``global`` and ``local`` is refused; ERM and plain AT pass. The engine is read from the
+environment ``accelerate launch`` sets, and a run records what it asked for and what Accelerate engaged."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import load_script
+
+from samat.common.errors import UsageError
+from samat.common.resolve import Engine
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--task", "vision", "--model", "small_cnn", "--max_train_samples", "32", "--max_eval_samples", "8",
+        "--max_steps", "2", "--sharpness_examples", "0", "--log_with", "none"]
+
+
+@pytest.fixture(scope="module")
+def run_py():
+    return load_script("run")
+
+
+@pytest.mark.parametrize("env, engine", [
+    ({}, Engine()),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, Engine("deepspeed")),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, Engine("fsdp", 2)),
+    ({"ACCELERATE_USE_FSDP": "true"}, Engine("fsdp", 1)),  # the launcher's own default version
+])
+def test_the_engine_is_read_from_the_launchers_environment(monkeypatch, env, engine):
+    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "FSDP_VERSION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Engine.from_environment() == engine
+
+
+def _resolve(run_py, tmp_path, engine, *flags):
+    from accelerate import PartialState
+
+    run, method_args, evals, task = run_py.parse([*TINY, "--output_dir", str(tmp_path / "r"), *flags])
+    from samat.common.resolve import resolve_run
+
+    return resolve_run(run, method_args, evals, task, on_gpu=PartialState().device.type != "cpu", engine=engine)
+
+
+@pytest.mark.parametrize("method", ["sam", "asam", "sam-at", "sam-every-k", "looksam", "ae-sam-at"])
+def test_sam_family_is_refused_under_deepspeed_and_fsdp1(run_py, tmp_path, method):
+    with pytest.raises(UsageError, match="not supported under DeepSpeed.*--use_fsdp --fsdp_version 2"):
+        _resolve(run_py, tmp_path, Engine("deepspeed"), "--method", method)
+    with pytest.raises(UsageError, match="FSDP version 1.*--fsdp_version 2"):
+        _resolve(run_py, tmp_path, Engine("fsdp", 1), "--method", method)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("method", ["erm", "pgd-at", "trades"])
+def test_erm_and_plain_at_pass_under_every_engine(run_py, tmp_path, method):
+    for engine in (Engine("deepspeed"), Engine("fsdp", 1), Engine("fsdp", 2)):
+        assert _resolve(run_py, tmp_path, engine, "--method", method).method.method.name == method
+
+
+def test_fsdp_takes_the_global_ascent_and_refuses_local(run_py, tmp_path):
+    assert _resolve(run_py, tmp_path, Engine("fsdp", 2), "--method", "sam").method.sam_sync == "global"
+    assert _resolve(run_py, tmp_path, Engine(), "--method", "sam").method.sam_sync == "local"  # DDP default
+    with pytest.raises(UsageError, match="--sam_sync local: under FSDP.*use --sam_sync global"):
+        _resolve(run_py, tmp_path, Engine("fsdp", 2), "--method", "sam", "--sam_sync", "local")
+
+
+def test_a_deepspeed_launch_of_sam_is_one_error_line(tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_DEEPSPEED": "true"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "run.py"), *TINY, "--method", "sam",
+                           "--output_dir", str(tmp_path / "r")], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --method sam is not supported under DeepSpeed")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
+
+
+def test_a_run_records_the_engine_asked_for_and_engaged(run_py, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    run_py.main([*TINY, "--method", "sam", "--output_dir", str(tmp_path / "r")])
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    # one CPU process: Accelerate engages no FSDP here, and the record says so instead of claiming sharding
+    assert results["engine"] == {"requested": "fsdp", "fsdp_version": 2, "engaged": "NO"}
+    assert results["method_resolved"]["sam_sync"] == "global"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["sam", "asam"])
+def test_sam_on_fsdp2_shards_equals_one_process(tmp_path, rule):
+    """FSDP2 with unequal shards, 2 gloo processes: ``e`` is the single-process perturbation of the whole batch
+    (so no norm was taken over one shard: SAM's ||e|| = rho, ASAM's ||e / T|| = rho), restore is exact, and the
+    descent gradient is the single-process gradient at ``w + e`` with nothing left of the ascent pass."""
+    import torch
+    import torch.nn.functional as F
+
+    from samat.common.sam import SAM
+    sys.path.insert(0, str(ROOT / "tests"))
+    import fsdp_sam_worker as W
+
+    out, rho = tmp_path / "fsdp.pt", 0.5 if rule == "asam" else 0.05
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    with socket.socket() as probe:  # a free port: other test runs may hold the usual ones
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", port,
+                           str(ROOT / "tests" / "fsdp_sam_worker.py"), str(out), str(rho), rule],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out)
+    assert got["shard_rows"][0] == 3  # the first weight's 5 rows split 3 + 2: unequal shards
+
+    net, (x, y) = W.model(), W.batch()
+    before = [p.detach().clone() for p in net.parameters()]
+    F.cross_entropy(net(x), y).backward()
+    sam = SAM(torch.optim.SGD(net.parameters(), lr=0.1), rho=rho, adaptive=rule == "asam")
+    sam.perturb()
+    e = [p.detach() - b for p, b in zip(net.parameters(), before)]
+    net.zero_grad(set_to_none=True)
+    F.cross_entropy(net(x), y).backward()
+    descent = [p.grad.clone() for p in net.parameters()]
+    for mine, ref in zip(got["e"], e):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-7)
+    if rule == "sam":
+        assert float(torch.linalg.vector_norm(torch.cat([t.flatten() for t in got["e"]]))) == pytest.approx(rho)
+    for mine, ref in zip(got["restored"], before):
+        assert torch.equal(mine, ref)
+    for mine, ref in zip(got["descent"], descent):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-7)
