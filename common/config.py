@@ -117,9 +117,15 @@ class RunArgs:
                   "use (accelerate launch sets OMP_NUM_THREADS=1, which would leave the other cores idle); "
                   "otherwise the launcher's setting."},
     )
+    find_unused_parameters: bool = field(
+        default=False,
+        metadata={"help": "Multi-process: let DDP find parameters that get no gradient in a step (hub models with "
+                  "unused heads or poolers fail without it; it costs an extra pass over the graph each step)."},
+    )
     divergence_guard: bool = field(
         default=True,
-        metadata={"help": "Stop with one line (exit 2, no results.json) when the training loss is non-finite, or "
+        metadata={"help": "Stop with one line (exit 2, no results.json) when the training loss is non-finite (read "
+                  "every --logging_steps steps, not to wait on the device every step), or "
                   "no lower than predicting the training labels' prior (its entropy; ln K when balanced) after the "
                   "warm-up and 512 examples and again at twice that step, naming the likely fix (--lr, "
                   "--warmup_ratio, more steps); false trains on regardless."},
@@ -225,6 +231,9 @@ class MethodArgs:
     )
 
 
+EVAL_PRECISIONS = ("fp32", "train")
+
+
 @dataclass
 class EvalArgs:
     eval_linf: Optional[list[str]] = field(
@@ -277,6 +286,13 @@ class EvalArgs:
         metadata={"help": "Radii of the adaptive (ASAM-form) sharpness probe, in units of |w| + 0.01."},
     )
     sharpness_steps: int = field(default=5, metadata={"help": "Projected ascent steps of the sharpness probe."})
+    eval_precision: str = field(
+        default="fp32",
+        metadata={"help": "Precision of the evaluation (clean, attacks, sharpness): fp32 (default, whatever the "
+                  "training precision: bf16/fp16 round the attacks' inputs and gradients, and AutoAttack and "
+                  "RobustBench evaluate in fp32) or train (the run's --mixed_precision autocast). results.json "
+                  "records it as eval_precision."},
+    )
     attack_collapsed: bool = field(
         default=False,
         metadata={"help": "Attack a model that predicts a single class for every evaluation example (and run the "
@@ -343,6 +359,8 @@ def parse_eps_list(values: Optional[list[str]], default: tuple[str, ...], *, pix
 
 def validate(run: RunArgs, method: MethodArgs, evals: EvalArgs) -> None:
     """Range checks that do not need the task. Raises ``UsageError``."""
+    if evals.eval_precision not in EVAL_PRECISIONS:
+        raise UsageError(f"--eval_precision: {evals.eval_precision!r} is not one of {', '.join(EVAL_PRECISIONS)}")
     check_choice("--optimizer", run.optimizer, OPTIMIZERS)
     check_choice("--lr_scheduler", run.lr_scheduler, SCHEDULERS)
     check_choice("--sam_sync", method.sam_sync, SAM_SYNC)

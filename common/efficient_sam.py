@@ -23,9 +23,12 @@ State (step counter, SAM-step count, LookSAM's cached direction, AE-SAM's EMAs) 
 so ``accelerator.save_state``/``load_state`` checkpoint and restore it with the momentum, and ``--resume``
 continues bit-identically without any extra file.
 
-Multi-process: ``sam-every-k`` takes plain SAM steps (``--sam_sync`` as for ``sam``). ``looksam`` and
-``ae-sam`` all-reduce the first gradient (as ``--sam_sync global``): on their cheap steps it is the descent
-gradient, and LookSAM's g_v and AE-SAM's decision must be the same on every replica.
+Multi-process: ``sam-every-k`` takes plain SAM steps (``--sam_sync`` as for ``sam``); its schedule is the step
+counter in the optimizer state, the same on every process (all step together, and resume restores it).
+``looksam`` and ``ae-sam`` all-reduce the first gradient (as ``--sam_sync global``): on their cheap steps it is
+the descent gradient, and LookSAM's g_v and AE-SAM's decision must be the same on every replica (AE-SAM's
+gradient norm is all-reduced too, so the branch is agreed, not merely computed alike). Every fp16 overflow
+skip is agreed across processes (``common/sam.py``).
 """
 
 from __future__ import annotations
@@ -128,8 +131,14 @@ def aesam_update(ctx: StepContext, objective: Objective, micro_batches: list[dic
     prepared = [objective.prepare(ctx, b) for b in micro_batches]
     loss = backward_all(ctx, objective, micro_batches, prepared, sync_last=True)
     _, grads = _indexed_grads(ctx.optimizer)
-    # One host sync per step: the decision is a branch in Python. The true (unscaled) gradient's norm.
-    sq = (global_norm(grads).item() / loss_scale(ctx)) ** 2 if grads else 0.0
+    # One host sync per step: the decision is a branch in Python. The true (unscaled) gradient's norm, of
+    # the all-reduced gradient; its largest value over the processes (one float all-reduce), so that every
+    # process takes the same branch (and keeps the same EMAs) even where their arithmetic differs in the
+    # last bit.
+    norm = global_norm(grads) if grads else torch.zeros((), device=getattr(ctx.accelerator, "device", "cpu"))
+    if ctx.accelerator.num_processes > 1:
+        norm = ctx.accelerator.reduce(norm.reshape(1), reduction="max")[0]
+    sq = (norm.item() / loss_scale(ctx)) ** 2
     sam_step = False
     if math.isfinite(sq):  # an fp16 overflow leaves the EMAs alone; the plain step below is then skipped
         delta = m.aesam_delta

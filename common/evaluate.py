@@ -17,6 +17,7 @@ processes.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -128,11 +129,21 @@ def _clean_batch(model: nn.Module, task: Task, batch: dict, rec: _Recorder) -> N
     with torch.no_grad():
         clean_logits = task.forward(model, batch).detach()
     rec.add("clean", clean_logits, batch)
-    preds = task.predictions(clean_logits).flatten()
-    rec.sums.add("predicted", torch.bincount(preds, minlength=clean_logits.shape[1]).float()[None])
+    k = clean_logits.shape[1]
+    # Counts per example (rows), so that gather_for_metrics drops exactly the padded duplicates.
+    rec.sums.add("predicted", per_example_counts(task.predictions(clean_logits), k))
     if rec.classes is not None:
-        counts = torch.bincount(batch["labels"].flatten(), minlength=clean_logits.shape[1])
-        rec.sums.add("labels", counts.float()[None])
+        rec.sums.add("labels", per_example_counts(batch["labels"], k))
+
+
+def per_example_counts(classes: Tensor, num_classes: int) -> Tensor:
+    """``(B, K)`` float: how many positions of each example hold each class (``classes``: ``(B, ...)`` int;
+    entries outside ``[0, K)``, such as an ``ignore_index``, are left out)."""
+    flat = classes.reshape(classes.shape[0], -1).long()
+    valid = (flat >= 0) & (flat < num_classes)
+    rows = torch.arange(flat.shape[0], device=flat.device)[:, None].expand_as(flat)
+    index = (rows * num_classes + flat)[valid]
+    return torch.bincount(index, minlength=flat.shape[0] * num_classes).view(-1, num_classes).float()
 
 
 def _attack_batch(model: nn.Module, task: Task, batch: dict, planned: list[Planned], suite_norms: set[str],
@@ -242,8 +253,15 @@ def collapse_reason(predicted: dict[str, int]) -> Optional[str]:
             "true attacks it anyway")
 
 
+def _precision(accelerator: Any, precision: str) -> Any:
+    """The evaluation's autocast: none for ``"fp32"`` (the caller has taken Accelerate's autocast off the
+    model's forward, :func:`samat.common.loop.evaluate`), the run's mixed precision for ``"train"``."""
+    return contextlib.nullcontext() if precision == "fp32" else accelerator.autocast()
+
+
 def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any, attacks: list[AttackSpec],
-                 steps: int, suite: Optional[Suite] = None, attack_collapsed: bool = False) -> dict:
+                 steps: int, suite: Optional[Suite] = None, attack_collapsed: bool = False,
+                 precision: str = "fp32") -> dict:
     """A clean pass over the whole set, then every attack (the task's ``attacks`` and the ``suite``'s) at
     every eps + sanity checks. A model that predicts a single class is not attacked unless
     ``attack_collapsed`` (then ``attacks_skipped`` says why and ``robust`` is empty).
@@ -258,13 +276,13 @@ def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any, att
     planned = plan(attacks, suite, steps)
     rec = _Recorder(task, accelerator)
     show = accelerator.is_local_main_process
-    # Eval mode (BatchNorm statistics, no dropout), under the run's mixed precision: the losses and scores
-    # read logits in float32.
+    # Eval mode (BatchNorm statistics, no dropout); fp32 unless ``precision`` is "train" (the run's autocast:
+    # the losses and scores then read logits in float32).
     # Each pass over the loader draws its base seed from torch's global RNG; restoring it after the clean pass
     # gives the attacks' random starts the very draws they had when clean and attacks shared one pass, so a
     # seed's robust numbers do not depend on whether a clean pass came first.
     rng = torch.get_rng_state()
-    with eval_mode(model), accelerator.autocast():
+    with eval_mode(model), _precision(accelerator, precision):
         for batch in tqdm(dataloader, desc="eval clean", leave=False, disable=not show):
             _clean_batch(model, task, batch, rec)
     torch.set_rng_state(rng)
@@ -282,7 +300,7 @@ def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any, att
     members = _suite_members(planned, suite)
     suite_norms = {p.norm for p in planned if suite is not None and suite.key(p.norm) in members}
     if planned:
-        with eval_mode(model), accelerator.autocast():
+        with eval_mode(model), _precision(accelerator, precision):
             for batch in tqdm(dataloader, desc="eval attacks", leave=False, disable=not show):
                 _attack_batch(model, task, batch, planned, suite_norms, rec, cascade=suite is not None
                               and suite.cascade)
@@ -313,7 +331,7 @@ def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any, att
         out["suite"] = {**suite.describe(), "members": members}
         if suite.diagnostics and planned:
             gaps = full_set_gaps(robust, planned, _count_metric(clean), cascade=suite.cascade)
-            with eval_mode(model), accelerator.autocast():
+            with eval_mode(model), _precision(accelerator, precision):
                 out["diagnostics"] = masking_diagnostics(model, task, dataloader, accelerator, attacks, suite,
                                                          steps, gaps)
     return out

@@ -2,7 +2,8 @@
 
 Two failures are caught while training, on every process alike (the decision is all-reduced):
 
-- a non-finite training loss on a step that was not skipped by the fp16 loss scaler;
+- a non-finite training loss on a step that was not skipped by the fp16 loss scaler (read every
+  ``--logging_steps`` steps, on the check steps and on the last step, so no step waits on the device for it);
 - a loss no lower than the label prior's after the warm-up and :data:`CHECK_EXAMPLES` training examples, and
   again at twice that step (a slow start that then learns is not stopped): the mean loss over the last
   :data:`WINDOW` steps at least ``STUCK_SHARE`` times the loss of predicting the training labels' prior on
@@ -49,60 +50,104 @@ class TrainingFailed(UsageError):
 
 class DivergenceGuard:
     """Watches the training loss (fed by the loop) and the predicted classes of training forwards (a forward
-    hook on the model: logits ``(B, K)`` or ``(B, K, H, W)``, K read from dim 1)."""
+    hook on the model: logits ``(B, K)`` or ``(B, K, H, W)``, K read from dim 1).
+
+    Nothing here waits for the device on an ordinary step: the loss arrives as a device tensor, the window's
+    references are priced on the device, and the predicted classes are marked in a ``(K,)`` device mask, only
+    on the steps of a check's window. The values are read on the check steps, and the losses' finiteness every
+    ``poll_every`` steps (a diverged run stops at the next poll, not the same step; a loss given as a Python
+    float is checked at once)."""
 
     def __init__(self, model: nn.Module, check_steps: tuple[int, ...], lr: float, warmup_ratio: float,
-                 prior: Optional[Tensor] = None):
+                 prior: Optional[Tensor] = None, poll_every: int = WINDOW, last_step: Optional[int] = None):
         """``prior``: ``(K,)`` class probabilities of the training labels (:func:`label_prior`); ``None``
-        compares with ``ln K`` (a uniform prior)."""
+        compares with ``ln K`` (a uniform prior). ``poll_every``: steps between reads of the losses'
+        finiteness, which is also read on the check steps and on ``last_step`` (the run's last)."""
         self.check_steps, self.lr, self.warmup_ratio = tuple(sorted(set(check_steps))), lr, warmup_ratio
         self.prior = None if prior is None else prior.detach().double().cpu()
+        self.poll_every, self.last_step = max(1, poll_every), last_step
         self.stuck_at: list[int] = []  # check steps at which the loss was at chance
-        self.losses: deque[float] = deque(maxlen=WINDOW)
-        self.references: deque[float] = deque(maxlen=WINDOW)  # the prior's loss on each step's labels
-        self.classes: deque[set] = deque(maxlen=WINDOW)  # predicted classes per step
+        self.losses: deque[Tensor] = deque(maxlen=WINDOW)
+        self.references: deque = deque(maxlen=WINDOW)  # the prior's (loss sum, count) on each step's labels
+        self.classes: deque[Optional[Tensor]] = deque(maxlen=WINDOW)  # (K,) bool: classes predicted per step
         self.num_classes: Optional[int] = None
-        self._step_classes: set = set()
+        self._step_classes: Optional[Tensor] = None
+        self._pending: list[tuple[int, Tensor]] = []  # (step, loss) not yet checked for finiteness
+        self._cost: dict = {}  # -ln prior per device
+        self._watching = self._in_window(1)
         self._handle = model.register_forward_hook(self._hook)
 
+    def _in_window(self, step: int) -> bool:
+        """Whether ``step`` is one of the :data:`WINDOW` steps a check step looks back on."""
+        return any(c - WINDOW < step <= c for c in self.check_steps)
+
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if not self._watching:
+            return
         logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
         if isinstance(logits, Tensor) and logits.dim() >= 2 and logits.shape[1] > 1:
             self.num_classes = int(logits.shape[1])
             with torch.no_grad():
-                self._step_classes.update(logits.detach().argmax(dim=1).unique().tolist())
+                if self._step_classes is None or self._step_classes.numel() != self.num_classes:
+                    self._step_classes = torch.zeros(self.num_classes, dtype=torch.bool, device=logits.device)
+                self._step_classes.index_fill_(0, logits.detach().argmax(dim=1).flatten(), True)
 
     def reference(self, labels: Optional[Tensor]) -> Optional[float]:
         """The mean loss of predicting the prior on ``labels`` (any shape, int; entries outside ``[0, K)``
         such as an ``ignore_index`` are left out); without a prior or labels, ``None`` (then ``ln K``)."""
+        terms = self._reference_terms(labels)
+        return None if terms is None else _mean_or_none(*terms)
+
+    def _reference_terms(self, labels: Optional[Tensor]) -> Optional[tuple[Tensor, Tensor]]:
+        """``(sum of -ln prior[y], count)`` over the valid ``labels``, as device tensors (no host sync)."""
         if self.prior is None or labels is None:
             return None
-        labels = labels.detach().flatten().cpu().long()
-        labels = labels[(labels >= 0) & (labels < len(self.prior))]
-        if len(labels) == 0:
-            return None
-        return float(-self.prior[labels].clamp_min(1e-12).log().mean())
+        labels = labels.detach().flatten().long()
+        if labels.device not in self._cost:
+            self._cost[labels.device] = -self.prior.clamp_min(1e-12).log().to(labels.device)
+        cost, k = self._cost[labels.device], len(self.prior)
+        valid = (labels >= 0) & (labels < k)
+        return (cost[labels.clamp(0, k - 1)] * valid).sum(), valid.sum()
 
-    def failure(self, step: int, loss: float, skipped: bool, labels: Optional[Tensor] = None) -> Optional[str]:
+    def failure(self, step: int, loss: float | Tensor, skipped: bool,
+                labels: Optional[Tensor] = None) -> Optional[str]:
         """Record one optimizer step (``labels``: the step's training labels, to price the prior on them);
         the reason to stop, or ``None``."""
-        classes, self._step_classes = self._step_classes, set()
+        classes, self._step_classes = self._step_classes, None
+        self._watching = self._in_window(step + 1)
         if skipped:  # fp16 overflow: the scaler backs off, nothing was learned or lost
             return None
-        if not math.isfinite(loss):
-            return (f"the training loss is {loss} at step {step}: training diverged; lower --lr (now "
-                    f"{self.lr:g}), add warm-up (--warmup_ratio 0.1) or clip (--max_grad_norm 1)")
+        at_once = not isinstance(loss, Tensor)
+        loss = torch.as_tensor(loss).detach().double()
+        self._pending.append((step, loss))
+        if at_once or step % self.poll_every == 0 or step in self.check_steps or step == self.last_step:
+            bad = self._nonfinite()
+            if bad is not None:
+                return (f"the training loss is {bad[1]} at step {bad[0]}: training diverged; lower --lr (now "
+                        f"{self.lr:g}), add warm-up (--warmup_ratio 0.1) or clip (--max_grad_norm 1)")
         self.losses.append(loss)
-        self.references.append(self.reference(labels) if labels is not None else None)
+        self.references.append(self._reference_terms(labels) if labels is not None else None)
         self.classes.append(classes)
         if step not in self.check_steps or self.num_classes is None or len(self.losses) < WINDOW:
             return None
+        return self._check(step)
+
+    def _nonfinite(self) -> Optional[tuple[int, float]]:
+        """The first pending ``(step, loss)`` whose loss is not finite, or ``None``; one host sync."""
+        pending, self._pending = self._pending, []
+        finite = torch.stack([l.to(pending[0][1].device) for _, l in pending]).isfinite().tolist()
+        return next(((s, float(l)) for (s, l), ok in zip(pending, finite) if not ok), None)
+
+    def _check(self, step: int) -> Optional[str]:
+        """The chance-level test of a check step (reads the window from the device)."""
         chance = math.log(self.num_classes)
-        priced = [r for r in self.references if r is not None]
+        priced = [None if r is None else _mean_or_none(*r) for r in self.references]
         # the prior's loss on the window's labels when every step had them; else ln K
-        reference = sum(priced) / len(priced) if len(priced) == len(self.references) else chance
-        mean = sum(self.losses) / len(self.losses)
-        one_class = self.num_classes >= 3 and len(set().union(*self.classes)) == 1
+        reference = (sum(priced) / len(priced) if all(r is not None for r in priced) else chance)
+        mean = float(torch.stack(list(self.losses)).mean())
+        seen = [c for c in self.classes if c is not None]
+        used = int(torch.stack(seen).any(dim=0).sum()) if seen else 0
+        one_class = self.num_classes >= 3 and used == 1
         if mean >= STUCK_SHARE * reference or (one_class and mean >= COLLAPSED_SHARE * reference):
             self.stuck_at.append(step)
         if step == self.check_steps[-1] and self.stuck_at == list(self.check_steps):
@@ -129,6 +174,11 @@ class DivergenceGuard:
 
     def close(self) -> None:
         self._handle.remove()
+
+
+def _mean_or_none(total: Tensor, count: Tensor) -> Optional[float]:
+    n = int(count)
+    return None if n == 0 else float(total) / n
 
 
 def label_prior(labels: Optional[Tensor], num_classes: int) -> Optional[Tensor]:

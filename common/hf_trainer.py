@@ -95,11 +95,11 @@ class SAMTrainer(Trainer):
             if not regrad_at_ascent_point(ctx, objective, [inputs], prepared, perturbation):
                 # fp16 overflow: no gradient at all this step (the scale has backed off); the Trainer's
                 # optimizer step then finds nothing to apply.
-                return torch.tensor(loss / k, device=self.args.device)
+                return (loss / k).detach().to(self.args.device)
         with torch.no_grad():
             for p, before in zip(params, earlier):
                 if p.grad is not None and k > 1:
                     p.grad.div_(k)
                 if before is not None:
                     p.grad = before if p.grad is None else p.grad.add_(before)
-        return torch.tensor(loss / k, device=self.args.device)
+        return (loss / k).detach().to(self.args.device)

@@ -34,6 +34,7 @@ from .model_io import publish
 from .results import Cost, RunResults, baseline_columns, versions
 from .sharpness import measure_sharpness
 from .registry import UPDATE_RULES
+from .step import fp32_forward
 from .resolve import ResolvedRun
 from .saf import IndexedDataset, extra_memory, indexed_collate
 from .suites import Suite, resolve_suite
@@ -110,7 +111,8 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
 
     set_seed(run.seed)
     built = build(run, task, accelerator, indexed=UPDATE_RULES[method.method.update].needs_index)
-    counter = PassCounter(built.model)
+    # on the unwrapped model: the attacks call it directly, and a DDP wrapper's forward calls it too
+    counter = PassCounter(accelerator.unwrap_model(built.model))
     state = TrainState(task=task.name)
     damaged: list[str] = []  # unreadable checkpoints passed over on --resume: warnings of the run
     if resume_from is not None:
@@ -134,7 +136,7 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
         prior = label_prior(dataset_labels(built.train_set), int(built.data.info.get("num_classes") or 0))
         guard = DivergenceGuard(accelerator.unwrap_model(built.model), lr=run.lr, warmup_ratio=run.warmup_ratio,
                                 check_steps=guard_check_steps(built.total_steps, run.warmup_ratio, per_step),
-                                prior=prior)
+                                prior=prior, poll_every=run.logging_steps, last_step=built.total_steps)
     state = train(ctx, built.train_loader, built.train_set, built.scheduler, run, built.total_steps, state,
                   counter, guard)
     save_checkpoint(accelerator, output_dir, state)
@@ -171,10 +173,11 @@ def make_accelerator(run: RunArgs) -> Any:
     """The Accelerator (precision and processes come from ``accelerate launch``), seedable sampler, trackers
     logging into ``<output_dir>/logs``; torch's CPU threads set (see :func:`set_cpu_threads`)."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
 
     output_dir = Path(run.output_dir)
     accelerator = Accelerator(
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=run.find_unused_parameters)],
         log_with=None if run.log_with == "none" else run.log_with,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         step_scheduler_with_optimizer=False,
@@ -241,18 +244,28 @@ def save_model(accelerator: Any, task: Task, model: nn.Module, output_dir: Path)
 def evaluate(run: RunArgs, method: str, method_resolved: dict, evals: EvalArgs, task: Task, accelerator: Any,
              built: Evaluable, specs: list[AttackSpec], suite: Optional[Suite] = None) -> RunResults:
     """Clean and robust metrics with sanity checks, the task's own evaluation and columns, sharpness.
-    ``method``/``method_resolved``: how the model was trained (the method's name and its hyper-parameters)."""
+    ``method``/``method_resolved``: how the model was trained (the method's name and its hyper-parameters).
+
+    In fp32 unless ``--eval_precision train``: Accelerate's autocast comes off the model's forward (for good:
+    training is over), so the clean pass, every attack, the task's own evaluation and the sharpness probe see
+    the fp32 weights and inputs whatever the training precision."""
+    precision = evals.eval_precision
+    if precision == "fp32":
+        accelerator.unwrap_model(built.model, keep_fp32_wrapper=False)  # in place: the forward without autocast
     evaluation = evaluate_all(built.model, task, built.eval_loader, accelerator, specs, evals.eval_steps,
                               suite=resolve_suite(task, evals) if suite is None else suite,
-                              attack_collapsed=evals.attack_collapsed)
+                              attack_collapsed=evals.attack_collapsed, precision=precision)
     unwrapped = accelerator.unwrap_model(built.model)
     # A collapsed model's evaluation stops after the clean pass: no task attacks (TextAttack), no sharpness.
     stopped = evaluation.get("attacks_skipped") is not None
     extra = {} if stopped else dict(task.extra_evaluation(unwrapped, accelerator, run))
     warnings = list(extra.pop("warnings", []))
     evaluation["metrics"].update(extra)
-    sharpness = None if stopped else measure_sharpness(unwrapped, task, built.eval_set, built.data.collate_fn,
-                                                       evals, accelerator)
+    sharpness = None
+    if not stopped:
+        with fp32_forward(unwrapped):  # always fp32: a rho-sized weight perturbation does not survive a bf16 cast
+            sharpness = measure_sharpness(unwrapped, task, built.eval_set, built.data.collate_fn, evals,
+                                          accelerator)
     return RunResults.from_dict({
         **evaluation,
         "task": task.name,
@@ -268,6 +281,8 @@ def evaluate(run: RunArgs, method: str, method_resolved: dict, evals: EvalArgs, 
         "num_processes": accelerator.num_processes,
         "cpu_threads": torch.get_num_threads(),
         "mixed_precision": accelerator.mixed_precision,
+        "eval_precision": "fp32" if precision == "fp32" or accelerator.mixed_precision == "no"
+        else accelerator.mixed_precision,
         "versions": versions(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "schema_version": 1,

@@ -46,7 +46,7 @@ from .method_config import ResolvedMethod
 from .registry import METHODS, UPDATE_RULES
 from .sam import SAM as Perturbation
 from .sam import frozen_batchnorm_stats
-from .step import StepContext, StepResult, descend, params_with_grad
+from .step import StepContext, StepResult, all_processes, descend, params_with_grad
 
 # The update rules an optimizer can run on its own: those with a SAM ascent, on the clean objective (the
 # closure is the objective; adversarial training needs inputs, see SAMTrainer and samat.step).
@@ -72,6 +72,20 @@ class _ClosureAccelerator:
 
     def unwrap_model(self, model: nn.Module) -> nn.Module:
         return getattr(model, "module", model)
+
+    @property
+    def num_processes(self) -> int:
+        """torch.distributed's world size when the user's loop initialised it, else 1."""
+        dist = torch.distributed
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def reduce(self, tensor: Tensor, reduction: str = "sum") -> Tensor:
+        """All-reduce (``"sum"`` or ``"max"``) over the user's process group, as ``Accelerator.reduce``."""
+        out = tensor.clone()
+        if self.num_processes > 1:
+            op = torch.distributed.ReduceOp.MAX if reduction == "max" else torch.distributed.ReduceOp.SUM
+            torch.distributed.all_reduce(out, op=op)
+        return out
 
     def clip_grad_norm_(self, parameters: Any, max_norm: float) -> Tensor:
         if self.scaler is not None:  # clip the true gradient; scaler.step then does not unscale twice
@@ -240,7 +254,9 @@ class SAM(torch.optim.Optimizer):
         self._perturbation = Perturbation(self.base_optimizer, rho=m.rho, adaptive=m.method.update == "asam",
                                           eta=m.eta)
         scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
-        moved = self._perturbation.perturb(grad_scale=scale, check_finite=self.scaler is not None)
+        accelerator = self._context().accelerator
+        moved = self._perturbation.perturb(grad_scale=scale, check_finite=self.scaler is not None,
+                                           agree=lambda finite: all_processes(accelerator, finite))
         self._moved = moved
         if not moved:
             self.scaler.update(scale * self.scaler.get_backoff_factor())

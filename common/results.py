@@ -44,7 +44,9 @@ def versions() -> dict[str, str]:
 class PassCounts:
     """Training cost as exact pass counts, counted by :class:`samat.common.cost.PassCounter`: forward calls of
     the model and backward passes through its output, as calls and as examples (rows of the logits; a doubled
-    clean+adversarial batch is one call but twice the examples). The one declaration of these fields:
+    clean+adversarial batch is one call but twice the examples), of one process: under N processes each runs
+    every pass of every step on its share of the batch (``train_examples`` counts all). The one declaration of
+    these fields:
     :class:`Cost` (results.json) and ``checkpoint.TrainState`` (``trainer_state.json``) inherit them."""
 
     forward_passes: int = 0
@@ -111,6 +113,7 @@ class RunResults:
     num_processes: int = 1
     cpu_threads: int = 0
     mixed_precision: str = "no"
+    eval_precision: str = "fp32"   # "fp32", or the training precision ("bf16", "fp16") with --eval_precision train
     versions: dict = field(default_factory=dict)
     finished_at: str = ""
     extra: dict = field(default_factory=dict)
@@ -135,6 +138,9 @@ class RunResults:
             raise UsageError(f"{source} has schema_version {version!r}; this samat reads up to {SCHEMA_VERSION}: "
                              "upgrade samat")
         values = dict(values)
+        if "eval_precision" not in values:  # written before issue 26: evaluated under the training autocast
+            precision = values.get("mixed_precision", "no")
+            values["eval_precision"] = precision if precision in ("bf16", "fp16") else "fp32"
         if version == 0:
             values.setdefault("columns", legacy_columns(values["metrics"]))
             values.setdefault("headline_metric", "accuracy")

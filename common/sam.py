@@ -18,13 +18,13 @@ are in ``common/step.py``.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .step import (Objective, StepContext, StepResult, UpdateRule, backward_all, descend, global_norm,
-                   loss_scale, params_with_grad)
+from .step import (Objective, StepContext, StepResult, UpdateRule, all_processes, backward_all, descend,
+                   fp32_forward, global_norm, loss_scale, params_with_grad)
 
 _TINY = 1e-12
 
@@ -62,7 +62,8 @@ class SAM:
         return params_with_grad(self.optimizer)
 
     @torch.no_grad()
-    def perturb(self, grad_scale: float = 1.0, check_finite: Optional[bool] = None) -> bool:
+    def perturb(self, grad_scale: float = 1.0, check_finite: Optional[bool] = None,
+                agree: Optional[Callable[[Tensor], bool]] = None) -> bool:
         """Move every parameter with a gradient to ``w + e(w)``, using the gradients in ``.grad``.
 
         Args:
@@ -71,6 +72,10 @@ class SAM:
                 the true gradient).
             check_finite: test the gradient norm for inf/NaN and, if so, move nothing and return False.
                 Default: only when ``grad_scale != 1`` (fp16), since the test costs a device sync per step.
+            agree: turns this process's "the norm is finite" (0-dim bool tensor) into the decision of every
+                process (:func:`samat.common.step.all_processes`). Under ``--sam_sync local`` each rank sees
+                only its own gradient, and one rank that skipped while another went on to the descent
+                pass's all-reduce would leave the collectives and the loss scales mismatched from then on.
 
         Uses ``torch._foreach_*`` kernels: a handful of launches for the whole model instead of several per
         tensor, which is what keeps a SAM step close to 2x an ERM step on a GPU.
@@ -90,8 +95,10 @@ class SAM:
         norm = global_norm(grads)
         if check_finite is None:
             check_finite = grad_scale != 1.0
-        if check_finite and not torch.isfinite(norm):
-            return False
+        if check_finite:
+            finite = torch.isfinite(norm)
+            if not (agree(finite) if agree is not None else bool(finite)):
+                return False
         scale = self.rho / (norm + _TINY)
         step = torch._foreach_mul(grads, t) if self.adaptive else grads  # T (T g) = T^2 g for ASAM
         step = torch._foreach_mul(step, scale.to(params[0].device))
@@ -144,19 +151,22 @@ def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
 def regrad_at_ascent_point(ctx: StepContext, objective: Objective, micro_batches: list[dict], prepared: list,
                            sam: SAM) -> bool:
     """From the gradient at ``w`` in ``.grad``: move to ``w + e``, replace ``.grad`` by the all-reduced
-    gradient there (BatchNorm running stats untouched), move back to ``w`` exactly. Returns False, with
-    nothing moved and ``.grad`` cleared, on an fp16 overflow in the first gradient (the loss scale backs off,
-    as GradScaler would)."""
+    gradient there (in fp32 whatever the training precision; BatchNorm running stats untouched), move back to
+    ``w`` exactly. Returns False, with nothing moved and ``.grad`` cleared, on an fp16 overflow in the first
+    gradient (the loss scale backs off, as GradScaler would); the overflow decision is agreed by every
+    process."""
     scaler = ctx.accelerator.scaler
     scale = loss_scale(ctx)
-    moved = sam.perturb(grad_scale=scale, check_finite=scaler is not None)
+    moved = sam.perturb(grad_scale=scale, check_finite=scaler is not None,
+                        agree=lambda finite: all_processes(ctx.accelerator, finite))
     ctx.optimizer.zero_grad(set_to_none=True)
     if not moved:
         if scaler is not None:
             scaler.update(scale * scaler.get_backoff_factor())
         return False
-    # Pass 2 at w + e: the descent gradient, all-reduced; BatchNorm running stats keep pass 1's update.
-    with frozen_batchnorm_stats(ctx.model):
+    # Pass 2 at w + e: the descent gradient, all-reduced; BatchNorm running stats keep pass 1's update. In
+    # fp32 under bf16/fp16 training: autocast's per-op cast would round most of e away (fp32_forward).
+    with frozen_batchnorm_stats(ctx.model), fp32_forward(ctx.unwrapped):
         backward_all(ctx, objective, micro_batches, prepared, sync_last=True)
     sam.restore()
     return True

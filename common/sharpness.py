@@ -243,8 +243,9 @@ def measure_sharpness(model: nn.Module, task: Any, eval_set: Any, collate_fn: An
                    for b in loader]
         rhos = [parse_eps(r, pixel_space=False, flag="--sharpness_rho") for r in evals.sharpness_rho]
         asam = [parse_eps(r, pixel_space=False, flag="--sharpness_asam_rho") for r in evals.sharpness_asam_rho]
-        # No extra autocast here: sharpness is a small difference of losses. (Under mixed precision the
-        # prepared model's forward still autocasts; compare sharpness across runs of the same precision.)
+        # No autocast here: sharpness is a small difference of losses, and a weight perturbation of radius rho
+        # does not survive a per-op bf16 cast (README, "Precision and processes"); the run's evaluation calls
+        # this inside common.step.fp32_forward, whatever --eval_precision says.
         report = sharpness_report(model, task, batches, rhos=rhos, adaptive_rhos=asam,
                                   steps=evals.sharpness_steps)
     accelerator.wait_for_everyone()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Protocol
+from typing import Any, Callable, ContextManager, Iterator, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +44,8 @@ class StepContext:
 
 @dataclass
 class StepResult:
-    loss: float          # training loss at w (mean over the step's micro-batches)
+    loss: Tensor         # 0-dim float32, on the device: training loss at w (mean over the step's micro-batches);
+                         # reading it (float(), .item()) waits for the device, so the loop reads it when it logs
     skipped: bool        # fp16 overflow: no weight update happened
 
 
@@ -71,6 +72,45 @@ def global_norm(tensors: list[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(tensors)]))
 
 
+def all_processes(accelerator: Any, flag: Tensor) -> bool:
+    """True on every process iff ``flag`` (a 0-dim bool tensor) is true on every process.
+
+    Every branch of a step that decides whether a collective runs (skip on an fp16 overflow, the guard's stop)
+    goes through here first: a rank that branched alone would wait forever in an all-reduce the others never
+    enter, or pair it with the wrong one. One all-reduce under several processes; none in a single one."""
+    if accelerator.num_processes == 1:
+        return bool(flag)
+    votes = accelerator.reduce(flag.to(torch.float32).reshape(1), reduction="sum")  # on the flag's device
+    return bool(votes.item() == accelerator.num_processes)
+
+
+@contextlib.contextmanager
+def fp32_forward(model: nn.Module) -> Iterator[None]:
+    """Forwards of ``model`` (the unwrapped module, DDP's inner one) without autocast, in fp32.
+
+    Accelerate's mixed precision wraps ``model.forward`` in autocast, which casts each fp32 weight to bf16/fp16
+    per op. A weight perturbation ``e`` of SAM's size mostly does not survive that cast: measured on PreAct
+    ResNet-18 at rho 0.05, ``bf16(w + e) - bf16(w)`` has cosine 0.60 with ``e`` and 1.66x its norm
+    (bench/bf16_sam_fidelity.py). Inside this context the forward is the one Accelerate saved before wrapping
+    it (``_original_forward``) and any outer autocast is off, so the pass sees ``w + e`` exactly. TF32 is off
+    inside too (cuDNN convolutions use it by default): its 10-bit mantissa would round ``w + e`` per op again,
+    about 8 times less than bf16 but enough to matter at rho 0.05."""
+    original = model.__dict__.get("_original_forward")
+    patched = model.__dict__.get("forward")
+    device_type = next(model.parameters()).device.type
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if original is not None:
+        model.forward = original
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        if original is not None:
+            model.forward = patched
+
+
 def sync_context(ctx: StepContext, sync: bool) -> ContextManager:
     """Nothing when ``sync``, else ``accelerator.no_sync``: the backward inside keeps its gradient local to
     this replica (DDP skips the all-reduce)."""
@@ -78,16 +118,17 @@ def sync_context(ctx: StepContext, sync: bool) -> ContextManager:
 
 
 def backward_all(ctx: StepContext, objective: Objective, micro_batches: list[dict], prepared: list,
-                 sync_last: bool) -> float:
+                 sync_last: bool) -> Tensor:
     """Accumulate ``sum_i loss_i / K`` into ``.grad``; all-reduce (DDP) only on the last micro-batch and
-    only if ``sync_last``. Returns the mean loss."""
-    total = 0.0
+    only if ``sync_last``. Returns the mean loss, a 0-dim float32 tensor on the device (no host sync)."""
+    total: Optional[Tensor] = None
     k = len(micro_batches)
     for i, (batch, prep) in enumerate(zip(micro_batches, prepared)):
         with sync_context(ctx, sync_last and i == k - 1):
             loss = objective.loss(ctx, batch, prep) / k
             ctx.accelerator.backward(loss)
-        total += loss.detach().float().item()
+        loss = loss.detach().float()
+        total = loss if total is None else total + loss
     return total
 
 

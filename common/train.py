@@ -79,7 +79,7 @@ def train(ctx: StepContext, train_loader: Any, train_set: Any, scheduler: Any, r
     started, wall0 = time.perf_counter(), state.train_wall_s
     progress = tqdm(total=total_steps, initial=state.step, desc=f"train {ctx.method.method.name}",
                     disable=not accelerator.is_local_main_process)
-    losses: list[float] = []
+    losses: list[Tensor] = []  # device tensors, read (one host sync) when logged
 
     def snapshot() -> TrainState:
         state.train_wall_s = wall0 + time.perf_counter() - started
@@ -93,18 +93,21 @@ def train(ctx: StepContext, train_loader: Any, train_set: Any, scheduler: Any, r
         state.step += 1
         labels = _step_labels(group) if guard is not None and guard.prior is not None else None
         failure = guard.failure(state.step, result.loss, result.skipped, labels) if guard else None
-        if guard and _any_process(accelerator, failure is not None):
+        # one agreement per step for both ways out, so that every process leaves at the same step
+        failed, stopping = _any_process(accelerator, failure is not None,
+                                        state.step < total_steps and stop.signal is not None)
+        if failed:
             progress.close()
             raise TrainingFailed(failure or "training failed on another process (see its log)")
         state.train_examples += sum(_batch_size(b) for b in group) * accelerator.num_processes
         losses.append(result.loss)
         progress.update(1)
         if state.step % run.logging_steps == 0:
-            _log(accelerator, progress, sum(losses) / len(losses), scheduler, state.step)
+            _log(accelerator, progress, float(torch.stack(losses).mean()), scheduler, state.step)
             losses.clear()
         if state.step < total_steps and run.checkpoint_every and state.step % run.checkpoint_every == 0:
             save_checkpoint(accelerator, output_dir, snapshot())
-        if state.step < total_steps and _any_process(accelerator, stop.signal is not None):
+        if stopping:
             save_checkpoint(accelerator, output_dir, snapshot())
             progress.close()
             logger.warning("stopped by signal %s at step %d; rerun with --resume to continue", stop.signal,
@@ -139,13 +142,14 @@ def _set_dataset_epoch(dataset: Any, epoch: int) -> None:
         dataset.set_epoch(epoch)
 
 
-def _any_process(accelerator: Any, flag: bool) -> bool:
-    """True on every process as soon as ``flag`` is true on any (a stop signal, a failed run), so that all
-    processes save the same step or stop together instead of one waiting forever in a collective."""
+def _any_process(accelerator: Any, *flags: bool) -> tuple[bool, ...]:
+    """Each flag true on every process as soon as it is true on any (a stop signal, a failed run), so that all
+    processes save the same step or stop together instead of one waiting forever in a collective. One
+    all-reduce for all the flags under several processes; none in a single one."""
     if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+        return tuple(flags)
+    value = torch.tensor([1.0 if f else 0.0 for f in flags], device=accelerator.device)
+    return tuple(bool(v > 0) for v in accelerator.reduce(value, reduction="sum").tolist())
 
 
 def _step_labels(group: list[dict]) -> Optional[Tensor]:

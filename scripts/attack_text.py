@@ -149,8 +149,12 @@ def main() -> None:
     models = [text_models.load_classifier(str(f), columns.label_names, spec["max_length"], require_classifier=True)
               for f in folders]
 
+    from accelerate import PartialState
+
+    device = PartialState().device  # the accelerator when there is one (the wrapper feeds the model's device)
     summary_rows, example_rows = [], []
     for name, loaded in zip(checkpoint_names(args.checkpoints), models):
+        loaded.model.to(device)
         summaries, records = attack_model(loaded.model, loaded.tokenizer, examples, args.recipes,
                                           args.num_examples, max_length=spec["max_length"],
                                           batch_size=args.batch_size, query_budget=args.query_budget,

@@ -79,11 +79,15 @@ def resolve(argv: list[str]):
     """Parse and check ``argv`` into ``(ResolvedRun, task)``, writing nothing (see
     :func:`samat.common.resolve.resolve_run`)."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from samat.common.resolve import Engine, resolve_run
 
     run, method_args, eval_args, task = parse(argv)
-    return resolve_run(run, method_args, eval_args, task, on_gpu=PartialState().device.type != "cpu",
+    # The first PartialState fixes the process group for the whole run: without cpu=, a CPU multi-process
+    # launch (ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu) became N independent single-process runs.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    return resolve_run(run, method_args, eval_args, task, on_gpu=state.device.type != "cpu",
                        engine=Engine.from_environment()), task
 
 

@@ -356,7 +356,9 @@ class SegmentationTask(Task):
         objectives = {"PGD": lambda logits, step: self.loss(logits, batch),
                       "SegPGD": lambda logits, step: segpgd(logits, batch, step, steps)}
         columns = []
-        with eval_mode(model), torch.random.fork_rng(devices=[]):
+        # manual_seed reseeds the CUDA generator too: fork it as well, so the figure leaves no trace on training
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with eval_mode(model), torch.random.fork_rng(devices=cuda):
             torch.manual_seed(run.seed)
             with torch.no_grad():
                 columns.append(("clean", batch["pixel_values"], self.forward(model, batch).argmax(dim=1)))

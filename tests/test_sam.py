@@ -178,6 +178,8 @@ def test_bf16_and_fp32_sam_steps_agree():
 class _ScaledAccelerator:
     """The slice of Accelerate's fp16 path that the SAM update touches, with a real GradScaler on CPU."""
 
+    num_processes = 1
+
     def __init__(self, scale: float):
         self.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
 

@@ -257,7 +257,16 @@ def textattack_columns(summaries: dict) -> dict[str, float]:
 
 
 def embedding_scale(model: nn.Module) -> float:
-    """Mean L2 norm of the rows of ``model``'s input-embedding matrix (the unit of text eps)."""
+    """Mean L2 norm of the rows of ``model``'s input-embedding matrix (the unit of text eps).
+
+    Read from the device once per version of the matrix (an optimizer step updates it in place and bumps its
+    ``_version``), not on every ``surface()``: the norm of a vocabulary-sized matrix and a host sync for each
+    attack and each training forward of a step, where one per step gives the same number."""
     weight = getattr(model, "module", model).get_input_embeddings().weight
+    cached = getattr(weight, "_samat_scale", None)  # (version, value), kept on the matrix itself
+    if cached is not None and cached[0] == weight._version:
+        return cached[1]
     with torch.no_grad():
-        return float(weight.detach().float().norm(dim=-1).mean())
+        value = float(weight.detach().float().norm(dim=-1).mean())
+    weight._samat_scale = (weight._version, value)
+    return value
