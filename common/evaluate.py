@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .attacks import eval_mode
 from .diagnostics import full_set_gaps, masking_diagnostics
-from .suites import DONE_BELOW, Planned, Suite, plan, score_fn, select, worse
+from .suites import DONE_BELOW, Planned, Suite, plan, score_fn, worse
 from .task import AttackSpec, Task
 
 logger = get_logger("samat")
