@@ -28,6 +28,7 @@ STYLE = {
     # efficient SAM variants: SAM's colours, hollow-looking markers; their -at forms AT's
     "sam-every-k": ("tab:blue", "1"), "sam-every-k-at": ("tab:green", "1"), "looksam": ("tab:blue", "2"),
     "looksam-at": ("tab:green", "2"), "ae-sam": ("tab:blue", "3"), "ae-sam-at": ("tab:green", "3"),
+    "saf": ("tab:blue", "4"), "saf-at": ("tab:green", "4"), "mesa": ("tab:blue", "+"), "mesa-at": ("tab:green", "+"),
 }
 _EXTRA_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "tab:gray")
 DASHES = ("-", "--", ":", "-.")

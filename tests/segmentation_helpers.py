@@ -100,4 +100,6 @@ def resolved_for(name: str) -> ResolvedMethod:
     base = dict(rho=0.05, eps=8 / 255, alpha=2 / 255, steps=3, norm="linf")
     if name == "fgsm-at":
         base.update(steps=1, alpha=1.25 * 8 / 255)
+    if METHODS[name].update in ("saf", "mesa"):  # the trajectory loss on from the first step
+        base.update(traj_lambda=0.8, traj_start_epoch=0)
     return ResolvedMethod(method=METHODS[name], **base)

@@ -110,14 +110,17 @@ def test_surface_forward_trains_the_embedding_matrix(folders):
 def test_every_method_trains_a_few_steps(folders, accelerator, name):
     task, td = build(folders)
     m = METHODS[name]
+    trajectory = dict(traj_lambda=0.8, traj_start_epoch=0) if m.update in ("saf", "mesa") else {}
     method = ResolvedMethod(method=m, rho=0.05, eps=0.02, alpha=0.01 if m.objective != "fgsm" else 0.025,
-                            steps=1 if m.objective == "fgsm" else 2, norm="l2")
+                            steps=1 if m.objective == "fgsm" else 2, norm="l2", **trajectory)
     model = td.model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model, optimizer = accelerator.prepare(model, optimizer)
     ctx = StepContext(accelerator=accelerator, model=model, optimizer=optimizer, task=task, method=method)
-    losses = [train_step(ctx, [batch_of(td, 8)]).loss for _ in range(3)]
+    batch = batch_of(td, 8)
+    batch["sample_index"] = torch.arange(8)  # SAF keys its stored outputs by example (samat's loop adds it)
+    losses = [train_step(ctx, [dict(batch)]).loss for _ in range(3)]
     assert all(torch.isfinite(torch.tensor(losses)))
     after = accelerator.unwrap_model(model).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
