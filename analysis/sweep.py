@@ -25,7 +25,7 @@ import samat.scripts as _scripts
 from samat.common.config import MAX_RHO, MethodArgs, parse_eps
 from samat.common.errors import UsageError
 from samat.common.recipe import NORMS, check_choice
-from samat.common.registry import TASKS, task_recipe
+from samat.common.registry import METHODS, TASKS, task_recipe
 
 from .runs import run_status
 
@@ -35,9 +35,7 @@ DEFAULT_METHODS = ("erm", "sam", "pgd-at")
 
 
 def method_flags() -> dict[str, set[str]]:
-    """``{method: MethodArgs fields it reads}``, from the engine's registry."""
-    from samat.common.methods import METHODS
-
+    """``{method: MethodArgs fields it reads}``, from the engine's (torch-free) registry."""
     return {name: set(m.flags) for name, m in METHODS.items()}
 
 

@@ -81,6 +81,7 @@ class Prepared(Evaluable):
     train_loader: Any = None
     scheduler: Any = None
     total_steps: int = 0
+    steps_per_epoch: int = 0  # optimizer steps per pass over the training subset (per process)
 
 
 def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
@@ -128,7 +129,7 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
 
     ctx = StepContext(accelerator=accelerator, model=built.model, optimizer=built.optimizer, task=task,
                       method=method, max_grad_norm=run.max_grad_norm, total_steps=built.total_steps,
-                      steps_per_epoch=math.ceil(len(built.train_loader) / run.gradient_accumulation_steps))
+                      steps_per_epoch=built.steps_per_epoch)
     guard = None
     if run.divergence_guard:
         per_step = run.batch_size * run.gradient_accumulation_steps * accelerator.num_processes
@@ -223,7 +224,7 @@ def build(run: RunArgs, task: Task, accelerator: Any, indexed: bool = False) -> 
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         data.model, optimizer, train_loader, eval_loader, scheduler)
     return Prepared(data, eval_set, model, eval_loader, len(train_set), train_set, optimizer, train_loader,
-                    scheduler, total_steps)
+                    scheduler, total_steps, steps_per_epoch)
 
 
 def start_trackers(accelerator: Any, run: RunArgs, config_record: dict) -> None:

@@ -86,7 +86,7 @@ def load_run_model(run_dir: str | Path) -> tuple[Task, nn.Module, dict]:
 def method_tags(method: str) -> list[str]:
     """Card tags of a training method, from the method registry: ``sam`` for SAM-family updates,
     ``adversarial-training`` for adversarial objectives."""
-    from .methods import METHODS
+    from .registry import METHODS
 
     m = METHODS.get(method)
     if m is None:

@@ -24,8 +24,7 @@ from samat.common.errors import UsageError  # noqa: E402
 def _parser(task_args_cls):
     from samat.common.cli import hf_argument_parser
     from samat.common.config import EvalArgs, MethodArgs, RunArgs
-    from samat.common.methods import METHODS
-    from samat.common.registry import TASKS
+    from samat.common.registry import METHODS, TASKS
 
     epilog = ("tasks: " + ", ".join(TASKS) + ". methods: "
               + "; ".join(f"{m.name} ({m.summary})" for m in METHODS.values())
