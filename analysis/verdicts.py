@@ -5,7 +5,7 @@ Zhang et al. (ICML 2024) claim: (a) SAM raises robustness over ERM with no loss 
 more robust still but loses clean accuracy; (c) SAM costs ~2 passes per step, PGD-K AT ~K+1.
 
 **Pairing.** Runs with the same seed see the same data order and are evaluated on the same examples
-(``common/loop.py`` draws the evaluation subset from the seed), whatever the method. So every comparison is
+(``common/experiment.py`` draws the evaluation subset from the seed), whatever the method. So every comparison is
 the per-seed difference ``B(seed) - A(seed)`` over the seeds both settings have; a seed that only one side has
 is dropped from that comparison, and the verdict says so. The interval is the 95 % Student-t interval of the
 mean difference (:func:`samat.common.stats.stat`); with fewer than two pairs there is none, and every verdict
@@ -319,7 +319,7 @@ def unlike(runs: Sequence[Run], ep: Optional["Endpoint"]) -> list[str]:
 
 def same_examples_every_seed(runs: Sequence[Run]) -> bool:
     """Whether every seed was evaluated on the same examples: the whole evaluation split (``--max_eval_samples``
-    0, or more than the split holds). Otherwise each seed draws its own subset (``common/loop.py``) and the
+    0, or more than the split holds). Otherwise each seed draws its own subset (``common/experiment.py``) and the
     seeds' test-set noise is independent."""
     def whole(r: Run) -> bool:
         asked = ((r.results.config or {}).get("run") or {}).get("max_eval_samples")

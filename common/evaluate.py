@@ -255,7 +255,7 @@ def collapse_reason(predicted: dict[str, int]) -> Optional[str]:
 
 def _precision(accelerator: Any, precision: str) -> Any:
     """The evaluation's autocast: none for ``"fp32"`` (the caller has taken Accelerate's autocast off the
-    model's forward, :func:`samat.common.loop.evaluate`), the run's mixed precision for ``"train"``."""
+    model's forward, :func:`samat.common.experiment.evaluate`), the run's mixed precision for ``"train"``."""
     return contextlib.nullcontext() if precision == "fp32" else accelerator.autocast()
 
 

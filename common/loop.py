@@ -1,317 +1,171 @@
-"""One run from flags to results.json: :func:`run_experiment` and its named steps (validate, claim the output
-folder, build, train, save, evaluate, write). The optimizer-step loop itself is ``samat.common.train``.
+"""The optimizer-step loop: what is stepped (optimizer, schedule) and how (groups of micro-batches,
+logging, periodic checkpoints, preemption, the divergence guard).
 
-Precision and process count come from ``accelerate launch`` / ``accelerate config``. Resuming is exact on CPU with a fixed seed: model, optimizer (momentum / Adam moments), scheduler, RNG states
-and the data sampler are restored by ``accelerator.load_state``; the loop skips the batches already consumed
-in the current epoch with ``skip_first_batches`` (the seeded sampler reproduces the epoch's order), and the
-DataLoader has its own generator so creating an iterator never draws from the global RNG.
+One optimizer step consumes ``gradient_accumulation_steps`` micro-batches and is done by
+``samat.common.methods.train_step`` (SAM needs the whole step's micro-batches at once, so the loop groups them
+instead of using ``accelerator.accumulate``). Resuming is exact: the loop skips the batches already consumed in
+the current epoch with ``skip_first_batches`` (the seeded sampler reproduces the epoch's order).
 """
 
 from __future__ import annotations
 
 import math
-import os
+import signal
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from accelerate.logging import get_logger
-from torch import nn
-from torch.utils.data import DataLoader
+from torch import Tensor, nn
+from torch.utils.data import Subset
+from tqdm.auto import tqdm
 
-from .checkpoint import RESULTS_FILE, TrainState, load_newest_readable, prepare_output_dir, save_checkpoint
-from .config import EvalArgs, RunArgs
-from .data import dataset_labels, eval_subset, train_subset
+from .checkpoint import TrainState, save_checkpoint
+from .config import RunArgs
 from .cost import PassCounter
-from .evaluate import evaluate_all
-from .guard import DivergenceGuard, label_prior
-from .guard import check_steps as guard_check_steps
-from .methods import StepContext
-from .model_io import publish
-from .results import Cost, RunResults, baseline_columns, versions
-from .sharpness import measure_sharpness
-from .registry import UPDATE_RULES
-from .step import fp32_forward
-from .resolve import ResolvedRun
-from .saf import IndexedDataset, extra_memory, indexed_collate
-from .suites import Suite, resolve_suite
-from .task import AttackSpec, Task, TaskData
-from .train import make_optimizer, make_scheduler, train
+from .guard import DivergenceGuard, TrainingFailed
+from .methods import StepContext, train_step
 
 logger = get_logger("samat")
 
 
-# ---------------------------------------------------------------------------------------------- setup
+def make_optimizer(model: nn.Module, run: RunArgs) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov off as in the SAM paper) or AdamW; no weight decay on biases and norms."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if run.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=run.lr, momentum=run.momentum)
+    return torch.optim.AdamW(groups, lr=run.lr)
 
 
-def set_cpu_threads(requested: Optional[int], accelerator: Any) -> int:
-    """Set torch's intra-op CPU threads to ``requested``, or, when ``None`` on a single-process CPU run, to
-    every core this process may use: ``accelerate launch`` without a config exports OMP_NUM_THREADS=1, which
-    halved training speed on the 2-core machine. Returns the thread count in force."""
-    if requested is None and accelerator.device.type == "cpu" and accelerator.num_processes == 1:
-        requested = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if requested is not None and requested != torch.get_num_threads():
-        logger.info("torch CPU threads: %d (was %d; --cpu_threads to choose)", requested, torch.get_num_threads())
-        torch.set_num_threads(requested)
-    return torch.get_num_threads()
+def make_scheduler(optimizer: torch.optim.Optimizer, run: RunArgs, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = int(round(run.warmup_ratio * total_steps))
+    return get_scheduler(run.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-@dataclass
-class Evaluable:
-    """What evaluation needs (:func:`build_for_evaluation`): the task's data, the evaluation subset and its
-    loader, and the prepared model. ``train_examples``: the size of the training subset, when one was built."""
+class StopRequest:
+    """SIGTERM/SIGUSR1 (a scheduler's preemption notice) ask the loop to checkpoint after the current step
+    and exit; ``--resume`` then continues exactly where it stopped."""
 
-    data: TaskData
-    eval_set: Any
-    model: nn.Module
-    eval_loader: Any
-    train_examples: Optional[int] = None
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
 
-
-@dataclass
-class Prepared(Evaluable):
-    """What :func:`build` hands to training and evaluation: besides :class:`Evaluable`, the training subset
-    and its loader, the optimizer and the schedule, all prepared."""
-
-    train_set: Any = None
-    optimizer: Optional[torch.optim.Optimizer] = None
-    train_loader: Any = None
-    scheduler: Any = None
-    total_steps: int = 0
-    steps_per_epoch: int = 0  # optimizer steps per pass over the training subset (per process)
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
 
 
-def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
-    """Train ``task`` as ``resolved`` says (:func:`samat.common.resolve.resolve_run` checked every flag before
-    this is called), evaluate, write ``results.json``; returns the results record.
-
-    The steps, in order: claim the folder, build, train, save the model, evaluate, write one record
-    atomically."""
-    run, method, evals, specs = resolved.run, resolved.method, resolved.evals, list(resolved.specs)
-    config_record = resolved.config()
-    accelerator = make_accelerator(run)
-    output_dir = Path(run.output_dir)
-    for note in resolved.notes:
-        logger.info(note)
-    if resolved.engine.sharded and accelerator.distributed_type.value.lower() != resolved.engine.sharded:
-        logger.warning("the launch asked for %s, but Accelerate engaged %s (it shards on accelerators only): "
-                       "this run is not sharded", resolved.engine.sharded, accelerator.distributed_type.value)
-    if run.resume and (output_dir / RESULTS_FILE).is_file() and not run.overwrite:
-        results = RunResults.read(output_dir / RESULTS_FILE)
-        if accelerator.is_main_process:
-            print(f"{output_dir} is finished; results.json:\n{results.table()}")
-        return results
-    resume_from = prepare_output_dir(run, output_dir, accelerator.is_main_process)
-    if run.resume and resume_from is None:
-        logger.info("--resume: no checkpoint in %s, starting from scratch", output_dir)
-    accelerator.wait_for_everyone()
-    from accelerate.utils import set_seed
-
-    set_seed(run.seed)
-    built = build(run, task, accelerator, indexed=UPDATE_RULES[method.method.update].needs_index)
-    # on the unwrapped model: the attacks call it directly, and a DDP wrapper's forward calls it too
-    counter = PassCounter(accelerator.unwrap_model(built.model))
-    state = TrainState(task=task.name)
-    damaged: list[str] = []  # unreadable checkpoints passed over on --resume: warnings of the run
-    if resume_from is not None:
-        resume_from, loaded, damaged = load_newest_readable(accelerator, output_dir)
-        for warning in damaged:
-            logger.warning(warning)
-        if loaded is not None:
-            state = loaded
-            state.task = task.name
-            logger.info("resumed from %s at step %d", resume_from, state.step)
-    PassCounter.copy_counts(state, counter)  # a resumed run continues the checkpoint's counts
-    start_trackers(accelerator, run, config_record)
-
-    ctx = StepContext(accelerator=accelerator, model=built.model, optimizer=built.optimizer, task=task,
-                      method=method, max_grad_norm=run.max_grad_norm, total_steps=built.total_steps,
-                      steps_per_epoch=built.steps_per_epoch)
-    guard = None
-    if run.divergence_guard:
-        per_step = run.batch_size * run.gradient_accumulation_steps * accelerator.num_processes
-        # the loss a model that learned only the label prior has, measured from the training labels
-        prior = label_prior(dataset_labels(built.train_set), int(built.data.info.get("num_classes") or 0))
-        guard = DivergenceGuard(accelerator.unwrap_model(built.model), lr=run.lr, warmup_ratio=run.warmup_ratio,
-                                check_steps=guard_check_steps(built.total_steps, run.warmup_ratio, per_step),
-                                prior=prior, poll_every=run.logging_steps, last_step=built.total_steps)
-    state = train(ctx, built.train_loader, built.train_set, built.scheduler, run, built.total_steps, state,
-                  counter, guard)
-    save_checkpoint(accelerator, output_dir, state)
-    counter.close()
-    if guard:
-        guard.close()
-    save_model(accelerator, task, built.model, output_dir)
-
-    eval_started = time.perf_counter()
-    results = evaluate(run, method.method.name, method.describe(), evals, task, accelerator, built, specs,
-                       resolved.suite)
-    results.extra["engine"] = engine_record(resolved.engine, accelerator)
-    held = extra_memory(built.optimizer, method.method.update)
-    if held:  # SAF's stored outputs, MESA's EMA copy: the memory they pay instead of passes
-        results.extra["extra_memory"] = held
-    results.config = config_record
-    results.warnings = damaged + results.warnings
-    results.cost = Cost(train_wall_s=round(state.train_wall_s, 3),
-                        eval_wall_s=round(time.perf_counter() - eval_started, 3),
-                        optimizer_steps=state.step, train_examples=state.train_examples,
-                        **{name: getattr(state, name) for name in PassCounter.FIELDS})
-    finish(accelerator, run, results, output_dir, state.step)
-    return results
+class Preempted(SystemExit):
+    pass
 
 
-def engine_record(engine: Any, accelerator: Any) -> dict:
-    """What results.json says of the distributed engine: what the launch asked for and what Accelerate
-    engaged (on CPU, Accelerate runs an FSDP or DeepSpeed launch as DDP)."""
-    return {"requested": engine.sharded or "none", "fsdp_version": engine.fsdp_version,
-            "engaged": str(accelerator.distributed_type.value)}
+# ------------------------------------------------------------------------------------------------ run
 
 
-def make_accelerator(run: RunArgs) -> Any:
-    """The Accelerator (precision and processes come from ``accelerate launch``), seedable sampler, trackers
-    logging into ``<output_dir>/logs``; torch's CPU threads set (see :func:`set_cpu_threads`)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
+def train(ctx: StepContext, train_loader: Any, train_set: Any, scheduler: Any, run: RunArgs, total_steps: int,
+          state: TrainState, counter: PassCounter, guard: Optional[DivergenceGuard] = None) -> TrainState:
+    """Optimizer steps from ``state.step`` to ``total_steps``, each over ``gradient_accumulation_steps``
+    micro-batches (the epoch's last group may be shorter), with logging, periodic checkpoints, a
+    checkpoint-and-exit on SIGTERM, and :class:`TrainingFailed` when ``guard`` sees training fail. Returns
+    the final state."""
+    accelerator, output_dir, k = ctx.accelerator, Path(run.output_dir), run.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(train_loader) / k)
+    stop = StopRequest()
+    started, wall0 = time.perf_counter(), state.train_wall_s
+    progress = tqdm(total=total_steps, initial=state.step, desc=f"train {ctx.method.method.name}",
+                    disable=not accelerator.is_local_main_process)
+    losses: list[Tensor] = []  # device tensors, read (one host sync) when logged
 
-    output_dir = Path(run.output_dir)
-    accelerator = Accelerator(
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=run.find_unused_parameters)],
-        log_with=None if run.log_with == "none" else run.log_with,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        step_scheduler_with_optimizer=False,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    set_cpu_threads(run.cpu_threads, accelerator)
-    return accelerator
+    def snapshot() -> TrainState:
+        state.train_wall_s = wall0 + time.perf_counter() - started
+        PassCounter.copy_counts(counter, state)
+        return state
 
+    def optimizer_step(group: list[dict]) -> None:
+        result = train_step(ctx, group)
+        if not result.skipped:
+            scheduler.step()
+        state.step += 1
+        labels = _step_labels(group) if guard is not None and guard.prior is not None else None
+        failure = guard.failure(state.step, result.loss, result.skipped, labels) if guard else None
+        # one agreement per step for both ways out, so that every process leaves at the same step
+        failed, stopping = _any_process(accelerator, failure is not None,
+                                        state.step < total_steps and stop.signal is not None)
+        if failed:
+            progress.close()
+            raise TrainingFailed(failure or "training failed on another process (see its log)")
+        state.train_examples += sum(_batch_size(b) for b in group) * accelerator.num_processes
+        losses.append(result.loss)
+        progress.update(1)
+        if state.step % run.logging_steps == 0:
+            _log(accelerator, progress, float(torch.stack(losses).mean()), scheduler, state.step)
+            losses.clear()
+        if state.step < total_steps and run.checkpoint_every and state.step % run.checkpoint_every == 0:
+            save_checkpoint(accelerator, output_dir, snapshot())
+        if stopping:
+            save_checkpoint(accelerator, output_dir, snapshot())
+            progress.close()
+            logger.warning("stopped by signal %s at step %d; rerun with --resume to continue", stop.signal,
+                           state.step)
+            raise Preempted(143)
 
-def _task_data(run: RunArgs, task: Task, accelerator: Any) -> tuple[TaskData, Any, DataLoader]:
-    """The task's data and model, the seeded evaluation subset and its (unprepared) loader."""
-    with accelerator.main_process_first():
-        data = task.build(run, accelerator)
-    eval_set = eval_subset(data.eval_dataset, run)
-    eval_loader = DataLoader(eval_set, batch_size=run.eval_batch_size, shuffle=False,
-                             collate_fn=data.collate_fn, num_workers=run.num_workers)
-    return data, eval_set, eval_loader
-
-
-def build_for_evaluation(run: RunArgs, task: Task, accelerator: Any) -> Evaluable:
-    """Data, model and evaluation loader, prepared; no optimizer and no training loader (``samat evaluate``)."""
-    data, eval_set, eval_loader = _task_data(run, task, accelerator)
-    model, eval_loader = accelerator.prepare(data.model, eval_loader)
-    return Evaluable(data, eval_set, model, eval_loader)
-
-
-def build(run: RunArgs, task: Task, accelerator: Any, indexed: bool = False) -> Prepared:
-    """Data and model from the task, the seeded subsets and loaders, optimizer and schedule, all prepared.
-    ``indexed``: training batches also carry each example's position in the training set (``sample_index``,
-    SAF's per-example memory; the same draws, so the run is otherwise unchanged)."""
-    data, eval_set, eval_loader = _task_data(run, task, accelerator)
-    train_set = train_subset(data.train_dataset, run)
-    loader_generator = torch.Generator().manual_seed(run.seed)
-    loader_set, collate = ((IndexedDataset(train_set), indexed_collate(data.collate_fn)) if indexed
-                           else (train_set, data.collate_fn))
-    train_loader = DataLoader(loader_set, batch_size=run.batch_size, shuffle=True, collate_fn=collate,
-                              num_workers=run.num_workers, generator=loader_generator)
-    optimizer = make_optimizer(data.model, run)
-    batches_per_epoch = math.ceil(len(train_set) / (run.batch_size * accelerator.num_processes))
-    steps_per_epoch = math.ceil(batches_per_epoch / run.gradient_accumulation_steps)
-    total_steps = run.max_steps or max(1, math.ceil(run.epochs * steps_per_epoch))
-    scheduler = make_scheduler(optimizer, run, total_steps)
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        data.model, optimizer, train_loader, eval_loader, scheduler)
-    return Prepared(data, eval_set, model, eval_loader, len(train_set), train_set, optimizer, train_loader,
-                    scheduler, total_steps, steps_per_epoch)
-
-
-def start_trackers(accelerator: Any, run: RunArgs, config_record: dict) -> None:
-    if run.log_with == "none":
-        return
-    flat = {f"{group}/{k_}": (v if isinstance(v, (int, float, str, bool)) else str(v))
-            for group, values in config_record.items() for k_, v in values.items()}
-    accelerator.init_trackers("samat", config=flat)
-
-
-def save_model(accelerator: Any, task: Task, model: nn.Module, output_dir: Path) -> None:
-    """The unwrapped trained model into ``<output_dir>/model`` in the task's own format (main process)."""
-    if accelerator.is_main_process:
-        (output_dir / "model").mkdir(parents=True, exist_ok=True)
-        task.save_model(accelerator.unwrap_model(model), str(output_dir / "model"))
+    ctx.model.train()
+    while state.step < total_steps:
+        epoch = state.step // steps_per_epoch
+        train_loader.set_epoch(epoch)
+        _set_dataset_epoch(train_set, epoch)
+        skip = (state.step % steps_per_epoch) * k
+        group: list[dict] = []
+        for batch in accelerator.skip_first_batches(train_loader, skip) if skip else train_loader:
+            group.append(batch)
+            if len(group) == k:
+                optimizer_step(group)
+                group = []
+                if state.step >= total_steps:
+                    break
+        if group and state.step < total_steps:  # the epoch's last, shorter accumulation group
+            optimizer_step(group)
+    progress.close()
+    return snapshot()
 
 
-def evaluate(run: RunArgs, method: str, method_resolved: dict, evals: EvalArgs, task: Task, accelerator: Any,
-             built: Evaluable, specs: list[AttackSpec], suite: Optional[Suite] = None) -> RunResults:
-    """Clean and robust metrics with sanity checks, the task's own evaluation and columns, sharpness.
-    ``method``/``method_resolved``: how the model was trained (the method's name and its hyper-parameters).
-
-    In fp32 unless ``--eval_precision train``: Accelerate's autocast comes off the model's forward (for good:
-    training is over), so the clean pass, every attack, the task's own evaluation and the sharpness probe see
-    the fp32 weights and inputs whatever the training precision."""
-    precision = evals.eval_precision
-    if precision == "fp32":
-        accelerator.unwrap_model(built.model, keep_fp32_wrapper=False)  # in place: the forward without autocast
-    evaluation = evaluate_all(built.model, task, built.eval_loader, accelerator, specs, evals.eval_steps,
-                              suite=resolve_suite(task, evals) if suite is None else suite,
-                              attack_collapsed=evals.attack_collapsed, precision=precision)
-    unwrapped = accelerator.unwrap_model(built.model)
-    # A collapsed model's evaluation stops after the clean pass: no task attacks (TextAttack), no sharpness.
-    stopped = evaluation.get("attacks_skipped") is not None
-    extra = {} if stopped else dict(task.extra_evaluation(unwrapped, accelerator, run))
-    warnings = list(extra.pop("warnings", []))
-    evaluation["metrics"].update(extra)
-    sharpness = None
-    if not stopped:
-        with fp32_forward(unwrapped):  # always fp32: a rho-sized weight perturbation does not survive a bf16 cast
-            sharpness = measure_sharpness(unwrapped, task, built.eval_set, built.data.collate_fn, evals,
-                                          accelerator)
-    return RunResults.from_dict({
-        **evaluation,
-        "task": task.name,
-        "method": method,
-        "headline_metric": task.headline_metric,
-        "method_resolved": method_resolved,
-        "data": {**built.data.info, "train_examples": built.train_examples, "eval_examples": len(built.eval_set)},
-        "sharpness": sharpness,
-        "columns": {**baseline_columns(evaluation.get("majority_baseline")),
-                    **task.extra_columns(evaluation["metrics"])},
-        "warnings": warnings,
-        "device": _device_name(accelerator),
-        "num_processes": accelerator.num_processes,
-        "cpu_threads": torch.get_num_threads(),
-        "mixed_precision": accelerator.mixed_precision,
-        "eval_precision": "fp32" if precision == "fp32" or accelerator.mixed_precision == "no"
-        else accelerator.mixed_precision,
-        "versions": versions(),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "schema_version": 1,
-    })
+def _set_dataset_epoch(dataset: Any, epoch: int) -> None:
+    """Tell a dataset (through Subset wrappers) which epoch it serves, for epoch-seeded augmentation."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
 
 
-def finish(accelerator: Any, run: RunArgs, results: RunResults, output_dir: Path, step: int) -> None:
-    """Log to the trackers, write results.json (main process, atomically), print the table."""
-    if run.log_with != "none":
-        accelerator.log(_flat_metrics(results), step=step)
-        accelerator.end_training()
-    if accelerator.is_main_process:
-        results.write(output_dir / RESULTS_FILE)
-        publish(run, results)  # the model card from these results; --push_to_hub
-        print(results.table())
-        print(f"results: {output_dir / RESULTS_FILE}")
-    accelerator.wait_for_everyone()
+def _any_process(accelerator: Any, *flags: bool) -> tuple[bool, ...]:
+    """Each flag true on every process as soon as it is true on any (a stop signal, a failed run), so that all
+    processes save the same step or stop together instead of one waiting forever in a collective. One
+    all-reduce for all the flags under several processes; none in a single one."""
+    if accelerator.num_processes == 1:
+        return tuple(flags)
+    value = torch.tensor([1.0 if f else 0.0 for f in flags], device=accelerator.device)
+    return tuple(bool(v > 0) for v in accelerator.reduce(value, reduction="sum").tolist())
 
 
-def _flat_metrics(results: RunResults) -> dict[str, float]:
-    """Tracker scalars: clean metrics, the headline metric per attack and radius, the task's columns."""
-    out = {f"eval/clean/{k}": v for k, v in results.metrics["clean"].items() if isinstance(v, float)}
-    out.update({f"eval/{attack}/{label}": value for attack, label, value in results.robust()})
-    out.update({f"eval/{name}": value for name, value in results.columns.items()})
-    return out
+def _step_labels(group: list[dict]) -> Optional[Tensor]:
+    """The class labels of one optimizer step's micro-batches, flattened (the guard prices the prior on
+    them); ``None`` when a batch has none."""
+    if not all(isinstance(b.get("labels"), Tensor) for b in group):
+        return None
+    return torch.cat([b["labels"].detach().flatten() for b in group])
 
 
-def _device_name(accelerator: Any) -> str:
-    if accelerator.device.type == "cuda":
-        return torch.cuda.get_device_name(accelerator.device)
-    return accelerator.device.type
+def _batch_size(batch: dict) -> int:
+    first = next(v for v in batch.values() if isinstance(v, Tensor))
+    return int(first.shape[0])
+
+
+def _log(accelerator: Any, progress: tqdm, loss: float, scheduler: Any, step: int) -> None:
+    lr = scheduler.get_last_lr()[0]
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    accelerator.log({"train/loss": loss, "train/lr": lr}, step=step)

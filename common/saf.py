@@ -29,7 +29,7 @@ Where samat differs, and why:
 
 State lives in the base optimizer's ``state`` (``common/efficient_sam.update_state``), so checkpoints hold it and
 ``--resume`` continues bit-identically. SAF needs each example's dataset index in the batch (key
-:data:`INDEX_KEY`, added by ``common/loop.py`` through :class:`IndexedDataset`); it refuses, in one line, a batch
+:data:`INDEX_KEY`, added by ``common/experiment.py`` through :class:`IndexedDataset`); it refuses, in one line, a batch
 without one, and multi-process runs (each process would only see the outputs of the examples it drew).
 """
 

@@ -1,7 +1,7 @@
 """The contract between the engine and a task (vision, text, segmentation).
 
 A task knows its data, its model, where an input perturbation lives, its loss and its metric. The engine
-(``common/loop.py``, ``common/methods.py``, ``common/attacks.py``) only ever talks to a task through
+(``common/experiment.py``, ``common/methods.py``, ``common/attacks.py``) only ever talks to a task through
 :class:`Task` and :class:`AttackSurface`, so one training loop and one PGD serve every modality.
 """
 

@@ -93,7 +93,7 @@ def resolve(argv: list[str]):
 def main(argv: Optional[list[str]] = None) -> None:
     setup_logging()
     probe_hub()
-    from samat.common.loop import run_experiment
+    from samat.common.experiment import run_experiment
 
     resolved, task = resolve(sys.argv[1:] if argv is None else argv)
     run_experiment(resolved, task)

@@ -48,7 +48,7 @@ def train_two(root: Path, *args: str, env: dict | None = None) -> list[Path]:
 
 
 def evaluate_in_process(*argv: str):
-    from samat.common.evaluate_saved import main
+    from samat.scripts.evaluate import main
 
     return main(list(argv))
 

@@ -110,7 +110,7 @@ def test_at_clean_weight_mixes_clean_and_adversarial_loss(accelerator):
 def test_set_cpu_threads_uses_every_core_only_for_a_single_cpu_process(accelerator):  # (state for logging)
     from types import SimpleNamespace
 
-    from samat.common.loop import set_cpu_threads
+    from samat.common.experiment import set_cpu_threads
 
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0))

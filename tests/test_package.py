@@ -29,7 +29,7 @@ def test_users_own_common_neither_shadows_nor_is_shadowed(tmp_path):
     code = ("import common, text, vision\n"
             "assert common.OWNER == text.OWNER == vision.OWNER == 'user'\n"
             "from samat.common.registry import task_class\n"
-            "import samat.common.loop, samat.common.data\n"
+            "import samat.common.experiment, samat.common.data\n"
             "task_class('vision'); task_class('segmentation')\n"
             "import common\n"
             "assert common.OWNER == 'user' and samat.common.data.__file__.endswith('common/data.py')\n"

@@ -100,7 +100,7 @@ def test_bf16_run_records_fp32_evaluation_and_a_bf16_one_on_request(tmp_path, mo
 
     from accelerate.state import AcceleratorState
 
-    from samat.common.evaluate_saved import main as evaluate_saved
+    from samat.scripts.evaluate import main as evaluate_saved
 
     root = Path(__file__).resolve().parents[1]
     accelerate = str(Path(sys.executable).with_name("accelerate"))
