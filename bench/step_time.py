@@ -12,6 +12,15 @@ with ``common.cost.PassCounter``; the efficient SAM variants run at their defaul
 threshold schedule spans the whole benchmark). Methods are interleaved in rounds so that clock drift and thermal state hit all alike;
 the median over rounds is reported. A plain hand-written SAM loop (per-tensor ops, as davda54/sam) is timed
 as a reference point. Writes ``--out`` (JSON) and prints a table.
+
+``--tasks vision text segmentation``: instead, samat's own step against a bare PyTorch loop, per task (the
+input-pipeline comparison of issue 23). samat's side is the real thing: the task's dataset, collate and
+Accelerate DataLoader from ``common.experiment.build``, stepped by ``common.loop.train`` (scheduler, pass
+counter, divergence guard and logging included) one epoch per round, with the time blocked in
+``next(loader)`` recorded (the data-wait share). The bare side is the same model (same initial weights),
+the same optimizer type and hyper-parameters, on the very batches samat's loader produced in that round,
+already in memory: ``loss.backward(); opt.step()`` for ERM, a two-pass loop for SAM. samat and bare alternate
+in every round (ERM, then SAM), in one process, with torch's threads fixed (``--cpu_threads``).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +66,185 @@ def handwritten_sam_step(model, optimizer, batch, rho: float) -> None:
     optimizer.zero_grad()
 
 
+# ------------------------------------------------------------------------ samat vs a bare loop, per task
+
+# What each task's bench run sets besides --max_train_samples/--max_steps (batch sizes are the task defaults).
+TASK_FLAGS = {
+    "vision": ["--model", "small_cnn"],
+    "text": ["--textattack_recipes", "none", "--max_length", "128"],
+    "segmentation": [],
+}
+
+
+class TimedLoader:
+    """A prepared DataLoader as ``common.loop.train`` sees it (``len``, ``set_epoch``, iteration), that adds up
+    the seconds spent blocked in ``next()`` (``wait``) and keeps the round's batches (``batches``) for the
+    bare loop."""
+
+    def __init__(self, loader):
+        self.loader, self.wait, self.batches = loader, 0.0, []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        iterator = iter(self.loader)
+        while True:
+            started = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                self.wait += time.perf_counter() - started
+                return
+            self.wait += time.perf_counter() - started
+            self.batches.append(batch)
+            yield batch
+
+
+def bare_loss(task_name: str, model, batch: dict, ignore_index: int = -100):
+    """The task's training loss written out in plain PyTorch (mean cross-entropy; ignored pixels left out)."""
+    if task_name == "text":
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        return F.cross_entropy(model(**inputs).logits, batch["labels"])
+    return F.cross_entropy(model(batch["pixel_values"]), batch["labels"], ignore_index=ignore_index)
+
+
+def bare_optimizer(model, run):
+    """The optimizer samat builds for ``run``, in plain torch: no weight decay on biases and norms."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": run.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if run.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=run.lr, momentum=run.momentum)
+    return torch.optim.AdamW(groups, lr=run.lr)
+
+
+def bare_step(loss_fn, model, optimizer, batch: dict, rho: Optional[float]) -> None:
+    """One bare optimizer step: ERM (``rho`` None) or SAM's two passes (ascent to ``w + rho g/||g||``,
+    gradient there, step from ``w``)."""
+    loss_fn(model, batch).backward()
+    if rho is not None:
+        params = [p for p in model.parameters() if p.grad is not None]
+        with torch.no_grad():
+            grads = [p.grad for p in params]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            e = torch._foreach_mul(grads, rho / (norm + 1e-12))
+            torch._foreach_add_(params, e)
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model, batch).backward()
+        with torch.no_grad():
+            torch._foreach_sub_(params, e)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def compare_task(task_name: str, methods: list[str], steps: int, rounds: int, warmup_rounds: int, threads: int,
+                 extra: list[str]) -> dict:
+    """samat vs bare for one task (see the module docstring): per method, the median over ``rounds`` of the
+    seconds per step of each, their ratio, and samat's data-wait share; ``warmup_rounds`` untimed first."""
+    import copy
+    import tempfile
+
+    from accelerate.utils import set_seed
+
+    from samat.common.checkpoint import TrainState
+    from samat.common.experiment import build, make_accelerator, make_guard
+    from samat.common.loop import train
+    from samat.common.registry import UPDATE_RULES
+    from samat.scripts.run import resolve
+
+    sides: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in methods:
+            argv = ["--task", task_name, "--method", method, "--output_dir", f"{tmp}/{method}", "--log_with",
+                    "none", "--cpu_threads", str(threads), "--max_eval_samples", "8",
+                    # a few dozen steps of a fresh model may not beat the label prior yet: that is not a failure here
+                    "--divergence_guard", "false",
+                    *TASK_FLAGS.get(task_name, []), *extra]
+            probe, _ = resolve(argv)  # the task's batch size, to size the subset to ``steps`` per epoch
+            argv += ["--max_train_samples", str(probe.run.batch_size * steps),
+                     "--max_steps", str(steps * (rounds + warmup_rounds))]
+            resolved, task = resolve(argv)
+            run = resolved.run
+            accelerator = make_accelerator(run)
+            set_seed(run.seed)
+            built = build(run, task, accelerator, indexed=UPDATE_RULES[resolved.method.method.update].needs_index)
+            if built.steps_per_epoch != steps:
+                raise UsageError(f"{task_name}: {built.steps_per_epoch} steps per epoch, expected {steps}")
+            bare_model = copy.deepcopy(accelerator.unwrap_model(built.model)).train()
+            counter = PassCounter(accelerator.unwrap_model(built.model))
+            ctx = StepContext(accelerator=accelerator, model=built.model, optimizer=built.optimizer, task=task,
+                              method=resolved.method, max_grad_norm=run.max_grad_norm,
+                              total_steps=built.total_steps, steps_per_epoch=built.steps_per_epoch)
+            ignore = getattr(task.args, "ignore_index", -100)
+            loss_fn = lambda model, batch, ignore=ignore: bare_loss(task_name, model, batch, ignore)  # noqa: E731
+            sides[method] = dict(
+                run=run, ctx=ctx, built=built, counter=counter, guard=make_guard(run, built, accelerator),
+                loader=TimedLoader(built.train_loader), state=TrainState(task=task.name), loss_fn=loss_fn,
+                bare_model=bare_model, bare_opt=bare_optimizer(bare_model, run),
+                rho=resolved.method.rho if resolved.method.method.update == "sam" else None,
+                samat_s=[], bare_s=[], wait_share=[])
+        # the bare loss is the task's loss (checked once, on one batch, in eval mode)
+        side = next(iter(sides.values()))
+        check = next(iter(side["built"].train_loader))
+        model = side["bare_model"].eval()
+        with torch.no_grad():
+            ours, theirs = side["ctx"].task.loss(side["ctx"].task.forward(model, check), check), side["loss_fn"](
+                model, check)
+        model.train()
+        if not torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6):
+            raise RuntimeError(f"{task_name}: the bare loss {float(theirs)} is not the task's {float(ours)}")
+        for round_ in range(warmup_rounds + rounds):
+            for method, side in sides.items():
+                loader = side["loader"]
+                loader.wait, loader.batches = 0.0, []
+                started = time.perf_counter()
+                side["state"] = train(side["ctx"], loader, side["built"].train_set, side["built"].scheduler,
+                                      side["run"], side["state"].step + steps, side["state"], side["counter"],
+                                      side["guard"])
+                samat = (time.perf_counter() - started) / steps
+                batches = loader.batches
+                started = time.perf_counter()
+                for batch in batches:
+                    bare_step(side["loss_fn"], side["bare_model"], side["bare_opt"], batch, side["rho"])
+                bare = (time.perf_counter() - started) / len(batches)
+                if round_ >= warmup_rounds:
+                    side["samat_s"].append(samat)
+                    side["bare_s"].append(bare)
+                    side["wait_share"].append(loader.wait / (samat * steps))
+                print(f"{task_name} {method} round {round_}{' (warm-up)' if round_ < warmup_rounds else ''}: "
+                      f"samat {1000 * samat:.1f} ms/step (data wait {100 * loader.wait / (samat * steps):.1f} %), "
+                      f"bare {1000 * bare:.1f} ms/step", flush=True)
+    out = {}
+    for method, side in sides.items():
+        samat, bare = statistics.median(side["samat_s"]), statistics.median(side["bare_s"])
+        # the ratio of each round (samat and bare ran back to back), then the median: robust to load drifts
+        ratio = statistics.median(a / b for a, b in zip(side["samat_s"], side["bare_s"]))
+        out[method] = {"samat_ms": 1000 * samat, "bare_ms": 1000 * bare, "ratio": ratio,
+                       "data_wait_share": statistics.median(side["wait_share"]),
+                       "samat_ms_rounds": [1000 * t for t in side["samat_s"]],
+                       "bare_ms_rounds": [1000 * t for t in side["bare_s"]],
+                       "data_wait_share_rounds": side["wait_share"],
+                       "batch_size": side["run"].batch_size, "steps_per_round": steps,
+                       "optimizer": side["run"].optimizer, "model": side["built"].data.info.get("model")}
+    return out
+
+
+def pipeline_main(args) -> None:
+    results = {task: compare_task(task, ["erm", "sam"], args.steps, args.rounds, args.warmup_rounds,
+                                  args.cpu_threads, args.task_flags)
+               for task in args.tasks}
+    rows = [(task, method, r["batch_size"], r["samat_ms"], r["bare_ms"], r["ratio"],
+             f"{100 * r['data_wait_share']:.1f} %") for task, per in results.items() for method, r in per.items()]
+    print(format_table(["task", "method", "batch", "samat ms/step", "bare ms/step", "samat / bare",
+                        "data wait (samat)"], rows))
+    write_json_atomic(args.out, {"args": vars(args), "device": "cpu", "torch_threads": torch.get_num_threads(),
+                                 "results": results, "versions": versions()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="preact_resnet18", help="vision model name (see vision/models.py)")
@@ -69,7 +258,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per method first")
     parser.add_argument("--no_handwritten", action="store_true", help="skip the hand-written SAM reference")
     parser.add_argument("--out", default="bench/results/step_time.json", help="JSON output path")
+    parser.add_argument("--tasks", nargs="+", default=None, choices=["vision", "text", "segmentation"],
+                        help="instead: samat's own step vs a bare PyTorch loop on these tasks (ERM and SAM); "
+                             "--steps is then the steps per round (one epoch)")
+    parser.add_argument("--warmup_rounds", type=int, default=1, help="with --tasks: untimed rounds first")
+    parser.add_argument("--cpu_threads", type=int, default=1, help="with --tasks: torch CPU threads")
+    parser.add_argument("--task_flags", nargs=argparse.REMAINDER, default=[],
+                        help="with --tasks: further scripts/run.py flags for every task (last on the line)")
     args = parser.parse_args()
+    if args.tasks:
+        if min(args.steps, args.rounds, args.cpu_threads) < 1 or args.warmup_rounds < 0:
+            raise UsageError("--steps, --rounds and --cpu_threads must be >= 1, --warmup_rounds >= 0")
+        return pipeline_main(args)
     for m in args.methods:
         if m not in METHODS:
             raise UsageError(f"--methods: unknown method {m!r}; choose from: {', '.join(METHODS)}")

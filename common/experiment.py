@@ -130,14 +130,7 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
     ctx = StepContext(accelerator=accelerator, model=built.model, optimizer=built.optimizer, task=task,
                       method=method, max_grad_norm=run.max_grad_norm, total_steps=built.total_steps,
                       steps_per_epoch=built.steps_per_epoch)
-    guard = None
-    if run.divergence_guard:
-        per_step = run.batch_size * run.gradient_accumulation_steps * accelerator.num_processes
-        # the loss a model that learned only the label prior has, measured from the training labels
-        prior = label_prior(dataset_labels(built.train_set), int(built.data.info.get("num_classes") or 0))
-        guard = DivergenceGuard(accelerator.unwrap_model(built.model), lr=run.lr, warmup_ratio=run.warmup_ratio,
-                                check_steps=guard_check_steps(built.total_steps, run.warmup_ratio, per_step),
-                                prior=prior, poll_every=run.logging_steps, last_step=built.total_steps)
+    guard = make_guard(run, built, accelerator)
     state = train(ctx, built.train_loader, built.train_set, built.scheduler, run, built.total_steps, state,
                   counter, guard)
     save_checkpoint(accelerator, output_dir, state)
@@ -161,6 +154,18 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
                         **{name: getattr(state, name) for name in PassCounter.FIELDS})
     finish(accelerator, run, results, output_dir, state.step)
     return results
+
+
+def make_guard(run: RunArgs, built: Prepared, accelerator: Any) -> Optional[DivergenceGuard]:
+    """The run's divergence guard (``None`` with ``--divergence_guard false``)."""
+    if not run.divergence_guard:
+        return None
+    per_step = run.batch_size * run.gradient_accumulation_steps * accelerator.num_processes
+    # the loss a model that learned only the label prior has, measured from the training labels
+    prior = label_prior(dataset_labels(built.train_set), int(built.data.info.get("num_classes") or 0))
+    return DivergenceGuard(accelerator.unwrap_model(built.model), lr=run.lr, warmup_ratio=run.warmup_ratio,
+                           check_steps=guard_check_steps(built.total_steps, run.warmup_ratio, per_step),
+                           prior=prior, poll_every=run.logging_steps, last_step=built.total_steps)
 
 
 def engine_record(engine: Any, accelerator: Any) -> dict:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datasets
 import numpy as np
+import pytest
 import torch
 
+from samat.common.errors import UsageError
 from samat.segmentation.data import SegmentationDataset
 from samat.vision.data import ImageClassification
 
@@ -61,3 +63,33 @@ def test_decoded_once_batches_are_the_items_read_one_by_one():
     for item, i in zip(got, rows):
         want = single[i]
         assert torch.equal(item["pixel_values"], want["pixel_values"]) and item["labels"] == want["labels"] == i
+
+
+def test_segmentation_decoded_once_batches_are_the_examples_read_one_by_one():
+    """Decoded once (uint8 images from PNG, resized float images, masks with the ignore index) or read one
+    by one, with random scale, crop and flip: the very same pixels; a bad example still fails only when read."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 20, 20, 3), dtype=torch.uint8, generator=g).numpy()
+    masks = torch.randint(0, 3, (12, 20, 20), dtype=torch.uint8, generator=g).numpy()
+    masks[:, 0, 0] = 255
+    masks[9, 5, 5] = 7  # out of range: example 9 is bad
+    features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image()})
+    data = datasets.Dataset.from_dict({"image": list(images), "mask": list(masks)}, features=features)
+    for size, stored in ((20, torch.uint8), (16, torch.float32)):  # as stored; resized (no longer bytes)
+        batched, single = (SegmentationDataset(data, "image", "mask", num_classes=3, ignore_index=255, size=size,
+                                               train=True, scale=(0.5, 1.5), hflip=True, seed=3) for _ in "ab")
+        single._cache = None  # the per-example path
+        for ds in (batched, single):
+            ds.set_epoch(2)
+        rows = [11, 0, 4, 4, 7]
+        got = batched.__getitems__(rows)
+        assert batched._cache[0].dtype == stored and batched._cache[1].dtype == torch.uint8
+        for item, i in zip(got, rows):
+            want = single[i]
+            assert torch.equal(item["pixel_values"], want["pixel_values"])
+            assert torch.equal(item["labels"], want["labels"]) and item["labels"].dtype == torch.long
+        for ds in (batched, single):
+            with pytest.raises(UsageError, match=r"example 9: mask values \[7\]"):
+                ds.__getitems__([1, 9])
+        subset = batched.select([9, 3])
+        assert torch.equal(subset[1]["labels"], single.select([9, 3])[1]["labels"])

@@ -132,8 +132,11 @@ class ImageClassification(torch.utils.data.Dataset):
         return torch.as_tensor([int(v) for v in self.data[self.label_column]], dtype=torch.long)
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by the training loop at each epoch start: new augmentations every epoch."""
+        """Called by the training loop at each epoch start: new augmentations every epoch. Decodes the set
+        now (once) if it is to be decoded: in the main process, before the epoch's loader workers start, so
+        that they inherit the tensors instead of each decoding them again."""
         self.epoch = epoch
+        self._decoded()
 
     def _prepare(self, image: Any) -> Tensor:
         """One stored image -> ``(C, S, S)`` float in ``[0, 1]``, before augmentation."""
