@@ -61,9 +61,11 @@ def set_cpu_threads(requested: Optional[int], accelerator: Any) -> int:
 
 @dataclass
 class Evaluable:
-    """What evaluation needs (:func:`build_for_evaluation`): the task's data, the evaluation subset and its
-    loader, and the prepared model. ``train_examples``: the size of the training subset, when one was built."""
+    """What evaluation needs (:func:`build_for_evaluation`): the task as built (``TaskData.task``: it holds
+    what the build learned, e.g. the tokenizer), the task's data, the evaluation subset and its loader, and the
+    prepared model. ``train_examples``: the size of the training subset, when one was built."""
 
+    task: Task
     data: TaskData
     eval_set: Any
     model: nn.Module
@@ -112,6 +114,7 @@ def run_experiment(resolved: ResolvedRun, task: Task) -> RunResults:
 
     set_seed(run.seed)
     built = build(run, task, accelerator, indexed=UPDATE_RULES[method.method.update].needs_index)
+    task = built.task  # from here on, the task as built
     # on the unwrapped model: the attacks call it directly, and a DDP wrapper's forward calls it too
     counter = PassCounter(accelerator.unwrap_model(built.model))
     state = TrainState(task=task.name)
@@ -193,28 +196,28 @@ def make_accelerator(run: RunArgs) -> Any:
     return accelerator
 
 
-def _task_data(run: RunArgs, task: Task, accelerator: Any) -> tuple[TaskData, Any, DataLoader]:
-    """The task's data and model, the seeded evaluation subset and its (unprepared) loader."""
+def _task_data(run: RunArgs, task: Task, accelerator: Any) -> tuple[Task, TaskData, Any, DataLoader]:
+    """The task as built, its data and model, the seeded evaluation subset and its (unprepared) loader."""
     with accelerator.main_process_first():
         data = task.build(run, accelerator)
     eval_set = eval_subset(data.eval_dataset, run)
     eval_loader = DataLoader(eval_set, batch_size=run.eval_batch_size, shuffle=False,
                              collate_fn=data.collate_fn, num_workers=run.num_workers)
-    return data, eval_set, eval_loader
+    return data.task or task, data, eval_set, eval_loader
 
 
 def build_for_evaluation(run: RunArgs, task: Task, accelerator: Any) -> Evaluable:
     """Data, model and evaluation loader, prepared; no optimizer and no training loader (``samat evaluate``)."""
-    data, eval_set, eval_loader = _task_data(run, task, accelerator)
+    built_task, data, eval_set, eval_loader = _task_data(run, task, accelerator)
     model, eval_loader = accelerator.prepare(data.model, eval_loader)
-    return Evaluable(data, eval_set, model, eval_loader)
+    return Evaluable(built_task, data, eval_set, model, eval_loader)
 
 
 def build(run: RunArgs, task: Task, accelerator: Any, indexed: bool = False) -> Prepared:
     """Data and model from the task, the seeded subsets and loaders, optimizer and schedule, all prepared.
     ``indexed``: training batches also carry each example's position in the training set (``sample_index``,
     SAF's per-example memory; the same draws, so the run is otherwise unchanged)."""
-    data, eval_set, eval_loader = _task_data(run, task, accelerator)
+    built_task, data, eval_set, eval_loader = _task_data(run, task, accelerator)
     train_set = train_subset(data.train_dataset, run)
     loader_generator = torch.Generator().manual_seed(run.seed)
     loader_set, collate = ((IndexedDataset(train_set), indexed_collate(data.collate_fn)) if indexed
@@ -228,8 +231,8 @@ def build(run: RunArgs, task: Task, accelerator: Any, indexed: bool = False) -> 
     scheduler = make_scheduler(optimizer, run, total_steps)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         data.model, optimizer, train_loader, eval_loader, scheduler)
-    return Prepared(data, eval_set, model, eval_loader, len(train_set), train_set, optimizer, train_loader,
-                    scheduler, total_steps, steps_per_epoch)
+    return Prepared(built_task, data, eval_set, model, eval_loader, len(train_set), train_set, optimizer,
+                    train_loader, scheduler, total_steps, steps_per_epoch)
 
 
 def start_trackers(accelerator: Any, run: RunArgs, config_record: dict) -> None:

@@ -8,6 +8,7 @@ A task knows its data, its model, where an input perturbation lives, its loss an
 from __future__ import annotations
 
 import abc
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
 
@@ -81,6 +82,10 @@ class TaskData:
     eval_dataset: Any
     collate_fn: Callable[[list], dict]
     info: dict  # shown in results.json: dataset/model names, sizes, number of classes, ...
+    # The task as built: a copy holding what build learned that later methods read (tokenizer, class names,
+    # the evaluation set), made by Task.learned. None: build learned nothing of that kind; the task itself
+    # serves. The engine uses this copy from here on, and the task build was called on stays unchanged.
+    task: Optional["Task"] = None
 
 
 class Task(abc.ABC):
@@ -102,6 +107,8 @@ class Task(abc.ABC):
     # The task's recipe for flags left at None (optimizer, lr, schedule, AT radii, CPU subsets); an instance
     # may choose another (segmentation's --preset).
     defaults: TaskDefaults
+    # What build learned, on the copy that TaskData.task carries (see learned); None on a task not yet built.
+    state: Any = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -121,7 +128,18 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def build(self, run: Any, accelerator: Any) -> TaskData:
-        """Load data and model. Raise ``UsageError`` for bad names/columns. Runs on every process."""
+        """Load data and model. Raise ``UsageError`` for bad names/columns. Runs on every process.
+
+        Leaves ``self`` unchanged: what later methods need to know from the build (a tokenizer, class names)
+        goes into ``TaskData.task``, a copy made by :meth:`learned`. So one task object can build several
+        models (``samat evaluate``), and a build that fails leaves nothing half-set behind."""
+
+    def learned(self, state: Any) -> "Task":
+        """A copy of this task holding ``state`` (what :meth:`build` found out; read back as ``self.state``),
+        for ``TaskData.task``. ``self`` is not changed."""
+        built = copy.copy(self)
+        built.state = state
+        return built
 
     @abc.abstractmethod
     def forward(self, model: nn.Module, batch: dict) -> Tensor:

@@ -256,14 +256,14 @@ def resolve_targets(ev: EvaluateArgs, evals: EvalArgs, task_args: Any, runs: lis
 
 
 def evaluate_target(target: Target, built: Any, evals: EvalArgs, accelerator: Any) -> RunResults:
-    """``loop.evaluate`` on a built target; the record says how the model was trained, what was evaluated."""
+    """``experiment.evaluate`` on a built target; the record says how the model was trained, what was evaluated."""
     from accelerate.utils import set_seed
 
     from samat.common.experiment import evaluate
 
     set_seed(target.run.seed)
     started = time.perf_counter()
-    results = evaluate(target.run, target.method, dict(target.method_resolved), evals, target.task, accelerator,
+    results = evaluate(target.run, target.method, dict(target.method_resolved), evals, built.task, accelerator,
                        built, target.specs)
     results.cost = Cost(eval_wall_s=round(time.perf_counter() - started, 3))
     if target.record is not None:

@@ -123,6 +123,18 @@ def segpgd_objective(ignore_index: int):
     return objective
 
 
+@dataclass(frozen=True)
+class SegmentationBuild:
+    """What :meth:`SegmentationTask.build` learned that later methods read: the classes (flag, id2label.json
+    or the masks), the input side, and the evaluation set (the task's own evaluation re-draws the engine's
+    subset of it)."""
+
+    num_classes: int
+    class_names: list[str]
+    image_size: int
+    eval_dataset: data.SegmentationDataset
+
+
 class SegmentationTask(Task):
     """Pixels ``(B, 3, H, W)`` in ``[0, 1]`` -> logits ``(B, K, H, W)``; labels ``(B, H, W)``."""
 
@@ -136,16 +148,11 @@ class SegmentationTask(Task):
         self.preset = PRESETS[args.preset]
         self.defaults = self.preset.defaults  # the engine fills run flags left unset from these
         self.preset.fill(args)
-        self.num_classes: Optional[int] = None
-        self.class_names: Optional[list[str]] = None
-        self.image_size: Optional[int] = None
-        self.model_kwargs: dict = {}
-        self.eval_dataset: Optional[data.SegmentationDataset] = None
 
     # -------------------------------------------------------------------------------------------- build
 
     def check_args(self) -> None:
-        """Range checks of the segmentation flags, and ``--model_kwargs`` parsed into ``self.model_kwargs``."""
+        """Range checks of the segmentation flags, and ``--model_kwargs`` must parse (:meth:`model_kwargs`)."""
         a = self.args
         if not 0 < a.scale_min <= a.scale_max:
             raise UsageError(f"--scale_min {a.scale_min} / --scale_max {a.scale_max}: need 0 < min <= max")
@@ -157,17 +164,20 @@ class SegmentationTask(Task):
             raise UsageError(f"--check_samples: {a.check_samples} must be >= 0")
         if a.decoder_channels is not None and any(c < 1 for c in a.decoder_channels):
             raise UsageError(f"--decoder_channels: {a.decoder_channels} must be positive")
-        self.model_kwargs = {}
-        if a.model_kwargs is None:
-            return
+        self.model_kwargs()
+
+    def model_kwargs(self) -> dict:
+        """``--model_kwargs`` as a dict (``{}`` when not given); ``UsageError`` unless it is a JSON object."""
+        if self.args.model_kwargs is None:
+            return {}
         try:
-            extra = json.loads(a.model_kwargs)
+            extra = json.loads(self.args.model_kwargs)
         except json.JSONDecodeError as err:
             raise UsageError(f"--model_kwargs: not JSON ({err.msg}); write e.g. '{{\"decoder_attention_type\": "
                              f"\"scse\"}}'") from None
         if not isinstance(extra, dict):
             raise UsageError("--model_kwargs: must be a JSON object")
-        self.model_kwargs = extra
+        return extra
 
     def _resolve_classes(self, splits: data.SegmentationSplits) -> tuple[int, list[str]]:
         """Number of classes (flag, else id2label.json, else the masks) and their names."""
@@ -191,7 +201,7 @@ class SegmentationTask(Task):
         """Load (or build) the data, find columns and classes, build the model, check the input size."""
         a = self.args
         self.check_args()
-        extra = self.model_kwargs
+        extra = self.model_kwargs()
         splits = data.load_splits(run.dataset, run.dataset_config, run.train_split, run.eval_split,
                                   a.image_column, run.label_column, canvas_size=a.canvas_size,
                                   canvas_train_size=a.canvas_train_size, canvas_test_size=a.canvas_test_size,
@@ -199,7 +209,6 @@ class SegmentationTask(Task):
         if len(splits.train) == 0 or len(splits.eval) == 0:
             raise UsageError("the train or eval split is empty")
         num_classes, names = self._resolve_classes(splits)
-        self.num_classes, self.class_names = num_classes, names
         # Bad masks fail here, in seconds, before a model is built.
         for split, rows in ((run.train_split, splits.train), (splits.eval_split, splits.eval)):
             data.validate_prefix(rows, splits.image_column, splits.mask_column, num_classes, a.ignore_index,
@@ -224,7 +233,6 @@ class SegmentationTask(Task):
         if frozen:
             logger.info("froze %d parameter tensors the model never uses (encoder stages beyond "
                         "--encoder_depth)", frozen)
-        self.image_size = size
 
         common = dict(num_classes=num_classes, ignore_index=a.ignore_index, size=size, reduce=a.reduce_labels)
         train = data.SegmentationDataset(splits.train, splits.image_column, splits.mask_column, train=True,
@@ -232,7 +240,6 @@ class SegmentationTask(Task):
                                          **common)
         evaluation = data.SegmentationDataset(splits.eval, splits.image_column, splits.mask_column, train=False,
                                               split=splits.eval_split, **common)
-        self.eval_dataset = evaluation
         info = {
             "preset": a.preset, "preset_summary": self.preset.summary,
             "dataset": splits.name, "eval_split": splits.eval_split, "image_column": splits.image_column,
@@ -242,8 +249,10 @@ class SegmentationTask(Task):
             "encoder_weights": model.config.get("encoder_weights"),
             "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         }
+        learned = SegmentationBuild(num_classes=num_classes, class_names=names, image_size=size,
+                                    eval_dataset=evaluation)
         return TaskData(model=model, train_dataset=train, eval_dataset=evaluation, collate_fn=data.collate,
-                        info=info)
+                        info=info, task=self.learned(learned))
 
     # ------------------------------------------------------------------------------------ model calls
 
@@ -269,7 +278,10 @@ class SegmentationTask(Task):
     # ---------------------------------------------------------------------------------------- metrics
 
     def _num_classes(self, logits: Tensor) -> int:
-        return self.num_classes if self.num_classes is not None else logits.shape[1]
+        return self.state.num_classes if self.state is not None else logits.shape[1]
+
+    def _class_names(self) -> Optional[list[str]]:
+        return self.state.class_names if self.state is not None else None
 
     def example_stats(self, logits: Tensor, batch: dict) -> Tensor:
         """Per-image pixel counts ``(B, K, 3)`` float: tp, fp, fn per class (see :mod:`.metrics`)."""
@@ -278,7 +290,7 @@ class SegmentationTask(Task):
 
     def compute_metrics(self, summed_stats: Tensor) -> dict[str, float]:
         """``miou`` (headline), ``pixel_accuracy`` and ``iou/<class>`` for classes present in the set."""
-        return metrics.segmentation_metrics(summed_stats, self.class_names)
+        return metrics.segmentation_metrics(summed_stats, self._class_names())
 
     # ---------------------------------------------------------------------------------------- attacks
 
@@ -304,11 +316,11 @@ class SegmentationTask(Task):
         Runs on the run's evaluation subset (the engine's, :func:`samat.common.data.eval_subset`);
         one clean pass plus PGD and SegPGD on :data:`evaluation.FIGURE_IMAGES` images.
         """
-        if self.eval_dataset is None:
+        if self.state is None:
             return {}
-        eval_set = eval_subset(self.eval_dataset, run)
+        eval_set = eval_subset(self.state.eval_dataset, run)
         device = next(model.parameters()).device
-        num_classes, ignore = self.num_classes, self.args.ignore_index
+        num_classes, ignore = self.state.num_classes, self.args.ignore_index
         loader = torch.utils.data.DataLoader(eval_set, batch_size=run.eval_batch_size or 32, shuffle=False,
                                              collate_fn=data.collate)
         per_image, histogram = [], torch.zeros(num_classes, dtype=torch.float64)
@@ -318,8 +330,8 @@ class SegmentationTask(Task):
                 per_image.append(self.example_stats(self.forward(model, batch), batch).cpu())
                 histogram += evaluation.label_histogram(batch["labels"].cpu(), num_classes, ignore)
         per_image = torch.cat(per_image)
-        clean = metrics.segmentation_metrics(per_image.sum(dim=0), self.class_names)
-        baseline = evaluation.majority_baseline(histogram, self.class_names)
+        clean = metrics.segmentation_metrics(per_image.sum(dim=0), self.state.class_names)
+        baseline = evaluation.majority_baseline(histogram, self.state.class_names)
         low, high = evaluation.bootstrap_miou(per_image, seed=run.seed)
         warning = evaluation.collapse_warning(clean["miou"], baseline)
         summary = {"majority_baseline": baseline, "near_majority_baseline": warning is not None,
@@ -369,7 +381,7 @@ class SegmentationTask(Task):
                     columns.append((f"{name} {label}", surface.x + delta, surface.forward(delta).argmax(dim=1)))
         path = Path(run.output_dir) / evaluation.FIGURE_FILE
         evaluation.draw_segmentations(
-            str(path), batch["pixel_values"], batch["labels"], columns, self.class_names, self.args.ignore_index,
+            str(path), batch["pixel_values"], batch["labels"], columns, self._class_names(), self.args.ignore_index,
             title=f"{run.method}, seed {run.seed}: L-inf {label}, {steps} steps (last iterate)")
         return evaluation.FIGURE_FILE
 
@@ -392,8 +404,11 @@ class SegmentationTask(Task):
         return out
 
     def save_model(self, model: nn.Module, path: str) -> None:
-        """smp/transformers ``save_pretrained`` plus ``samat_segmentation.json`` (see ``models.load_model``)."""
-        models.save_model(model, path, {"class_names": self.class_names, "image_size": self.image_size,
+        """smp/transformers ``save_pretrained`` plus ``samat_segmentation.json`` (see ``models.load_model``).
+        Needs the task as built (``TaskData.task``)."""
+        if self.state is None:
+            raise ValueError("save_model needs the built task (TaskData.task): classes and size come from build")
+        models.save_model(model, path, {"class_names": self.state.class_names, "image_size": self.state.image_size,
                                         "ignore_index": self.args.ignore_index})
 
     def load_model(self, path: str) -> nn.Module:

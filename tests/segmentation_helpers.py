@@ -71,11 +71,12 @@ def save_shapes(folder: Path, n_train: int = 64, n_test: int = 32, size: int = 3
 
 
 def tiny_task(folder: Path, **overrides):
-    """A built SegmentationTask on the saved shapes data: ``(task, TaskData)``."""
+    """A SegmentationTask built on the saved shapes data: ``(the task as built, TaskData)``."""
     args = SegmentationArgs(**{**TINY_MODEL, **overrides})
     task = SegmentationTask(args)
     torch.manual_seed(0)
-    return task, task.build(RunArgs(task="segmentation", dataset=str(folder)), None)
+    built = task.build(RunArgs(task="segmentation", dataset=str(folder)), None)
+    return built.task, built
 
 
 def batches(dataset, batch_size: int, collate) -> list[dict]:

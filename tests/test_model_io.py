@@ -13,7 +13,7 @@ from samat.common.errors import UsageError
 from samat.common.model_io import check_push_to_hub, load_run_model, model_card
 from samat.common.results import RunResults
 from samat.vision import models as vmodels
-from samat.vision.task import VisionArgs, VisionTask
+from samat.vision.task import VisionArgs, VisionBuild, VisionTask
 
 
 def _scramble_batchnorm(model: torch.nn.Module) -> None:
@@ -83,32 +83,32 @@ def test_timm_model_reloads_bit_identical(tmp_path):
 
 def test_text_model_reloads_bit_identical_with_label_names(tmp_path):
     from samat.text import models as text_models
-    from samat.text.task import TextArgs, TextTask
+    from samat.text.task import TextArgs, TextBuild, TextTask
     from text_helpers import tiny_checkpoint
 
     folder = tiny_checkpoint(tmp_path / "tiny")
     loaded = text_models.load_classifier(str(folder), ["neg", "pos"], 32)
-    task = TextTask(TextArgs())
-    task.tokenizer, task.info = loaded.tokenizer, {"label_names": ["neg", "pos"]}
+    task = TextTask(TextArgs()).learned(TextBuild(tokenizer=loaded.tokenizer, columns=None, attack_examples=None,
+                                                  info={"label_names": ["neg", "pos"]}))
     task.save_model(loaded.model, str(tmp_path / "saved"))
     other = TextTask(TextArgs())
     again = other.load_model(str(tmp_path / "saved"))
     batch = loaded.tokenizer(["a good film .", "the plot was dull ."], padding=True, return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(loaded.model(**batch).logits, again(**batch).logits)
-    assert again.config.id2label == {0: "neg", 1: "pos"} and other.tokenizer is not None
+    assert again.config.id2label == {0: "neg", 1: "pos"} and other.state is None  # loading learns nothing
 
 
 def test_segmentation_unet_reloads_bit_identical(tmp_path):
     from samat.segmentation import models as smodels
-    from samat.segmentation.task import SegmentationArgs, SegmentationTask
+    from samat.segmentation.task import SegmentationArgs, SegmentationBuild, SegmentationTask
 
     torch.manual_seed(0)
     model = smodels.build_smp("unet", "resnet18", "none", 3, encoder_depth=3, decoder_channels=[16, 8, 8])
     _scramble_batchnorm(model)
     model.eval()
-    task = SegmentationTask(SegmentationArgs())
-    task.class_names, task.image_size = ["background", "square", "disc"], 32
+    task = SegmentationTask(SegmentationArgs()).learned(SegmentationBuild(
+        num_classes=3, class_names=["background", "square", "disc"], image_size=32, eval_dataset=None))
     task.save_model(model, str(tmp_path / "m"))
     again = task.load_model(str(tmp_path / "m"))
     x = torch.rand(2, 3, 32, 32)
@@ -137,9 +137,9 @@ def test_load_run_model_needs_only_the_folder(tmp_path):
     run = tmp_path / "run"
     torch.manual_seed(0)
     model, _ = vmodels.build_model("small_cnn", 4, 1, width=4)
-    task = VisionTask(VisionArgs(width=4))
-    task.model_spec = {"name": "small_cnn", "num_classes": 4, "channels": 1, "width": 4, "image_size": None,
-                       "class_names": list("abcd")}
+    task = VisionTask(VisionArgs(width=4)).learned(VisionBuild(model_spec={
+        "name": "small_cnn", "num_classes": 4, "channels": 1, "width": 4, "image_size": None,
+        "class_names": list("abcd")}))
     task.save_model(model.eval(), str(run / "model"))
     _results().write(run / "results.json")
     task2, loaded, info = load_run_model(run)

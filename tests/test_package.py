@@ -245,3 +245,25 @@ def test_no_module_imports_another_modules_private_names():
                if what.startswith("_") and not what.startswith("__")
                or target.rpartition(".")[2].startswith("_") and not target.endswith("__")]
     assert private == []
+
+
+def test_tasks_set_state_on_self_only_when_constructed():
+    """What a task learns while building travels in ``TaskData.task`` (a copy, ``Task.learned``), never on
+    ``self``: outside ``__init__``, no method of a task module assigns to ``self.<attribute>``."""
+    import ast
+
+    offenders = []
+    for path in sorted(ROOT.glob("*/task.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef) or node.name == "__init__" or path.parent.name == "common" \
+                    and node.name == "learned":
+                continue
+            for inner in ast.walk(node):
+                targets = inner.targets if isinstance(inner, ast.Assign) else \
+                    [inner.target] if isinstance(inner, (ast.AnnAssign, ast.AugAssign)) else []
+                for target in targets:
+                    for t in ast.walk(target):
+                        if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                            offenders.append(f"{path.parent.name}/task.py:{inner.lineno} {node.name}: self.{t.attr}")
+    assert not offenders, offenders
+    assert len(list(ROOT.glob("*/task.py"))) >= 4  # common, vision, text, segmentation

@@ -96,7 +96,7 @@ def test_transformers_segformer_through_the_same_task(tmp_path):
     assert model.config["kind"] == "transformers" and model.net.config.num_labels == 3  # new 3-class head
     x = torch.rand(2, 3, 32, 32)
     assert model(x).shape == (2, 3, 32, 32)  # 1/4-resolution logits upsampled
-    task.save_model(model, str(tmp_path / "saved"))
+    built.task.save_model(model, str(tmp_path / "saved"))
     assert torch.allclose(models.load_model(str(tmp_path / "saved"))(x), model(x), atol=1e-6)
     with pytest.raises(UsageError, match="no transformers semantic-segmentation model could be loaded"):
         models.build_model(str(tmp_path / "d"), 3, {}, encoder="resnet18", weights="none")

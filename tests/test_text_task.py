@@ -23,7 +23,8 @@ def folders(tmp_path_factory):
 def build(folders, model="model", data="data", args=None, **run_kw):
     task = TextTask(args or TextArgs(textattack_recipes=["none"], max_length=32))
     kw = {"model": str(folders[model]), "dataset": str(folders[data]), **run_kw}
-    return task, task.build(run_args(**kw), None)
+    built = task.build(run_args(**kw), None)
+    return built.task, built
 
 
 def batch_of(task_data, n=6):
@@ -137,7 +138,7 @@ def test_save_model_reloads_with_from_pretrained(folders, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
     batch = batch_of(td)
     torch.testing.assert_close(task.forward(reloaded, batch), task.forward(td.model, batch))
-    assert tokenizer("good movie")["input_ids"] == task.tokenizer("good movie")["input_ids"]
+    assert tokenizer("good movie")["input_ids"] == task.state.tokenizer("good movie")["input_ids"]
     assert (tmp_path / "samat_text.json").exists()
 
 
@@ -162,3 +163,12 @@ def test_unreachable_hub_model_is_one_line_usage_error():
     with pytest.raises(UsageError, match="cannot be loaded") as err:
         models.load_classifier("no-such-org/no-such-model", ["neg", "pos"])
     assert "\n" not in str(err.value)
+
+
+def test_build_leaves_the_task_unchanged_and_hands_back_what_it_learned(folders):
+    task = TextTask(TextArgs(textattack_recipes=["none"], max_length=32))
+    before = dict(vars(task))
+    built = task.build(run_args(model=str(folders["model"]), dataset=str(folders["data"])), None)
+    assert vars(task) == before and task.state is None
+    assert built.task is not task and built.task.args is task.args
+    assert built.task.state.tokenizer is not None and built.task.state.info["num_classes"] == 2

@@ -90,6 +90,18 @@ def _recipe_list(values: list[str]) -> list[str]:
     return [] if [v.lower() for v in values] == ["none"] else list(values)
 
 
+@dataclass(frozen=True)
+class TextBuild:
+    """What :meth:`TextTask.build` learned that later methods read: the tokenizer (saved beside the model),
+    the resolved columns, the eval split as ``text``/``text_pair``/``label`` rows in a fixed shuffled order
+    (TextAttack's input) and the data record saved as ``samat_text.json``."""
+
+    tokenizer: Any
+    columns: text_data.Columns
+    attack_examples: Any
+    info: dict
+
+
 class TextTask(ClassificationTask):
     """Sequence classification (any ``AutoModelForSequenceClassification``) on a text dataset."""
 
@@ -98,10 +110,6 @@ class TextTask(ClassificationTask):
 
     def __init__(self, args: Optional[TextArgs] = None):
         super().__init__(args or TextArgs())
-        self.tokenizer: Any = None
-        self.columns: Optional[text_data.Columns] = None
-        self.attack_examples: Any = None  # eval split as text/text_pair/label (TextAttack's input)
-        self.info: dict = {}
 
     # ------------------------------------------------------------------------------------------ build
 
@@ -141,15 +149,13 @@ class TextTask(ClassificationTask):
         text_data.check_labels(dsd, eval_split, columns)
 
         loaded = text_models.load_classifier(run.model, columns.label_names, args.max_length)
-        self.tokenizer, self.columns = loaded.tokenizer, columns
 
         train_examples = text_data.to_examples(dsd[run.train_split], columns)
         eval_examples = text_data.to_examples(dsd[eval_split], columns)
-        self.attack_examples = eval_examples.shuffle(seed=ATTACK_EXAMPLES_SEED)
         train = text_data.tokenize(train_examples, loaded.tokenizer, args.max_length)
         evals = text_data.tokenize(eval_examples, loaded.tokenizer, args.max_length)
         scale = embedding_scale(loaded.model)
-        self.info = {
+        info = {
             "dataset": run.dataset or text_data.EMBEDDED_DATASET,
             "dataset_config": run.dataset_config,
             "train_split": run.train_split,
@@ -165,8 +171,10 @@ class TextTask(ClassificationTask):
             "eps_unit": f"fraction of the mean token-embedding L2 norm ({scale:.4f} at initialisation), per token",
         }
         collator = DataCollatorWithPadding(loaded.tokenizer)
+        learned = TextBuild(tokenizer=loaded.tokenizer, columns=columns,
+                            attack_examples=eval_examples.shuffle(seed=ATTACK_EXAMPLES_SEED), info=info)
         return TaskData(model=loaded.model, train_dataset=train, eval_dataset=evals, collate_fn=collator,
-                        info=dict(self.info))
+                        info=dict(info), task=self.learned(learned))
 
     # ---------------------------------------------------------------------------------------- compute
 
@@ -211,12 +219,12 @@ class TextTask(ClassificationTask):
         :func:`samat.text.textattack.runner.summarize`). The examples are split over the processes and the
         per-example results gathered, so every process returns the same dict."""
         recipes = _recipe_list(self.args.textattack_recipes)
-        if not recipes or self.attack_examples is None:
+        if not recipes or self.state is None:
             return {}
         from .textattack.runner import attack_model, format_summaries
 
         n = self.num_attack_examples(accelerator.device.type == "cuda")
-        summaries, _ = attack_model(model, self.tokenizer, self.attack_examples, recipes, n,
+        summaries, _ = attack_model(model, self.state.tokenizer, self.state.attack_examples, recipes, n,
                                     max_length=self.args.max_length, batch_size=self.args.textattack_batch_size,
                                     query_budget=self.args.textattack_query_budget, seed=run.seed,
                                     accelerator=accelerator)
@@ -232,18 +240,17 @@ class TextTask(ClassificationTask):
     def save_model(self, model: nn.Module, path: str) -> None:
         """A ``from_pretrained`` folder: model (safetensors + config with label names), tokenizer, and
         ``samat_text.json`` (dataset, split, columns, max length) so ``scripts/attack_text.py`` attacks it on
-        the data it was trained for."""
+        the data it was trained for. Needs the task as built (``TaskData.task``)."""
+        if self.state is None:
+            raise ValueError("save_model needs the built task (TaskData.task): the tokenizer comes from build")
         model.save_pretrained(path)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(path)
-        write_json_atomic(Path(path) / INFO_FILE, self.info)
+        self.state.tokenizer.save_pretrained(path)
+        write_json_atomic(Path(path) / INFO_FILE, self.state.info)
 
     def load_model(self, path: str) -> nn.Module:
-        """The classifier :meth:`save_model` wrote (label names in its config); its tokenizer becomes the
-        task's."""
-        loaded = text_models.load_classifier(path, require_classifier=True)
-        self.tokenizer = loaded.tokenizer
-        return loaded.model
+        """The classifier :meth:`save_model` wrote (label names in its config). Its tokenizer is saved beside
+        it: ``AutoTokenizer.from_pretrained(path)``."""
+        return text_models.load_classifier(path, require_classifier=True).model
 
 
 TEXTATTACK_COLUMNS = ("accuracy_under_attack", "attack_success_rate", "avg_perturbed_word_pct", "avg_queries")

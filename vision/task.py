@@ -39,6 +39,14 @@ class VisionArgs:
     )
 
 
+@dataclass(frozen=True)
+class VisionBuild:
+    """What :meth:`VisionTask.build` learned that :meth:`VisionTask.save_model` records: the model as first
+    built (name, classes, channels, width, input size, class names; a saved folder keeps its own recipe)."""
+
+    model_spec: dict
+
+
 class VisionTask(ClassificationTask):
     recipe = RECIPE
     Args = VisionArgs
@@ -82,10 +90,9 @@ class VisionTask(ClassificationTask):
                                         width=args.width)
         size = args.image_size or model_size
         saved = vmodels.read_spec(model_name) if vmodels.is_saved_model(model_name) else None
-        # What save_model records: the model as first built (a saved folder keeps its own recipe).
-        self.model_spec = {"name": saved["name"] if saved else model_name, "num_classes": len(class_names),
-                           "channels": channels, "width": saved.get("width") if saved else args.width,
-                           "image_size": size, "class_names": class_names}
+        spec = {"name": saved["name"] if saved else model_name, "num_classes": len(class_names),
+                "channels": channels, "width": saved.get("width") if saved else args.width,
+                "image_size": size, "class_names": class_names}
         train = vdata.ImageClassification(dataset[train_split], image_col, label_col, channels, size,
                                           augment=args.augment, seed=run.seed)
         evals = vdata.ImageClassification(dataset[eval_split], image_col, label_col, channels, size,
@@ -94,7 +101,8 @@ class VisionTask(ClassificationTask):
                 "num_classes": len(class_names), "class_names": class_names, "channels": channels,
                 "image_size": size or list(evals[0]["pixel_values"].shape[-2:]),
                 "parameters": sum(p.numel() for p in model.parameters())}
-        return TaskData(model=model, train_dataset=train, eval_dataset=evals, collate_fn=vdata.collate, info=info)
+        return TaskData(model=model, train_dataset=train, eval_dataset=evals, collate_fn=vdata.collate, info=info,
+                        task=self.learned(VisionBuild(model_spec=spec)))
 
     def forward(self, model: nn.Module, batch: dict) -> Tensor:
         return model(batch["pixel_values"])
@@ -106,8 +114,11 @@ class VisionTask(ClassificationTask):
 
     def save_model(self, model: nn.Module, path: str) -> None:
         """``samat_model.json`` (name, classes, channels, width, input size, normalisation) and the weights
-        (``model.safetensors``, or transformers ``save_pretrained``); see :func:`vision.models.save_model`."""
-        vmodels.save_model(model, path, self.model_spec)
+        (``model.safetensors``, or transformers ``save_pretrained``); see :func:`vision.models.save_model`.
+        Needs the task as built (``TaskData.task``)."""
+        if self.state is None:
+            raise ValueError("save_model needs the built task (TaskData.task): the model spec comes from build")
+        vmodels.save_model(model, path, self.state.model_spec)
 
     def load_model(self, path: str) -> nn.Module:
         return vmodels.load_model(path)[0]
