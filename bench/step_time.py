@@ -26,6 +26,7 @@ in every round (ERM, then SAM), in one process, with torch's threads fixed (``--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from typing import Optional
@@ -141,10 +142,32 @@ def bare_step(loss_fn, model, optimizer, batch: dict, rho: Optional[float]) -> N
     optimizer.zero_grad(set_to_none=True)
 
 
+@contextlib.contextmanager
+def per_example_pipeline(on: bool):
+    """While building: the input pipeline as it was before issue 23, when ``on``: text's Arrow rows padded by
+    ``transformers.DataCollatorWithPadding`` instead of :class:`samat.text.data.TokenizedText` and
+    :class:`~samat.text.data.PadCollator` (images: the caller drops the decoded-once cache, so every item is
+    read, decoded and augmented on its own, the path sets too large to decode still take)."""
+    if not on:
+        yield
+        return
+    from transformers import DataCollatorWithPadding
+
+    from samat.text import data as text_data
+
+    saved = text_data.TokenizedText, text_data.PadCollator
+    text_data.TokenizedText, text_data.PadCollator = (lambda data: data), DataCollatorWithPadding
+    try:
+        yield
+    finally:
+        text_data.TokenizedText, text_data.PadCollator = saved
+
+
 def compare_task(task_name: str, methods: list[str], steps: int, rounds: int, warmup_rounds: int, threads: int,
-                 extra: list[str]) -> dict:
+                 extra: list[str], before: bool = False) -> dict:
     """samat vs bare for one task (see the module docstring): per method, the median over ``rounds`` of the
-    seconds per step of each, their ratio, and samat's data-wait share; ``warmup_rounds`` untimed first."""
+    seconds per step of each, their ratio, and samat's data-wait share; ``warmup_rounds`` untimed first.
+    ``before``: also samat with the per-example input pipeline (:func:`per_example_pipeline`), interleaved."""
     import copy
     import tempfile
 
@@ -158,8 +181,9 @@ def compare_task(task_name: str, methods: list[str], steps: int, rounds: int, wa
 
     sides: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for method in methods:
-            argv = ["--task", task_name, "--method", method, "--output_dir", f"{tmp}/{method}", "--log_with",
+        for method, per_example in [(m, p) for m in methods for p in ((True, False) if before else (False,))]:
+            name = f"{method} (per-example)" if per_example else method
+            argv = ["--task", task_name, "--method", method, "--output_dir", f"{tmp}/{name}", "--log_with",
                     "none", "--cpu_threads", str(threads), "--max_eval_samples", "8",
                     # a few dozen steps of a fresh model may not beat the label prior yet: that is not a failure here
                     "--divergence_guard", "false",
@@ -171,17 +195,25 @@ def compare_task(task_name: str, methods: list[str], steps: int, rounds: int, wa
             run = resolved.run
             accelerator = make_accelerator(run)
             set_seed(run.seed)
-            built = build(run, task, accelerator, indexed=UPDATE_RULES[resolved.method.method.update].needs_index)
+            with per_example_pipeline(per_example):
+                built = build(run, task, accelerator,
+                              indexed=UPDATE_RULES[resolved.method.method.update].needs_index)
+            if per_example:
+                dataset = built.train_set
+                while isinstance(dataset, torch.utils.data.Subset):
+                    dataset = dataset.dataset
+                if hasattr(dataset, "_decoded"):
+                    dataset._cache = None  # never decoded: every item read from Arrow on its own
             if built.steps_per_epoch != steps:
                 raise UsageError(f"{task_name}: {built.steps_per_epoch} steps per epoch, expected {steps}")
             bare_model = copy.deepcopy(accelerator.unwrap_model(built.model)).train()
             counter = PassCounter(accelerator.unwrap_model(built.model))
-            ctx = StepContext(accelerator=accelerator, model=built.model, optimizer=built.optimizer, task=task,
+            ctx = StepContext(accelerator=accelerator, model=built.model, optimizer=built.optimizer, task=built.task,
                               method=resolved.method, max_grad_norm=run.max_grad_norm,
                               total_steps=built.total_steps, steps_per_epoch=built.steps_per_epoch)
-            ignore = getattr(task.args, "ignore_index", -100)
+            ignore = getattr(built.task.args, "ignore_index", -100)
             loss_fn = lambda model, batch, ignore=ignore: bare_loss(task_name, model, batch, ignore)  # noqa: E731
-            sides[method] = dict(
+            sides[name] = dict(
                 run=run, ctx=ctx, built=built, counter=counter, guard=make_guard(run, built, accelerator),
                 loader=TimedLoader(built.train_loader), state=TrainState(task=task.name), loss_fn=loss_fn,
                 bare_model=bare_model, bare_opt=bare_optimizer(bare_model, run),
@@ -229,13 +261,14 @@ def compare_task(task_name: str, methods: list[str], steps: int, rounds: int, wa
                        "bare_ms_rounds": [1000 * t for t in side["bare_s"]],
                        "data_wait_share_rounds": side["wait_share"],
                        "batch_size": side["run"].batch_size, "steps_per_round": steps,
-                       "optimizer": side["run"].optimizer, "model": side["built"].data.info.get("model")}
+                       "optimizer": side["run"].optimizer, "model": side["built"].data.info.get("model"),
+                       "method": side["run"].method}
     return out
 
 
 def pipeline_main(args) -> None:
     results = {task: compare_task(task, ["erm", "sam"], args.steps, args.rounds, args.warmup_rounds,
-                                  args.cpu_threads, args.task_flags)
+                                  args.cpu_threads, args.task_flags, before=args.before)
                for task in args.tasks}
     rows = [(task, method, r["batch_size"], r["samat_ms"], r["bare_ms"], r["ratio"],
              f"{100 * r['data_wait_share']:.1f} %") for task, per in results.items() for method, r in per.items()]
@@ -261,6 +294,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=None, choices=["vision", "text", "segmentation"],
                         help="instead: samat's own step vs a bare PyTorch loop on these tasks (ERM and SAM); "
                              "--steps is then the steps per round (one epoch)")
+    parser.add_argument("--before", action="store_true",
+                        help="with --tasks: also time samat with the per-example input pipeline of before issue 23")
     parser.add_argument("--warmup_rounds", type=int, default=1, help="with --tasks: untimed rounds first")
     parser.add_argument("--cpu_threads", type=int, default=1, help="with --tasks: torch CPU threads")
     parser.add_argument("--task_flags", nargs=argparse.REMAINDER, default=[],

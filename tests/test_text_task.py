@@ -172,3 +172,30 @@ def test_build_leaves_the_task_unchanged_and_hands_back_what_it_learned(folders)
     assert vars(task) == before and task.state is None
     assert built.task is not task and built.task.args is task.args
     assert built.task.state.tokenizer is not None and built.task.state.info["num_classes"] == 2
+
+
+@pytest.mark.parametrize("data", ["data", "pairs"])
+def test_tensor_batches_are_the_arrow_rows_padded_by_transformers(folders, data):
+    """Tokenised once and read out of Arrow once: a batch (in any order, of a selected subset too) is the
+    very batch DataCollatorWithPadding makes of the Arrow rows, on either padding side."""
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    from samat.text.data import PadCollator, TokenizedText
+
+    _, td = build(folders, data=data)
+    assert isinstance(td.train_dataset, TokenizedText)
+    tokenizer = AutoTokenizer.from_pretrained(str(folders["model"]))
+    rows = [5, 0, 33, 5, 17, 2]
+    subset = td.train_dataset.select([40, 3, 9, 21, 30, 11, 1])
+    for side in ("right", "left"):
+        tokenizer.padding_side = side
+        reference = DataCollatorWithPadding(tokenizer)
+        for dataset, picked in ((td.train_dataset, rows), (subset, [6, 0, 3])):
+            got = PadCollator(tokenizer)(dataset.__getitems__(picked))
+            want = reference([dataset.data[i] for i in picked])
+            assert set(got) == set(want)
+            for key in want:
+                assert got[key].dtype == want[key].dtype == torch.long
+                assert torch.equal(got[key], want[key]), (side, key)
+    assert torch.equal(td.train_dataset.labels(), torch.tensor(td.train_dataset.data["labels"]))
+    assert torch.equal(subset[2]["input_ids"], td.train_dataset[9]["input_ids"])

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import datasets
+import numpy as np
+import torch
 from datasets import ClassLabel, Dataset, DatasetDict
 
 from samat.common.data import find_column
@@ -210,3 +212,99 @@ def tokenize(ds: Dataset, tokenizer: Any, max_length: int, accelerator: Any = No
     guard = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
     with guard:
         return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+
+
+class TokenizedText(torch.utils.data.Dataset):
+    """A split made by :func:`tokenize`, as tensors, read out of Arrow once (on first use) instead of once per
+    example per epoch.
+
+    Each token column (``input_ids``, ``attention_mask``, ``token_type_ids`` where the tokenizer makes them)
+    is kept as one flat int64 tensor of all the examples' tokens with their offsets; an item is
+    ``{column: (L_i,) int64 view, "labels": () int64}``, and a batch's items are cut at once
+    (``__getitems__``). :class:`PadCollator` pads them exactly as ``transformers.DataCollatorWithPadding``
+    pads the Arrow rows.
+    """
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.data.column_names)
+
+    def select(self, indices: Any) -> "TokenizedText":
+        """The examples at ``indices`` (the engine subsets with ``select``)."""
+        return TokenizedText(self.data.select(indices))
+
+    def labels(self) -> torch.Tensor:
+        """``(N,)`` int64 class labels."""
+        return self._columns()[2]
+
+    def _columns(self) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Flat tokens per column, ``(N + 1,)`` offsets (example ``i`` is ``[offsets[i], offsets[i + 1])``) and
+        the labels, read once from one Arrow table (any ``select`` applied)."""
+        if not hasattr(self, "_cache"):
+            table = self.data.with_format("arrow")[:]
+            flat, offsets = {}, None
+            for name in table.column_names:
+                if name == "labels":
+                    continue
+                column = table.column(name).combine_chunks()
+                starts = torch.from_numpy(column.offsets.to_numpy().astype(np.int64))
+                values = torch.from_numpy(column.values.to_numpy(zero_copy_only=False).astype(np.int64))
+                flat[name] = values[int(starts[0]):int(starts[-1])]
+                offsets = starts - starts[0] if offsets is None else offsets
+            labels = torch.as_tensor(table.column("labels").to_numpy(zero_copy_only=False).astype(np.int64))
+            self._cache = (flat, offsets, labels)
+        return self._cache
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """A batch's items at once (the DataLoader calls this instead of one ``__getitem__`` per index)."""
+        flat, offsets, labels = self._columns()
+        n = len(labels)
+        items = []
+        for i in indices:
+            i = int(i)
+            if not -n <= i < n:
+                raise IndexError(f"index {i} out of range for {n} examples")
+            i %= n
+            start, stop = int(offsets[i]), int(offsets[i + 1])
+            item = {name: values[start:stop] for name, values in flat.items()}
+            item["labels"] = labels[i]
+            items.append(item)
+        return items
+
+
+class PadCollator:
+    """Items of :class:`TokenizedText` -> a batch padded to its longest example, the same tensors as
+    ``DataCollatorWithPadding(tokenizer)`` makes: ``input_ids`` padded with the tokenizer's pad token,
+    ``token_type_ids`` with its pad type id, ``attention_mask`` with 0, on the tokenizer's padding side;
+    ``(B, L)`` int64, ``labels`` ``(B,)`` int64."""
+
+    def __init__(self, tokenizer: Any):
+        self.pad = {"input_ids": tokenizer.pad_token_id, "token_type_ids": tokenizer.pad_token_type_id,
+                    "attention_mask": 0}
+        self.left = tokenizer.padding_side == "left"
+
+    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        longest = max(len(item["input_ids"]) for item in items)
+        batch = {}
+        for name in items[0]:
+            if name == "labels":
+                continue
+            out = torch.full((len(items), longest), self.pad.get(name, 0), dtype=torch.long)
+            for row, item in enumerate(items):
+                values = item[name]
+                if self.left:
+                    out[row, longest - len(values):] = values
+                else:
+                    out[row, :len(values)] = values
+            batch[name] = out
+        batch["labels"] = torch.stack([item["labels"] for item in items])
+        return batch

@@ -132,8 +132,6 @@ class TextTask(ClassificationTask):
     def build(self, run: Any, accelerator: Any) -> TaskData:
         """Load data and model, check columns/labels/length, tokenise. Runs on every process, under the
         engine's ``accelerator.main_process_first()`` (the main process fills the ``datasets`` cache)."""
-        from transformers import DataCollatorWithPadding
-
         args: TextArgs = self.args
         self.check_args()
         dsd = text_data.load_raw(run.dataset, run.dataset_config)
@@ -152,8 +150,9 @@ class TextTask(ClassificationTask):
 
         train_examples = text_data.to_examples(dsd[run.train_split], columns)
         eval_examples = text_data.to_examples(dsd[eval_split], columns)
-        train = text_data.tokenize(train_examples, loaded.tokenizer, args.max_length)
-        evals = text_data.tokenize(eval_examples, loaded.tokenizer, args.max_length)
+        # tokenised once, then read out of Arrow once into tensors (text_data.TokenizedText)
+        train = text_data.TokenizedText(text_data.tokenize(train_examples, loaded.tokenizer, args.max_length))
+        evals = text_data.TokenizedText(text_data.tokenize(eval_examples, loaded.tokenizer, args.max_length))
         scale = embedding_scale(loaded.model)
         info = {
             "dataset": run.dataset or text_data.EMBEDDED_DATASET,
@@ -170,7 +169,7 @@ class TextTask(ClassificationTask):
             "max_length": args.max_length,
             "eps_unit": f"fraction of the mean token-embedding L2 norm ({scale:.4f} at initialisation), per token",
         }
-        collator = DataCollatorWithPadding(loaded.tokenizer)
+        collator = text_data.PadCollator(loaded.tokenizer)
         learned = TextBuild(tokenizer=loaded.tokenizer, columns=columns,
                             attack_examples=eval_examples.shuffle(seed=ATTACK_EXAMPLES_SEED), info=info)
         return TaskData(model=loaded.model, train_dataset=train, eval_dataset=evals, collate_fn=collator,
