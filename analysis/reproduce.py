@@ -133,7 +133,8 @@ PRESETS: dict[tuple[str, str], Preset] = {
     # Text on 2 CPU cores, one thread per run, two runs side by side (RESULTS.md section E, 2026-12-01): training
     # took ERM 293-333 s, SAM 1.8-2.0x, embedding PGD-AT 3.2-3.6x per seed. Attacks in embedding space cost a full
     # forward and backward pass of the transformer per step (~3 s per 64 sentences on one thread), so the `apgd`
-    # suite at its 100 steps on 500 sentences would take ~3 hours per model: the preset attacks 100 sentences
+    # suite at its 100 steps on 500 sentences takes about an hour per model on an idle core even with the
+    # cascade (measured on 50 sentences, extrapolated: bench/README.md, issue 23): the preset attacks 100 sentences
     # with APGD-CE at 25 steps besides PGD-10 (154-241 s per model; RESULTS.md section C: APGD-DLR found nothing
     # beyond APGD-CE on this binary task, and 25 steps already beat PGD-10 on ERM). No TextAttack and no
     # gradient-masking diagnostics (both can be run later on the saved models with `samat evaluate`). The 9
