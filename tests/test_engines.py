@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import load_script
+from helpers import free_port, load_script
 
 from samat.common.errors import UsageError
 from samat.common.resolve import Engine
@@ -107,10 +106,7 @@ def test_sam_on_fsdp2_shards_equals_one_process(tmp_path, rule):
 
     out, rho = tmp_path / "fsdp.pt", 0.5 if rule == "asam" else 0.05
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    with socket.socket() as probe:  # a free port: other test runs may hold the usual ones
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", port,
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", free_port(),
                            str(ROOT / "tests" / "fsdp_sam_worker.py"), str(out), str(rho), rule],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
