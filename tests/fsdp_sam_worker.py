@@ -11,6 +11,7 @@ One launch checks several things (each torchrun start costs seconds of CI time);
 - ``resumed``: the ``sam`` run saved after step 2 with torch.distributed.checkpoint (DCP: ``get_state_dict``
   of the sharded model and optimizer, each rank writing its shards), loaded into a fresh sharded model and
   optimizer, and run to the end; ``weights_only``: the same with a fresh optimizer (no momentum), the control.
+- ``efficient_state_dict``: whether DCP can take the state dict of the ``looksam`` run's optimizer.
 
 Accelerate 1.16 engages FSDP only on accelerators (a CPU ``--use_fsdp`` launch runs as DDP), so the model is
 sharded here with ``fully_shard`` directly and the step runs with :class:`FSDP2OnCPU`, an Accelerator that
@@ -180,6 +181,18 @@ def resumed(accelerator, method: ResolvedMethod, folder: str, rank: int, world: 
     return out
 
 
+def state_dict_probe(net: nn.Module, optimizer) -> str:
+    """What DCP's ``get_state_dict`` (Accelerate's FSDP2 ``save_state`` calls it) makes of an optimizer that
+    holds the efficient variants' state: ``"ok"`` or the error, one line."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    try:
+        get_state_dict(net, optimizer)
+    except Exception as err:  # noqa: BLE001 - reported to the test, which decides
+        return f"{type(err).__name__}: {err}"
+    return "ok"
+
+
 def main() -> None:
     accelerator = FSDP2OnCPU(cpu=True)
     accelerator.sharded = True
@@ -192,6 +205,8 @@ def main() -> None:
         accelerator.unsynced = 0
         run_steps(accelerator, net, optimizer, method, range(STEPS), rank, world, micro)
         out["runs"][name], out["unsynced"][name] = weights(net), accelerator.unsynced
+        if name == "looksam":
+            out["efficient_state_dict"] = state_dict_probe(net, optimizer)
     out.update(resumed(accelerator, cases()["sam"][0], sys.argv[2], rank, world))
     if rank == 0:
         torch.save(out, sys.argv[1])
