@@ -61,6 +61,14 @@ def test_sam_family_is_refused_under_deepspeed_and_fsdp1(run_py, tmp_path, metho
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("method", ["sam-every-k", "looksam", "ae-sam", "saf", "mesa-at"])
+def test_efficient_sam_is_refused_under_fsdp2_whose_checkpoint_drops_its_state(run_py, tmp_path, method):
+    with pytest.raises(UsageError, match=f"--method {method} is not supported under FSDP.*use one of sam, asam"):
+        _resolve(run_py, tmp_path, Engine("fsdp", 2), "--method", method)
+    assert _resolve(run_py, tmp_path, Engine(), "--method", method).method.method.name == method  # DDP: fine
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("method", ["erm", "pgd-at", "trades"])
 def test_erm_and_plain_at_pass_under_every_engine(run_py, tmp_path, method):
     for engine in (Engine("deepspeed"), Engine("fsdp", 1), Engine("fsdp", 2)):
