@@ -197,9 +197,9 @@ class MethodArgs:
     )
     aesam_c_end: Optional[float] = field(
         default=None,
-        metadata={"help": "ae-sam: c at the last step. Default 0: about a third of the steps are SAM steps, under "
-                  "1.4x ERM's passes (samat's budget schedule); -1 is the paper's schedule (Jiang et al. 2023), "
-                  "about half SAM steps, 1.47x ERM's passes on the vision cpu protocol."},
+        metadata={"help": "ae-sam: c at the last step. Default -0.5, samat's budget schedule: about 0.28 of the "
+                  "steps are SAM steps on the vision cpu protocol, under 1.4x ERM's passes; -1 is the paper's "
+                  "(Jiang et al. 2023), about half SAM steps, 1.47x ERM's passes there."},
     )
     esam_beta: Optional[float] = field(
         default=None,
