@@ -235,8 +235,8 @@ def esam_update(ctx: StepContext, objective: Objective, micro_batches: list[dict
     state = update_state(ctx.optimizer)
     select = m.esam_gamma < 1
     if select and not hasattr(objective, "example_losses"):
-        raise UsageError(f"esam: the {m.method.objective} objective gives no per-example loss to select examples "
-                         "by; use --esam_gamma 1")
+        raise UsageError("esam: the training objective gives no per-example loss (example_losses) to select "
+                         "examples by; use --esam_gamma 1 (stochastic weight perturbation only)")
     prepared = [objective.prepare(ctx, b) for b in micro_batches]
     # Pass 1 at w: the ascent gradient (local unless --sam_sync global), and with SDS each example's loss.
     before, total = [], None
