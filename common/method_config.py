@@ -99,14 +99,17 @@ def resolve_method(name: str, args: MethodArgs, task: Task, explicit: set[str],
                               trades_beta=args.trades_beta, norm=norm)
     if "rho" in method.flags:
         resolved.rho = DEFAULT_RHO[method.update] if args.rho is None else args.rho
-    for name in SCHEDULE_FIELDS:
-        if getattr(args, name) is not None:  # else the paper's default, a field default of ResolvedMethod
-            setattr(resolved, name, getattr(args, name))
+    for field_name in SCHEDULE_FIELDS:
+        if getattr(args, field_name) is not None:  # else the paper's default, a field default of ResolvedMethod
+            setattr(resolved, field_name, getattr(args, field_name))
     rule = UPDATE_RULES[method.update]
     if rule.needs_index and not task.recipe.pipeline_tag.endswith("classification"):
         # one stored output distribution per example: per-pixel outputs (segmentation) would be H*W times that
         raise UsageError(f"--method {name}: stores one output distribution per training example, which needs a "
                          f"classification task; the {task.name} task has per-position outputs (use mesa)")
+    if "esam_gamma" in method.flags and resolved.esam_gamma < 1 and type(task).example_losses is Task.example_losses:
+        raise UsageError(f"--method {method.name}: the {task.name} task gives no per-example loss, which ESAM's data "
+                         "selection ranks examples by; use --esam_gamma 1 (stochastic weight perturbation only)")
     for field_name in TRAJECTORY_FIELDS:
         if field_name in rule.defaults:
             value = getattr(args, field_name)

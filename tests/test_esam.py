@@ -167,10 +167,13 @@ def test_defaults_flags_and_refusals():
 
 def test_a_task_without_per_example_losses_is_refused(accelerator):
     class NoExampleLosses(type(vision_task())):
-        def example_losses(self, logits, batch):
-            return Task.example_losses(self, logits, batch)  # the base class's default
+        example_losses = Task.example_losses  # the base class's default, as a task that defines none
 
+    task = NoExampleLosses(vision_task().args)
+    with pytest.raises(UsageError, match="--method esam: the vision task gives no per-example loss.*--esam_gamma 1"):
+        resolve_method("esam", MethodArgs(), task, set())  # refused before the run builds anything
+    assert resolve_method("esam", MethodArgs(esam_gamma=1.0), task, {"esam_gamma"}).esam_gamma == 1.0
     ctx = context(accelerator, tiny_mlp(), resolved("esam"))
-    ctx.task = NoExampleLosses(ctx.task.args)
-    with pytest.raises(UsageError, match="gives no per-example loss"):
+    ctx.task = task
+    with pytest.raises(UsageError, match="gives no per-example loss"):  # a step built without resolve_method
         train_step(ctx, [image_batch()])
