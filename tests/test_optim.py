@@ -50,7 +50,8 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("name,kw", [("sam", dict(rho=0.1)), ("asam", dict(rho=0.5)),
-                                     ("looksam", dict(rho=0.1, sam_interval=2, looksam_alpha=0.7))])
+                                     ("looksam", dict(rho=0.1, sam_interval=2, looksam_alpha=0.7)),
+                                     ("esam", dict(rho=0.1, esam_beta=0.5, esam_gamma=1.0))])
 def test_closure_step_equals_train_step(accelerator, name, kw):
     expected = _engine(accelerator, name, [[b] for b in _batches()], **kw)
     model = tiny_cnn()
@@ -202,5 +203,7 @@ def test_bad_input_gives_clear_messages():
         SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, "sam-at")
     with pytest.raises(UsageError, match="sam_interval does not apply to method 'sam'"):
         SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, "sam", sam_interval=3)
+    with pytest.raises(UsageError, match="'esam' in samat.SAM needs esam_gamma=1"):
+        SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, "esam")
     with pytest.raises(UsageError, match="unknown sync"):
         SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, sync="all")
