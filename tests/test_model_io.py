@@ -236,3 +236,37 @@ def test_model_card_model_index_parses_back_with_the_results(tmp_path):
     assert all(r.metric_args["suite"] == "pgd" and r.metric_args["examples"] == results.data.get("eval_examples")
                for r in rows[1:])
     assert "pypi.org" not in card.text
+
+
+def test_card_links_only_to_the_repository_the_package_declares(tmp_path, monkeypatch):
+    """The card's one link to samat comes from the installed package's Project-URL metadata (pyproject.toml's
+    [project.urls]); with none declared it links nowhere, and never to a package-index page."""
+    import re
+    import tomllib
+    from importlib import metadata
+    from pathlib import Path
+
+    from samat.common import model_io
+
+    declared = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert all(u.startswith("https://") and "pypi.org" not in u for u in declared.get("urls", {}).values())
+    (tmp_path / "samat_model.json").write_text(json.dumps({"kind": "builtin"}))
+    links = lambda: re.findall(r"\]\((https?://[^)\s]+)\)", model_card(_results(), tmp_path))  # noqa: E731
+    url = model_io.repository_url()
+    assert links() == ([url] if url else []) and not any("pypi.org" in link for link in links())
+
+    class Declared:
+        def get_all(self, key):
+            return ["Homepage, https://example.org/samat", "Repository, https://git.example.org/samat",
+                    "Download, ftp://x"] if key == "Project-URL" else None
+
+    monkeypatch.setattr(metadata, "metadata", lambda name: Declared())
+    assert model_io.project_links() == {"Homepage": "https://example.org/samat",
+                                        "Repository": "https://git.example.org/samat"}
+    assert links() == ["https://git.example.org/samat"]
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "metadata", not_installed)
+    assert model_io.repository_url() is None and links() == []
