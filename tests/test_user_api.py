@@ -22,8 +22,10 @@ from text_helpers import tiny_bert, tiny_tokenizer
 
 METHODS = {"sam": dict(rho=0.1), "asam": dict(rho=0.5), "sam-at": dict(rho=0.1, train_eps="0.05")}
 # The efficient rules over 3 steps, each taking SAM's second pass on some steps and not on others.
+# AE-SAM: a short EMA (delta 0.5) and c from 1 to 0.5, so that 3 steps hold both kinds.
 EFFICIENT = {"sam-every-k": dict(rho=0.1, sam_interval=2), "looksam": dict(rho=0.1, sam_interval=2),
-             "ae-sam": dict(rho=0.1, aesam_delta=0.5, aesam_c_start=1.0, aesam_c_end=0.5), "looksam-at": dict(rho=0.1, sam_interval=2, train_eps="0.05")}
+             "ae-sam": dict(rho=0.1, aesam_delta=0.5, aesam_c_start=1.0, aesam_c_end=0.5),
+             "looksam-at": dict(rho=0.1, sam_interval=2, train_eps="0.05")}
 SEED = 7
 STEPS = 3  # the 3 batches of text_data
 
