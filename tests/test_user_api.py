@@ -225,3 +225,17 @@ def test_evaluate_model_in_memory_gives_the_results_record(text_data):
     assert set(robust) == {"0.02", "0.5"}
     assert 0 <= robust["0.5"]["accuracy"] <= robust["0.02"]["accuracy"] <= clean <= 1
     assert "sanity" in record and record["suite"]["name"] == "pgd"
+
+
+def test_evaluate_model_counts_every_example_after_an_unfinished_loader(accelerator, text_data):
+    """A loader another part of the process left on its last, shorter batch (the Trainer stops at max_steps
+    without finishing its iterator) must not cut evaluate_model's batches to that loader's remainder."""
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding
+
+    tok, rows = text_data
+    left = iter(accelerator.prepare_data_loader(DataLoader(list(range(5)), batch_size=4)))
+    next(left), next(left)  # the last batch (remainder 1), iterator not exhausted
+    record = samat.evaluate_model(tiny_bert(tok.vocab_size), rows, collate_fn=DataCollatorWithPadding(tok),
+                                  eval_l2=["0.02"], steps=1, batch_size=4, attack_collapsed=True)
+    assert sum(record["predicted_class_counts"].values()) == len(rows) == 12
