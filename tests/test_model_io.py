@@ -103,6 +103,22 @@ def test_timm_model_reloads_bit_identical_and_with_timm(tmp_path):
     assert net.num_classes == 2 and data["input_size"] == (1, 16, 16) and data["crop_pct"] == 1.0
 
 
+def test_timm_model_timm_cannot_export_still_reloads_with_samat(tmp_path, monkeypatch):
+    """A timm model whose arguments timm refuses to export keeps its trained weights in samat's own format."""
+    timm = pytest.importorskip("timm")
+
+    def refuse(*args, **kwargs):
+        raise ValueError("Model argument 'act_layer' is not serializable")
+
+    monkeypatch.setattr(timm.models, "save_for_hf", refuse)
+    torch.manual_seed(0)
+    model, _ = vmodels.build_model("timm:resnet10t", 2, 1)
+    spec = {"name": "timm:resnet10t", "num_classes": 2, "channels": 1, "width": None, "image_size": None,
+            "class_names": ["no", "yes"]}
+    _vision_roundtrip(model, spec, tmp_path / "m", torch.rand(2, 1, 16, 16))
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.safetensors", "samat_model.json"]
+
+
 def test_timm_run_folder_loads_with_timm_and_samat(tmp_path):
     """A whole ``scripts/run.py`` run with a timm model: its ``model/`` is timm's hub layout (config.json +
     model.safetensors) under a ``library_name: timm`` card, and loads with timm and with samat alike."""

@@ -279,8 +279,20 @@ def save_timm(net: nn.Module, folder: Path, spec: dict[str, Any], mean: list[flo
         h, w = (size, size) if isinstance(size, int) else size
         data_config["input_size"] = (int(spec["channels"]), int(h), int(w))
     names = list(spec.get("class_names") or [])
-    save_for_hf(net, str(folder), safe_serialization=True, data_config=data_config,
-                model_config={"label_names": names} if names else None)
+    try:
+        save_for_hf(net, str(folder), safe_serialization=True, data_config=data_config,
+                    model_config={"label_names": names} if names else None)
+    except (ValueError, TypeError) as err:
+        # timm refuses to export some models' arguments (not JSON-serialisable); the trained weights must not
+        # be lost after training for it: samat's own format (weights only, reloaded by load_model) instead.
+        import logging
+
+        logging.getLogger("samat").warning("timm could not export %s for its hub loader (%s); saved the weights "
+                                           "for samat's load_model only", spec["name"], err)
+        (folder / "config.json").unlink(missing_ok=True)
+        from safetensors.torch import save_model as save_weights
+
+        save_weights(net, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
 def read_spec(folder: str | Path) -> dict[str, Any]:
