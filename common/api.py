@@ -188,6 +188,10 @@ def evaluate_model(model: nn.Module, data: Any, *, task: Optional[Task] = None, 
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=next(model.parameters()).device.type == "cpu")
+    # Prepared, so that gather_for_metrics reads this loader's end and remainder: Accelerate's state is
+    # process-wide, and a loader left unfinished before (a Trainer's, which stops at max_steps) would
+    # otherwise cut every evaluation batch to that loader's remainder.
+    loader = accelerator.prepare_data_loader(loader)
     if task is None:
         first = next(iter(loader))
         if "input_ids" not in first:
