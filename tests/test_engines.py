@@ -185,3 +185,30 @@ def test_sam_family_on_fsdp2_shards_equals_one_process(tmp_path, fsdp_worker):
     # optimizer's state, is refused by DCP's get_state_dict (Accelerate's FSDP2 save_state). When this fails,
     # the problem is fixed: extend the resume check to looksam and update the README.
     assert got["efficient_state_dict"] == "KeyError: 'samat_efficient_sam'", got["efficient_state_dict"]
+
+
+@pytest.mark.slow
+def test_fsdp_launches_of_the_vision_and_text_commands_finish_and_record_the_engine(tmp_path):
+    """``accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2`` of scripts/run.py on CPU, vision and
+    text (SAM, tiny models and data): both finish with SAM's global ascent, warn that Accelerate engaged DDP
+    instead (it shards on accelerators only), and results.json records what was asked and what ran."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from text_helpers import tiny_checkpoint, tiny_dataset
+
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}
+    text = ["--task", "text", "--model", str(tiny_checkpoint(tmp_path / "tiny")), "--dataset",
+            str(tiny_dataset(tmp_path / "data")), "--max_steps", "2", "--max_eval_samples", "8", "--batch_size", "8",
+            "--eval_l2", "0.05", "--eval_linf", "none", "--eval_steps", "2", "--sharpness_examples", "0",
+            "--textattack_recipes", "none", "--max_length", "32", "--log_with", "none"]
+    for name, flags in (("vision", TINY), ("text", text)):
+        proc = subprocess.run([accelerate, "launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
+                               "--main_process_port", free_port(), str(ROOT / "scripts" / "run.py"), *flags,
+                               "--method", "sam", "--output_dir", str(tmp_path / name)],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "this run is not sharded" in proc.stderr
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        assert results["engine"] == {"requested": "fsdp", "fsdp_version": 2, "engaged": "MULTI_CPU"}
+        assert results["num_processes"] == 2 and results["method_resolved"]["sam_sync"] == "global"
