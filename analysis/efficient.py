@@ -3,9 +3,10 @@
 Reads the settings and the robust endpoint that :func:`samat.analysis.verdicts.decide` fixed, so the numbers use
 the same pairing by seed, the same pre-specified SAM rho / AT eps and the same endpoint as the verdicts:
 
-- **cost**: forward-backward passes per optimizer step as a multiple of ERM's (exact counts, paired by seed;
-  AE-SAM's varies with the run, the others' do not). Step *time* ratios are in ``bench/`` (wall time in a
-  grid of separate processes on a shared machine is not a fair comparison);
+- **cost**: forward-backward passes per optimizer step as a multiple of ERM's, counted in examples (exact
+  counts, paired by seed, :func:`samat.analysis.verdicts.example_passes_per_step`: ESAM's passes at ``w + e``
+  see part of the batch; AE-SAM's cost varies with the run, the others' do not). Step *time* ratios are in
+  ``bench/`` (wall time in a grid of separate processes on a shared machine is not a fair comparison);
 - **gain**: the robust endpoint minus ERM's, paired by seed, with its 95 % t-interval;
 - **share of SAM's gain kept**: mean gain of the variant over the mean gain of SAM at the pre-specified rho,
   per seed paired, with Fieller's 95 % interval (:func:`samat.common.stats.fieller_ratio`) -- computed only
@@ -30,12 +31,14 @@ from samat.common.stats import Ratio, Stat, fieller_ratio
 from samat.common.tables import format_table
 
 from .runs import Setting
-from .verdicts import (MARGIN, Effect, Verdicts, by_seed, clean_se, endpoint_se, exact, find_setting, format_pct,
-                       paired, passes_per_step)
+from samat.common.registry import METHODS, UPDATE_RULES
+
+from .verdicts import (MARGIN, Effect, Verdicts, by_seed, clean_se, endpoint_se, example_passes_per_step, exact,
+                       find_setting, format_pct, paired)
 
 # The efficient SAM update rules of the engine's registry on the clean objective (samat.common.efficient_sam,
-# samat.common.saf; a test keeps this list equal to the registry's).
-EFFICIENT = ("sam-every-k", "looksam", "ae-sam", "saf", "mesa")
+# samat.common.saf), in the registry's order.
+EFFICIENT = tuple(m.name for m in METHODS.values() if UPDATE_RULES[m.update].efficient and m.objective == "clean")
 GOAL_COST, GOAL_SHARE = 1.4, 0.8
 
 
@@ -113,7 +116,8 @@ def frontier(v: Verdicts) -> Optional[Frontier]:
     rows = []
     for s, role in [(erm, "reference"), (sam, "reference")] + ([(at, "reference")] if at else []) \
             + [(s, "variant") for s in variants]:
-        cost = paired(f"passes per step ({s.name} / {erm.name})", erm, s, passes_per_step, kind="ratio", se=exact)
+        cost = paired(f"passes per step ({s.name} / {erm.name})", erm, s, example_passes_per_step, kind="ratio",
+                      se=exact)
         gain = None if s is erm else paired(f"robust gain ({s.name} − {erm.name})", erm, s, ep.mean,
                                             se=endpoint_se(ep))
         share = None if s in (erm, sam) or not guard else _share(erm, sam, s, ep.mean)

@@ -29,6 +29,7 @@ STYLE = {
     "sam-every-k": ("tab:blue", "1"), "sam-every-k-at": ("tab:green", "1"), "looksam": ("tab:blue", "2"),
     "looksam-at": ("tab:green", "2"), "ae-sam": ("tab:blue", "3"), "ae-sam-at": ("tab:green", "3"),
     "saf": ("tab:blue", "4"), "saf-at": ("tab:green", "4"), "mesa": ("tab:blue", "+"), "mesa-at": ("tab:green", "+"),
+    "esam": ("tab:blue", "x"), "esam-at": ("tab:green", "x"),
 }
 _EXTRA_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "tab:gray")
 DASHES = ("-", "--", ":", "-.")

@@ -9,8 +9,9 @@ command line.
 
 Scales: ``quick`` (a few minutes on a 2-core CPU; low-powered: a smoke test of the protocol, not evidence),
 ``cpu`` (a fair test that fits a 2-core CPU: the verdicts' pre-specified radii only; vision measured at 66
-one-core minutes for 3 seeds, 121 with ``--efficient_sam``; text about 2 one-core hours, measured; segmentation about
-5 one-core hours, measured) and ``gpu`` (the paper's grid, full data, PGD-10).
+one-core minutes for 3 seeds, 121 with the first three efficient variants (sam-every-k, looksam, ae-sam); with all
+six and 5 seeds about 4.5 one-core hours, estimated from those; text about 2 one-core hours, measured;
+segmentation about 5 one-core hours, measured) and ``gpu`` (the paper's grid, full data, PGD-10).
 """
 
 from __future__ import annotations

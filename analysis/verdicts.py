@@ -117,6 +117,17 @@ def passes_per_step(run: Run) -> Optional[float]:
     return (fwd + bwd) / (2 * steps)
 
 
+def example_passes_per_step(run: Run) -> Optional[float]:
+    """Forward-backward passes per optimizer step counted in examples: the mean of the exact forward and backward
+    example counts over the examples one step trains on (per process). ERM 1, SAM 2, as :func:`passes_per_step`;
+    it differs where a pass sees part of the batch (ESAM: 1.5 + gamma) or a doubled one (a clean+adversarial
+    forward counts twice). :func:`passes_per_step` for runs without example counts."""
+    fwd, bwd, trained = (run.cost.get(k) for k in ("forward_examples", "backward_examples", "train_examples"))
+    if not fwd or bwd is None or not trained:
+        return passes_per_step(run)
+    return (fwd + bwd) / (2 * trained / max(run.results.num_processes, 1))
+
+
 # ------------------------------------------------------------------------------------------- test-set noise
 
 

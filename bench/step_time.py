@@ -8,8 +8,9 @@ Each method runs ``--warmup`` untimed steps, then ``--steps`` timed ones, throug
 ``common.methods.train_step`` the training loop uses, on ``--num_batches`` fixed random batches in turn (step
 time does not depend on the pixel values, but AE-SAM's choice of SAM steps depends on the gradients, which a
 single repeated batch would drive to zero). Forward and backward passes per timed step are counted exactly
-with ``common.cost.PassCounter``; the efficient SAM variants run at their defaults (k = 5, alpha 0.7; AE-SAM's
-threshold schedule spans the whole benchmark). Methods are interleaved in rounds so that clock drift and thermal state hit all alike;
+with ``common.cost.PassCounter``, as calls and in examples (per batch: ESAM's passes at ``w + e`` see part of
+it); the efficient SAM variants run at their defaults (k = 5, alpha 0.7; AE-SAM's threshold schedule spans the
+whole benchmark; ESAM beta 0.6, gamma 0.5). Methods are interleaved in rounds so that clock drift and thermal state hit all alike;
 the median over rounds is reported. A plain hand-written SAM loop (per-tensor ops, as davda54/sam) is timed
 as a reference point. Writes ``--out`` (JSON) and prints a table.
 
@@ -353,6 +354,7 @@ def main() -> None:
         for _ in range(args.warmup):
             run()
     passes_before = {name: (c.forward_passes, c.backward_passes) for name, c in counters.items()}
+    examples_before = {name: (c.forward_examples, c.backward_examples) for name, c in counters.items()}
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(args.rounds):
         for name, run in runners.items():
@@ -366,23 +368,30 @@ def main() -> None:
     timed = args.rounds * args.steps
     passes = {name: ((c.forward_passes - passes_before[name][0]) / timed,
                      (c.backward_passes - passes_before[name][1]) / timed) for name, c in counters.items()}
+    examples = {name: ((c.forward_examples - examples_before[name][0]) / (timed * args.batch_size),
+                       (c.backward_examples - examples_before[name][1]) / (timed * args.batch_size))
+                for name, c in counters.items()}
     sam_share = {name: update_state(ctx.optimizer)["sam_steps"] / total_steps for name, ctx in contexts.items()
                  if ctx.method.method.update in ("sam-every-k", "looksam", "ae-sam")}
     erm = median.get("erm")
-    erm_fwd = passes.get("erm", (0.0, 0.0))[0]
+    erm_examples = sum(examples.get("erm", (0.0, 0.0)))
     rows = [(name, 1000 * t, (t / erm) if erm else float("nan"),
              *(passes[name] if name in passes else ("-", "-")),
-             passes[name][0] / erm_fwd if name in passes and erm_fwd else "-",
+             *(examples[name] if name in examples else ("-", "-")),
+             sum(examples[name]) / erm_examples if name in examples and erm_examples else "-",
              f"{sam_share[name]:.2f}" if name in sam_share else "-") for name, t in median.items()]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.model}, batch {args.batch_size}x{args.channels}x{args.image_size}x{args.image_size}, "
           f"{accelerator.mixed_precision} precision, {device_name}")
-    print(format_table(["method", "ms/step", "x ERM", "fwd/step", "bwd/step", "passes x ERM", "SAM-step share"],
-                       rows))
+    print(format_table(["method", "ms/step", "x ERM", "fwd/step", "bwd/step", "fwd examples/B", "bwd examples/B",
+                        "passes x ERM (examples)", "SAM-step share"], rows))
     write_json_atomic(args.out, {"args": vars(args), "device": device_name,
                                  "mixed_precision": accelerator.mixed_precision, "ms_per_step":
                                  {n: 1000 * t for n, t in median.items()},
                                  "ratio_to_erm": {r[0]: r[2] for r in rows},
+                                 "passes_x_erm_examples": {r[0]: r[7] for r in rows if r[7] != "-"},
+                                 "examples_per_step": {n: {"forward": f, "backward": b}
+                                                       for n, (f, b) in examples.items()},
                                  "passes_per_step": {n: {"forward": f, "backward": b} for n, (f, b) in passes.items()},
                                  "sam_step_share": sam_share, "versions": versions()})
 

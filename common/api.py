@@ -33,9 +33,9 @@ LossFn = Callable[[Tensor, Tensor], Tensor]  # (logits (B, K), labels (B,)) -> s
 class SAMArguments(MethodArgs):
     """The samat method and its hyper-parameters (the fields and help of ``scripts/run.py``'s method flags).
 
-    ``method``: a name of ``samat.common.registry.METHODS``: ``sam``, ``asam``, ``sam-every-k``, ``looksam``,
-    ``ae-sam`` (clean), ``pgd-at``, ``fgsm-at``, ``trades``, ``sam-at`` (adversarial, text: on the token
-    embeddings). Fields left at their default take the paper's / the task's value.
+    ``method``: a name of ``samat.common.registry.METHODS``: ``sam``, ``asam``, the efficient SAM rules
+    (``sam-every-k``, ``looksam``, ``ae-sam``, ``esam``, ``saf``, ``mesa``; clean, and ``-at`` on PGD),
+    ``pgd-at``, ``fgsm-at``, ``trades``, ``sam-at`` (adversarial, text: on the token embeddings). Fields left at their default take the paper's / the task's value.
     """
 
     method: str = field(default="sam", metadata={"help": "samat training method (see samat.common.registry)."})
@@ -188,6 +188,10 @@ def evaluate_model(model: nn.Module, data: Any, *, task: Optional[Task] = None, 
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=next(model.parameters()).device.type == "cpu")
+    # Prepared, so that gather_for_metrics reads this loader's end and remainder: Accelerate's state is
+    # process-wide, and a loader left unfinished before (a Trainer's, which stops at max_steps) would
+    # otherwise cut every evaluation batch to that loader's remainder.
+    loader = accelerator.prepare_data_loader(loader)
     if task is None:
         first = next(iter(loader))
         if "input_ids" not in first:

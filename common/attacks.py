@@ -189,14 +189,38 @@ class _Active:
         return keep
 
 
+class _RowPeakOneBackward(torch.autograd.Function):
+    """``x.float()`` going forward; going back, each example's gradient (row of the batch) divided by its
+    largest magnitude before it is cast to ``x``'s dtype.
+
+    For fp16 logits: the gradient of a confidently classified example's loss is far below fp16's smallest
+    number (about 6e-8), so cast unscaled it flushes to zero and PGD stands still on exactly the examples it
+    should push hardest, overestimating robustness. With the peak at 1 nothing underflows or overflows. The
+    step does not change: each example's delta depends on its own loss only (attacks run in eval mode), and
+    the step direction (sign, or gradient over its L2 norm per ball) is blind to a positive factor per example.
+    A row whose gradient is all zero stays zero."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.dtype = x.dtype
+        return x.float()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        peak = grad.abs().amax(dim=tuple(range(1, grad.dim())), keepdim=True)
+        return (grad / torch.where(peak > 0, peak, torch.ones_like(peak))).to(ctx.dtype)
+
+
 def _value_and_grad(surface: AttackSurface, objective: Callable[[Tensor, int], Tensor], delta: Tensor,
                     step: int) -> tuple[Tensor, Tensor, Tensor]:
     """Objective value (scalar or ``(B,)``) and logits at ``delta``, both detached, and the gradient of the
-    objective's sum with respect to ``delta``."""
+    objective's sum with respect to ``delta``. Under fp16 (logits in fp16) each example's gradient is
+    rescaled on its way back so it cannot underflow (:class:`_RowPeakOneBackward`); only its direction is
+    used, so the attack is unchanged by it."""
     delta = delta.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = surface.forward(delta)
-        value = objective(logits, step)
+        value = objective(_RowPeakOneBackward.apply(logits) if logits.dtype == torch.float16 else logits, step)
         (grad,) = torch.autograd.grad(value.sum() if value.dim() else value, delta)
     return value.detach(), logits.detach(), grad
 

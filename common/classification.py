@@ -19,6 +19,10 @@ class ClassificationTask(Task):
         """Mean cross-entropy over the batch, in fp32 (logits may come from an autocast forward)."""
         return F.cross_entropy(logits.float(), batch["labels"])
 
+    def example_losses(self, logits: Tensor, batch: dict) -> Tensor:
+        """Cross-entropy per example ``(B,)``, in fp32."""
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
     def example_stats(self, logits: Tensor, batch: dict) -> Tensor:
         return accuracy_stats(logits, batch["labels"])
 

@@ -193,10 +193,25 @@ class MethodArgs:
     aesam_c_start: Optional[float] = field(
         default=None,
         metadata={"help": "ae-sam: c at the first step; SAM when ||g||^2 >= mean + c*std, c moving linearly to "
-                  "--aesam_c_end (default 1; -inf for both is SAM, inf is ERM)."},
+                  "--aesam_c_end (default 1, Jiang et al. 2023; -inf for both is SAM, inf is ERM)."},
     )
     aesam_c_end: Optional[float] = field(
-        default=None, metadata={"help": "ae-sam: c at the last step (default -1, Jiang et al. 2023)."}
+        default=None,
+        metadata={"help": "ae-sam: c at the last step. Default -0.5, samat's budget schedule: about 0.28 of the "
+                  "steps are SAM steps on the vision cpu protocol, under 1.4x ERM's passes; -1 is the paper's "
+                  "(Jiang et al. 2023), about half SAM steps, 1.47x ERM's passes there."},
+    )
+    esam_beta: Optional[float] = field(
+        default=None,
+        metadata={"help": "esam (and -at): SWP's keep probability beta in (0, 1]: each parameter tensor is "
+                  "perturbed with probability beta, by e/beta; 1 perturbs all, as SAM (default 0.6, Du et al. "
+                  "2022)."},
+    )
+    esam_gamma: Optional[float] = field(
+        default=None,
+        metadata={"help": "esam (and -at): SDS's share gamma in (0, 1] of each batch the second pass runs on: the "
+                  "examples whose loss rises most at w + e; 1 is the whole batch, as SAM (default 0.5, Du et al. "
+                  "2022)."},
     )
     traj_lambda: Optional[float] = field(
         default=None,
@@ -398,6 +413,9 @@ def validate(run: RunArgs, method: MethodArgs, evals: EvalArgs) -> None:
         if c is not None and (math.isnan(c) or (math.isinf(c) and c != other)):
             raise UsageError(f"{flag}: {c!r} must be a number (inf or -inf only with the same value for "
                              "--aesam_c_start and --aesam_c_end)")
+    for flag, value in (("--esam_beta", method.esam_beta), ("--esam_gamma", method.esam_gamma)):
+        if value is not None and not 0 < value <= 1:
+            raise UsageError(f"{flag}: {value!r} must be in (0, 1]")
     if method.traj_lambda is not None and not method.traj_lambda >= 0:
         raise UsageError(f"--traj_lambda: {method.traj_lambda!r} must be >= 0")
     if method.traj_temperature is not None and not method.traj_temperature > 0:

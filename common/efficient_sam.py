@@ -10,7 +10,15 @@
                  ICLR): the squared gradient norm ||g||^2 is modelled as Gaussian with EMA mean mu and
                  variance s^2 (decay delta); the SAM step is taken only when ||g||^2 >= mu + c_t * s (a sharp
                  region), a plain step otherwise; c_t moves linearly from c_start to c_end over the run.
-                 Passes: 1 + the share of SAM steps (about half with the paper's c from 1 to -1).
+                 Passes: 1 + the share of SAM steps (about half with the paper's c from 1 to -1; samat's
+                 default, c from 1 to -0.5, takes about 0.28 on the vision cpu protocol: common/registry.py).
+    esam         ESAM (Du et al. 2022, "Efficient Sharpness-aware Minimization for Improved Training of Neural
+                 Networks", ICLR), on every step: SWP, the ascent  e = rho/beta * g_m / ||g_m||  with g_m the
+                 gradient of a random subset of the parameter tensors (each kept with probability beta); SDS,
+                 a no-grad forward at w + e gives each example's loss increase l_i(w + e) - l_i(w), and the
+                 descent gradient at w + e is that of the gamma * B examples where it is largest.
+                 Passes, in examples: forward (2 + gamma) B, backward (1 + gamma) B; gamma = 1 skips the
+                 ranking forward and is SAM's 2 B and 2 B (and with beta = 1, SAM's step).
 
 Each is an update rule (:data:`EFFICIENT_UPDATES`, gathered in ``common/methods.py``'s ``UPDATES``) and
 composes with every objective there: the SAM steps reuse :func:`samat.common.sam.regrad_at_ascent_point`
@@ -23,17 +31,29 @@ State (step counter, SAM-step count, LookSAM's cached direction, AE-SAM's EMAs) 
 so ``accelerator.save_state``/``load_state`` checkpoint and restore it with the momentum, and ``--resume``
 continues bit-identically without any extra file.
 
+ESAM follows the authors' code (dydjw9/Efficient_SAM, ``utils/Esam.py``) where it is explicit: the mask is per
+parameter *tensor* (their ``requires_grad`` switch; the paper's formula writes a per-coordinate mask), the norm is
+that of the kept tensors' gradient, and the descent gradient is the mean loss of the selected examples. Where
+samat differs: it selects exactly ``max(1, floor(gamma * B))`` examples per micro-batch (their strict ``>`` of
+the k-th largest keeps one fewer), skips the ranking forward at gamma = 1 (they run it and keep all), and draws
+this step's mask at this step (theirs is drawn at the end of the previous one, all tensors kept on the first),
+from a generator seeded by the optimizer state, so ``--resume`` draws the same masks. The first backward computes
+every tensor's gradient and the mask drops some afterwards: the same step as the authors', without their saving
+of the dropped tensors' weight gradients (which the pass counts do not measure).
+
 Multi-process: ``sam-every-k`` takes plain SAM steps (``--sam_sync`` as for ``sam``); its schedule is the step
 counter in the optimizer state, the same on every process (all step together, and resume restores it).
-``looksam`` and ``ae-sam`` all-reduce the first gradient (as ``--sam_sync global``): on their cheap steps it is
-the descent gradient, and LookSAM's g_v and AE-SAM's decision must be the same on every replica (AE-SAM's
-gradient norm is all-reduced too, so the branch is agreed, not merely computed alike). Every fp16 overflow
-skip is agreed across processes (``common/sam.py``).
+``esam`` is SAM's step (``--sam_sync`` likewise; each process ranks and selects its own examples, the same number
+on each). ``looksam`` and ``ae-sam`` all-reduce the first gradient (as ``--sam_sync global``): on their cheap steps
+it is the descent gradient, and LookSAM's g_v and AE-SAM's decision must be the same on every replica (AE-SAM's
+gradient norm is all-reduced too, so the branch is agreed, not merely computed alike). Every fp16 overflow skip
+is agreed across processes (``common/sam.py``).
 """
 
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import torch
@@ -41,8 +61,9 @@ from torch import Tensor
 
 from .method_config import ResolvedMethod
 from .sam import SAM, regrad_at_ascent_point, sam_update
+from .errors import UsageError
 from .step import (Objective, StepContext, StepResult, UpdateRule, backward_all, descend, global_norm,
-                   loss_scale, plain_update)
+                   loss_scale, plain_update, sync_context)
 
 STATE_KEY = "samat_efficient_sam"
 
@@ -154,5 +175,93 @@ def aesam_update(ctx: StepContext, objective: Objective, micro_batches: list[dic
     return _finish(state, sam_step, StepResult(loss=loss, skipped=descend(ctx)))
 
 
+# ------------------------------------------------------------------------------------------------- ESAM
+
+
+def _rows(batch: dict) -> int:
+    return int(next(v for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0).shape[0])
+
+
+def _subset(value: Any, index: Tensor, rows: int) -> Any:
+    """``value`` restricted to the examples ``index`` when it is a per-example tensor (first dim ``rows``): a
+    batch's inputs and labels, an adversarial ``delta``; anything else as it is."""
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == rows:
+        return value[index.to(value.device)]
+    return value
+
+
+def sds_select(increase: Tensor, gamma: float) -> Tensor:
+    """SDS: the positions ``(k,)`` int64, ascending, of the ``k = max(1, floor(gamma * B))`` largest entries of
+    ``increase`` ``(B,)`` (each example's loss at ``w + e`` minus at ``w``)."""
+    k = max(1, int(gamma * increase.shape[0] + 1e-9))  # + 1e-9: 0.7 * 10 is 6.999... in floating point
+    return torch.topk(increase.float(), k, sorted=False).indices.sort().values
+
+
+def swp_keep(optimizer: Any, state: dict, beta: float) -> list[bool]:
+    """SWP: for each parameter with a gradient (``param_groups`` order), whether its tensor is perturbed this
+    step, each kept with probability ``beta``. Drawn from a generator seeded by the run's torch seed (kept in
+    ``state``) and the step counter: a resumed run draws the same masks, and the draw reads no tensor (no
+    device sync) and leaves torch's random streams alone."""
+    n = sum(p.grad is not None for group in optimizer.param_groups for p in group["params"])
+    if beta >= 1:
+        return [True] * n
+    seed = state.setdefault("esam_seed", torch.initial_seed())
+    draw = random.Random(seed * 1_000_003 + state["step"])
+    return [draw.random() < beta for _ in range(n)]
+
+
+class _SelectedExamples:
+    """``objective`` at ``w + e`` on the SDS subset of each micro-batch: ``prepared`` is ``(the objective's
+    prepared value, the examples' losses at w (B,))``; ``loss`` ranks the examples with one no-grad forward at
+    the current (perturbed) weights, then returns the objective's loss on the selected ones."""
+
+    def __init__(self, objective: Objective, gamma: float):
+        self.objective, self.gamma = objective, gamma
+
+    def loss(self, ctx: StepContext, batch: dict, prepared: tuple) -> Tensor:
+        inner, before = prepared
+        with torch.no_grad():
+            after = self.objective.example_losses(ctx, batch, inner)
+        index = sds_select(after.float() - before, self.gamma)
+        rows = _rows(batch)
+        chosen = {k: _subset(v, index, rows) for k, v in batch.items()}
+        return self.objective.loss(ctx, chosen, _subset(inner, index, rows))
+
+
+def esam_update(ctx: StepContext, objective: Objective, micro_batches: list[dict]) -> StepResult:
+    """ESAM: SAM's two passes, the ascent over a random subset of the parameter tensors (SWP), the descent
+    gradient on the examples whose loss rises most at ``w + e`` (SDS)."""
+    m, k = ctx.method, len(micro_batches)
+    state = update_state(ctx.optimizer)
+    select = m.esam_gamma < 1
+    if select and not hasattr(objective, "example_losses"):
+        raise UsageError("esam: the training objective gives no per-example loss (example_losses) to select "
+                         "examples by; use --esam_gamma 1 (stochastic weight perturbation only)")
+    prepared = [objective.prepare(ctx, b) for b in micro_batches]
+    # Pass 1 at w: the ascent gradient (local unless --sam_sync global), and with SDS each example's loss.
+    before, total = [], None
+    for i, (batch, prep) in enumerate(zip(micro_batches, prepared)):
+        with sync_context(ctx, m.sam_sync == "global" and i == k - 1):
+            if select:
+                losses = objective.example_losses(ctx, batch, prep)
+                before.append(losses.detach().float())
+                loss = losses.mean() / k
+            else:
+                loss = objective.loss(ctx, batch, prep) / k
+            ctx.accelerator.backward(loss)
+        total = loss.detach().float() if total is None else total + loss.detach().float()
+    # SWP: the dropped tensors lose their gradient, so the ascent (norm included) is over the kept ones only.
+    params = [p for group in ctx.optimizer.param_groups for p in group["params"] if p.grad is not None]
+    for p, keep in zip(params, swp_keep(ctx.optimizer, state, m.esam_beta)):
+        if not keep:
+            p.grad = None
+    second = _SelectedExamples(objective, m.esam_gamma) if select else objective
+    second_prepared = list(zip(prepared, before)) if select else prepared
+    if not regrad_at_ascent_point(ctx, second, micro_batches, second_prepared,
+                                  SAM(ctx.optimizer, rho=m.rho / m.esam_beta)):
+        return _finish(state, True, StepResult(loss=total, skipped=True))
+    return _finish(state, True, StepResult(loss=total, skipped=descend(ctx)))
+
+
 EFFICIENT_UPDATES: dict[str, UpdateRule] = {"sam-every-k": every_k_update, "looksam": looksam_update,
-                                             "ae-sam": aesam_update}
+                                             "ae-sam": aesam_update, "esam": esam_update}

@@ -298,6 +298,12 @@ def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any, att
         logger.warning(skipped)
         planned = []
     members = _suite_members(planned, suite)
+    if (precision == "train" and accelerator.mixed_precision == "fp16" and planned and suite is not None
+            and any(a.library for a in suite.attacks)):
+        # samat's own PGD/APGD rescale each example's fp16 gradient (common.attacks); the library's attacks
+        # take theirs as fp16 gives them, and FAB reads gradient magnitudes, so they cannot be rescaled.
+        logger.warning("--eval_precision train under fp16: the library attacks (AutoAttack's) take unscaled fp16 "
+                       "gradients, which flush to zero on confident examples; report the fp32 default")
     suite_norms = {p.norm for p in planned if suite is not None and suite.key(p.norm) in members}
     if planned:
         with eval_mode(model), _precision(accelerator, precision):

@@ -15,6 +15,9 @@ from .errors import UsageError, lookup
 from .registry import METHODS, UPDATE_RULES, Method
 from .task import Task
 
+# The efficient SAM rules' own flags with one default each (a field default of ResolvedMethod, from the registry).
+SCHEDULE_FIELDS = ("sam_interval", "looksam_alpha", "aesam_delta", "aesam_c_start", "aesam_c_end", "esam_beta",
+                   "esam_gamma")
 # The trajectory-loss flags of SAF and MESA: defaults per rule (UPDATE_RULES[...].defaults).
 TRAJECTORY_FIELDS = ("traj_lambda", "traj_temperature", "traj_start_epoch", "saf_delay_epochs", "mesa_decay")
 
@@ -41,6 +44,8 @@ class ResolvedMethod:
     aesam_delta: float = UPDATE_RULES["ae-sam"].defaults["aesam_delta"]
     aesam_c_start: float = UPDATE_RULES["ae-sam"].defaults["aesam_c_start"]
     aesam_c_end: float = UPDATE_RULES["ae-sam"].defaults["aesam_c_end"]
+    esam_beta: float = UPDATE_RULES["esam"].defaults["esam_beta"]
+    esam_gamma: float = UPDATE_RULES["esam"].defaults["esam_gamma"]
     # SAF / MESA (common/saf.py); the rule's own defaults are filled by resolve_method (lambda differs)
     traj_lambda: float = 0.0
     traj_temperature: float = UPDATE_RULES["saf"].defaults["traj_temperature"]
@@ -58,8 +63,7 @@ class ResolvedMethod:
             out["sam_sync"] = self.sam_sync
         if self.method.update == "asam":
             out["asam_eta"] = self.eta
-        for name in ("sam_interval", "looksam_alpha", "aesam_delta", "aesam_c_start", "aesam_c_end",
-                     *TRAJECTORY_FIELDS):
+        for name in (*SCHEDULE_FIELDS, *TRAJECTORY_FIELDS):
             if name in flags:
                 out[name] = getattr(self, name)
         if self.method.objective != "clean":
@@ -95,14 +99,17 @@ def resolve_method(name: str, args: MethodArgs, task: Task, explicit: set[str],
                               trades_beta=args.trades_beta, norm=norm)
     if "rho" in method.flags:
         resolved.rho = DEFAULT_RHO[method.update] if args.rho is None else args.rho
-    for name in ("sam_interval", "looksam_alpha", "aesam_delta", "aesam_c_start", "aesam_c_end"):
-        if getattr(args, name) is not None:  # else the paper's default, a field default of ResolvedMethod
-            setattr(resolved, name, getattr(args, name))
+    for field_name in SCHEDULE_FIELDS:
+        if getattr(args, field_name) is not None:  # else the paper's default, a field default of ResolvedMethod
+            setattr(resolved, field_name, getattr(args, field_name))
     rule = UPDATE_RULES[method.update]
     if rule.needs_index and not task.recipe.pipeline_tag.endswith("classification"):
         # one stored output distribution per example: per-pixel outputs (segmentation) would be H*W times that
         raise UsageError(f"--method {name}: stores one output distribution per training example, which needs a "
                          f"classification task; the {task.name} task has per-position outputs (use mesa)")
+    if "esam_gamma" in method.flags and resolved.esam_gamma < 1 and type(task).example_losses is Task.example_losses:
+        raise UsageError(f"--method {method.name}: the {task.name} task gives no per-example loss, which ESAM's data "
+                         "selection ranks examples by; use --esam_gamma 1 (stochastic weight perturbation only)")
     for field_name in TRAJECTORY_FIELDS:
         if field_name in rule.defaults:
             value = getattr(args, field_name)

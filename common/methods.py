@@ -11,6 +11,8 @@ Update rules (how the gradient of that loss moves the weights):
     sam     gradient at w + rho·g/||g||, base optimizer step at w (Foret et al. 2021; common/sam.py)
     asam    the same with the ball scaled by |w| + eta (Kwon et al. 2021; common/sam.py)
     sam-every-k, looksam, ae-sam   SAM's second pass on only some steps (common/efficient_sam.py)
+    esam    SAM with a random subset of the weights perturbed, the second pass on the examples whose loss
+            rises most (common/efficient_sam.py)
     saf, mesa   no second pass: a trajectory loss, KL to past or EMA outputs (common/saf.py)
 
 The rules' names, summaries, flags and defaults are ``common/registry.py``'s ``UPDATE_RULES``; their
@@ -65,13 +67,17 @@ def _attack_delta(ctx: StepContext, batch: dict, objective: Callable[[Tensor, in
                    random_init=random_init, init=init)
 
 
-def _kl(logits_adv: Tensor, probs_clean: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+def _kl(logits_adv: Tensor, probs_clean: Tensor, mask: Optional[Tensor] = None, per_example: bool = False
+        ) -> Tensor:
     """Mean over examples (and pixels) of KL(p_clean || p_adv); class dim is 1. ``mask`` (logits' shape
-    without the class dim) keeps only the positions that count, e.g. not ``ignore_index`` pixels."""
+    without the class dim) keeps only the positions that count, e.g. not ``ignore_index`` pixels.
+    ``per_example``: ``(B,)``, each example's mean over its own (counted) positions, instead."""
     log_q = F.log_softmax(logits_adv.float(), dim=1)
     kl = (probs_clean * (probs_clean.clamp_min(1e-12).log() - log_q)).sum(dim=1)
     if mask is None:
-        return kl.mean()
+        return kl.flatten(1).mean(1) if per_example and kl.dim() > 1 else (kl if per_example else kl.mean())
+    if per_example:
+        return (kl * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
     return (kl * mask).sum() / mask.sum().clamp_min(1)
 
 
@@ -90,6 +96,10 @@ class CleanObjective:
     def loss(self, ctx: StepContext, batch: dict, prepared: None) -> Tensor:
         return ctx.task.loss(ctx.task.forward(ctx.model, batch), batch)
 
+    def example_losses(self, ctx: StepContext, batch: dict, prepared: None) -> Tensor:
+        """The loss per example ``(B,)`` (ESAM ranks examples by it; its mean is :meth:`loss`)."""
+        return ctx.task.example_losses(ctx.task.forward(ctx.model, batch), batch)
+
 
 class AdversarialObjective:
     """PGD-K (``random_init``) or FGSM-RS (``steps == 1``) adversarial training on the task loss, optionally
@@ -105,6 +115,14 @@ class AdversarialObjective:
             return ctx.task.loss(surface.forward(delta), batch)
         clean, adv = _clean_and_adversarial_logits(ctx, batch, delta)
         return (1 - w) * ctx.task.loss(adv, batch) + w * ctx.task.loss(clean, batch)
+
+    def example_losses(self, ctx: StepContext, batch: dict, delta: Tensor) -> Tensor:
+        """:meth:`loss` per example ``(B,)``, from the same forward(s)."""
+        w = ctx.method.clean_weight
+        if w == 0:
+            return ctx.task.example_losses(ctx.task.surface(ctx.model, batch).forward(delta), batch)
+        clean, adv = _clean_and_adversarial_logits(ctx, batch, delta)
+        return (1 - w) * ctx.task.example_losses(adv, batch) + w * ctx.task.example_losses(clean, batch)
 
 
 class TradesObjective:
@@ -126,6 +144,12 @@ class TradesObjective:
         clean, adv = _clean_and_adversarial_logits(ctx, batch, delta)
         kl = _kl(adv, F.softmax(clean.float(), 1), ctx.task.loss_mask(batch))
         return ctx.task.loss(clean, batch) + ctx.method.trades_beta * kl
+
+    def example_losses(self, ctx: StepContext, batch: dict, delta: Tensor) -> Tensor:
+        """:meth:`loss` per example ``(B,)``."""
+        clean, adv = _clean_and_adversarial_logits(ctx, batch, delta)
+        kl = _kl(adv, F.softmax(clean.float(), 1), ctx.task.loss_mask(batch), per_example=True)
+        return ctx.task.example_losses(clean, batch) + ctx.method.trades_beta * kl
 
 
 OBJECTIVES: dict[str, Objective] = {"clean": CleanObjective(), "pgd": AdversarialObjective(),

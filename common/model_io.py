@@ -83,6 +83,31 @@ def load_run_model(run_dir: str | Path) -> tuple[Task, nn.Module, dict]:
 # ---------------------------------------------------------------------------------------- model card
 
 
+def project_links() -> dict[str, str]:
+    """The project's links as the installed package declares them (``pyproject.toml``'s ``[project.urls]``,
+    read back through ``importlib.metadata``'s ``Project-URL`` entries): label -> https URL. Empty when samat is
+    not installed or declares none."""
+    from importlib import metadata
+
+    try:
+        entries = metadata.metadata("samat").get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        return {}
+    links = {}
+    for entry in entries:
+        label, _, url = (part.strip() for part in entry.partition(","))
+        if url.startswith("https://"):
+            links[label] = url
+    return links
+
+
+def repository_url() -> Optional[str]:
+    """Where a card links for samat: the declared ``Repository`` (else ``Homepage``), or ``None``: no link
+    rather than a guessed address (a package-index page, a repository that may not exist)."""
+    links = project_links()
+    return next((links[k] for k in ("Repository", "Source", "Homepage") if k in links), None)
+
+
 def method_tags(method: str) -> list[str]:
     """Card tags of a training method, from the method registry: ``sam`` for SAM-family updates,
     ``adversarial-training`` for adversarial objectives."""
@@ -182,9 +207,11 @@ def model_card(results: RunResults, model_dir: Path, evaluations: Iterable[tuple
              "optimizer_steps": results.cost.optimizer_steps}
     data = results.data
     classes = data.get("class_names") or data.get("label_names") or []
+    url = repository_url()
+    samat = f"[samat]({url})" if url else "samat"
     body = [
         f"# {results.task} model trained with `{results.method}` by samat", "",
-        f"Method: **{results.method}**, trained by samat "
+        f"Method: **{results.method}**, trained by {samat} "
         f"(`samat run --task {results.task} --method {results.method}`).", "",
         "## Hyper-parameters", "", format_table(["name", "value"], list(hyper.items())), "",
         "## Data", "",

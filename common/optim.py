@@ -159,6 +159,10 @@ def resolve_optimizer_method(method: str, rho: Optional[float], **flags: Any) ->
         resolved.eta = float(given.pop("asam_eta"))
     for name, value in given.items():
         setattr(resolved, name, value)
+    if method == "esam" and resolved.esam_gamma < 1:
+        raise UsageError("method 'esam' in samat.SAM needs esam_gamma=1 (stochastic weight perturbation only): the "
+                         "closure gives one loss for the batch, and the data selection ranks each example's loss; "
+                         "for the whole of ESAM use samat.step or scripts/run.py")
     return resolved
 
 
@@ -170,7 +174,8 @@ class SAM(torch.optim.Optimizer):
             weight decay, schedulers apply as usual; its state is this optimizer's state).
         model: the model being trained (DDP-wrapped or not): its BatchNorm layers are frozen on the second pass,
             its ``no_sync`` makes the first pass local under DDP.
-        method: ``sam``, ``asam``, ``sam-every-k``, ``looksam`` or ``ae-sam``.
+        method: ``sam``, ``asam``, ``sam-every-k``, ``looksam``, ``ae-sam`` or ``esam`` (with ``esam_gamma=1``:
+            the closure gives one loss for the batch, not the per-example losses ESAM's data selection ranks).
         rho: the radius (default: the paper's, 0.05 for SAM, 0.5 for ASAM).
         scaler: a ``torch.amp.GradScaler`` for fp16 (the closure must backpropagate the scaled loss:
             :meth:`backward` does).
@@ -178,7 +183,7 @@ class SAM(torch.optim.Optimizer):
         max_grad_norm: clip the descent gradient to this L2 norm (0: no clipping).
         total_steps: the run's optimizer steps (AE-SAM's threshold schedule; 0: the schedule's mean).
         **flags: the method's own hyper-parameters: ``asam_eta``, ``sam_interval``, ``looksam_alpha``,
-            ``aesam_delta``, ``aesam_c_start``, ``aesam_c_end``.
+            ``aesam_delta``, ``aesam_c_start``, ``aesam_c_end``, ``esam_beta``, ``esam_gamma``.
     """
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, method: str = "sam",

@@ -19,6 +19,7 @@ from .errors import UsageError
 from .config import EvalArgs, MethodArgs, RunArgs, non_default_fields, parse_eps_list, resolve_defaults, validate
 from .method_config import ResolvedMethod, resolve_method
 from .model_io import check_push_to_hub
+from .registry import METHODS, UPDATE_RULES
 from .suites import Suite, resolve_suite
 from .task import AttackSpec, Task
 
@@ -68,6 +69,13 @@ class Engine:
             # is one shard's norm, not the full gradient's.
             raise UsageError(f"--method {method.name} under FSDP version {self.fsdp_version}: SAM's gradient norm "
                              "needs FSDP2's sharded tensors; launch with --fsdp_version 2")
+        if self.sharded == "fsdp" and UPDATE_RULES[method.update].efficient:
+            # Their update is exact on FSDP2 shards (tests/test_engines.py, looksam), but they keep their state
+            # (LookSAM's direction, the schedules' counters, SAF's outputs) outside the per-parameter optimizer
+            # state that FSDP2's sharded checkpoint saves: the run's checkpoint would fail after training.
+            exact = [m.name for m in METHODS.values() if "rho" in m.flags and not UPDATE_RULES[m.update].efficient]
+            raise UsageError(f"--method {method.name} is not supported under FSDP (its efficient-SAM state is not "
+                             f"in FSDP2's sharded checkpoint); use one of {', '.join(exact)} (or a method without SAM)")
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,9 @@ class Objective(Protocol):
         """Once per micro-batch at ``w`` (eval mode): e.g. the adversarial ``delta``; ``None`` for clean."""
 
     def loss(self, ctx: StepContext, batch: dict, prepared: Any) -> Tensor:
-        """The differentiable scalar training loss of ``batch`` at the current weights."""
+        """The differentiable scalar training loss of ``batch`` at the current weights. (The objectives of
+        ``common/methods.py`` also have ``example_losses(ctx, batch, prepared)``, the same loss per example
+        ``(B,)``, which ESAM ranks examples by.)"""
 
 
 UpdateRule = Callable[[StepContext, Objective, list[dict]], StepResult]

@@ -153,6 +153,15 @@ class Task(abc.ABC):
     def loss(self, logits: Tensor, batch: dict) -> Tensor:
         """Mean training loss over the batch (scalar)."""
 
+    def example_losses(self, logits: Tensor, batch: dict) -> Tensor:
+        """Per-example training loss ``(B,)`` float32, for rules that rank examples by it (ESAM's data
+        selection); its mean need not be :meth:`loss` exactly (segmentation weighs images by their pixels).
+        A task without one refuses those rules in one line."""
+        from .errors import UsageError
+
+        raise UsageError(f"the {self.name} task gives no per-example loss (Task.example_losses), which esam "
+                         "ranks examples by; use another efficient SAM rule")
+
     @abc.abstractmethod
     def example_stats(self, logits: Tensor, batch: dict) -> Tensor:
         """Per-example sufficient statistics, ``(B, ...)`` float. Summed over examples (after

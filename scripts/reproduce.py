@@ -6,7 +6,7 @@
     samat reproduce --task text --scale gpu --seeds 5
     samat reproduce --task vision --scale gpu --print    # the commands only, for a scheduler
     samat reproduce --task vision --scale quick -- --epochs 8     # run.py flags for every run, after --
-    samat reproduce --task vision --scale cpu --efficient_sam     # + sam-every-k, looksam, ae-sam (issue 12)
+    samat reproduce --task vision --scale cpu --efficient_sam     # + every efficient SAM variant (issues 12, 22)
 
 Trains ERM, SAM over the preset's rho grid and PGD-AT over its eps grid, each with every seed, through the
 sweep machinery (a finished run is skipped, an interrupted one resumed: rerun the same command to finish), then
@@ -30,6 +30,17 @@ from samat.analysis.reproduce import PRESETS, SCALES, TASKS, plan_reproduction, 
 from samat.analysis.sweep import add_launch_flags, print_commands, run_subprocess, set_commands, split_at_double_dash
 from samat.common.cli import ArgumentParser, main_guard
 from samat.common.errors import UsageError
+from samat.common.registry import METHODS, UPDATE_RULES
+
+
+def _variants_help() -> str:
+    """Each variant's summary and default hyper-parameters, from the registry."""
+    parts = []
+    for name in EFFICIENT:
+        rule = UPDATE_RULES[METHODS[name].update]
+        defaults = ", ".join(f"{k} {v:g}" for k, v in rule.defaults.items() if k != "rho")
+        parts.append(f"{name}: {rule.summary}" + (f" [{defaults}]" if defaults else ""))
+    return "; ".join(parts).replace("%", "%%") + "."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,11 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Attack suite for every run (quoted if several names): pgd, apgd, autoattack or attack "
                         f"names. Default: the preset's: {suite_defaults}.")
     p.add_argument("--efficient_sam", nargs="*", default=None, metavar="VARIANT",
-                   help=f"Also train efficient SAM variants ({', '.join(EFFICIENT)}; alone: all three) at the "
-                        "preset's pre-specified rho, every seed, and add their cost-vs-robustness frontier to the "
-                        "verdicts (share of SAM's robust gain kept, Fieller 95 %% interval; efficient_frontier.png). "
-                        "sam-every-k: Liu et al. 2022 (periodic SAM, k=5); looksam: Liu et al. CVPR 2022 (k=5, "
-                        "alpha=0.7); ae-sam: Jiang et al. ICLR 2023 (delta 0.9, c from 1 to -1).")
+                   help=f"Also train efficient SAM variants ({', '.join(EFFICIENT)}; alone: all "
+                        f"{len(EFFICIENT)}) at the preset's pre-specified rho, every seed, and add their "
+                        "cost-vs-robustness frontier to the verdicts (passes x ERM counted in examples, share of "
+                        "SAM's robust gain kept, Fieller 95 %% interval; efficient_frontier.png). "
+                        + _variants_help())
     add_launch_flags(p, "Print the commands of the runs still to do, one per line, and stop.")
     p.add_argument("--verdicts_only", action="store_true",
                    help="Train nothing: write the verdicts from the runs already finished under --root (e.g. "

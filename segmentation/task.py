@@ -271,6 +271,12 @@ class SegmentationTask(Task):
         total = F.cross_entropy(logits.float(), labels, ignore_index=self.args.ignore_index, reduction="sum")
         return total / (labels != self.args.ignore_index).sum().clamp_min(1)
 
+    def example_losses(self, logits: Tensor, batch: dict) -> Tensor:
+        """``(B,)``: each image's mean cross-entropy over its non-ignored pixels (0 when all are ignored)."""
+        labels = batch["labels"]
+        ce = F.cross_entropy(logits.float(), labels, ignore_index=self.args.ignore_index, reduction="none")
+        return ce.flatten(1).sum(1) / (labels != self.args.ignore_index).flatten(1).sum(1).clamp_min(1)
+
     def loss_mask(self, batch: dict) -> Tensor:
         """``(B, H, W)`` bool: the pixels that count (not ``ignore_index``), for TRADES' per-pixel KL."""
         return batch["labels"] != self.args.ignore_index

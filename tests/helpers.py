@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 from torch import nn
 
 from samat.common.methods import METHODS, ResolvedMethod, StepContext
 from samat.vision.models import Normalized, SmallCNN
 from samat.vision.task import VisionArgs, VisionTask
+
+
+def free_port() -> str:
+    """A TCP port free right now, for a multi-process test's rendezvous: a fixed one collides with another
+    test running at the same time (pytest-xdist) or with another project's job on the machine."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
 def tiny_mlp(in_features: int = 3 * 8 * 8, classes: int = 4, seed: int = 0) -> nn.Module:

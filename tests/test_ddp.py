@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import image_batch, tiny_mlp
+from helpers import free_port, image_batch, tiny_mlp
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,7 +35,7 @@ def test_two_process_sam_local_and_global(tmp_path):
     out = tmp_path / "weights.pt"
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533",
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", free_port(),
                            str(HERE / "ddp_sam_worker.py"), str(out)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -77,7 +77,7 @@ def test_two_processes_end_to_end_exact_counts_metrics_and_agreed_overflow(tmp_p
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
-                           "29541", str(HERE / "ddp_run_worker.py"), str(tmp_path), *METHODS_PER_STEP],
+                           free_port(), str(HERE / "ddp_run_worker.py"), str(tmp_path), *METHODS_PER_STEP],
                           capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     folders = [str(tmp_path / m) for m in METHODS_PER_STEP]

@@ -131,7 +131,29 @@ def test_variant_list_is_the_registrys():
 
     registry = [m.name for m in METHODS.values() if UPDATE_RULES[m.update].efficient and m.objective == "clean"]
     assert sorted(registry) == sorted(E.EFFICIENT)
-    assert {"saf", "mesa"} <= set(E.EFFICIENT) and all(name in UPDATES for name in E.EFFICIENT)
+    assert {"saf", "mesa", "esam"} <= set(E.EFFICIENT) and all(name in UPDATES for name in E.EFFICIENT)
+
+
+def test_cost_counts_passes_in_examples():
+    """ESAM's ranking forward and descent pass see part of the batch: its cost is in examples, not calls. 100
+    steps of batch 128 on one process, gamma 0.5: forward 2.5 B, backward 1.5 B a step -> 2.0 (calls: 2.5)."""
+    from types import SimpleNamespace
+
+    from samat.analysis.verdicts import example_passes_per_step, passes_per_step
+
+    b, steps = 128, 100
+    cost = {"optimizer_steps": steps, "forward_passes": 3 * steps, "backward_passes": 2 * steps,
+            "forward_examples": int(2.5 * b * steps), "backward_examples": int(1.5 * b * steps),
+            "train_examples": b * steps}
+    esam = SimpleNamespace(cost=cost, results=SimpleNamespace(num_processes=1))
+    assert example_passes_per_step(esam) == pytest.approx(2.0) and passes_per_step(esam) == pytest.approx(2.5)
+    # two processes: each counts its own half of the batch, train_examples counts both
+    halves = {**cost, "forward_examples": cost["forward_examples"] // 2,
+              "backward_examples": cost["backward_examples"] // 2}
+    assert example_passes_per_step(SimpleNamespace(cost=halves, results=SimpleNamespace(num_processes=2))) == 2.0
+    # an older run without example counts: the calls
+    old = {k: v for k, v in cost.items() if "examples" not in k}
+    assert example_passes_per_step(SimpleNamespace(cost=old, results=None)) == pytest.approx(2.5)
 
 
 # ------------------------------------------------------------------------------------------- reproduce
@@ -183,9 +205,10 @@ def test_unknown_variant_is_one_line_exit_2(reproduce, capsys, tmp_path):
     from samat.common.cli import main_guard
 
     with pytest.raises(SystemExit) as exit_:
-        main_guard(lambda: reproduce.main(["--root", str(tmp_path / "x"), "--efficient_sam", "esam"],
+        main_guard(lambda: reproduce.main(["--root", str(tmp_path / "x"), "--efficient_sam", "gsam"],
                                           runner=FakeRunner()))
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: --efficient_sam: unknown variant 'esam'; choose from: sam-every-k, looksam, ae-sam, saf, mesa"]
+    assert err == ["error: --efficient_sam: unknown variant 'gsam'; choose from: sam-every-k, looksam, ae-sam, esam, "
+                   "saf, mesa"]
     assert not (tmp_path / "x").exists()

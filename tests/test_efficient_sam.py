@@ -1,5 +1,6 @@
-"""Efficient SAM updates (sam-every-k, looksam, ae-sam): their limits are SAM or ERM bit for bit, exact restore,
-BatchNorm, accumulation, fp16, every objective, checkpoint state, pass counts, flags, an independent LookSAM."""
+"""Efficient SAM updates (sam-every-k, looksam, ae-sam, esam; test_esam.py has ESAM's own): their limits are SAM
+or ERM bit for bit, exact restore, BatchNorm, accumulation, fp16, every objective, checkpoint state, pass counts,
+flags, an independent LookSAM."""
 
 from __future__ import annotations
 
@@ -196,7 +197,7 @@ def test_looksam_matches_pytorch_optimizer(accelerator):
 def test_aesam_decides_from_the_ema_of_the_squared_gradient_norm(accelerator):
     """The EMAs and decisions follow Jiang et al.'s rule, recomputed by hand from each step's gradient."""
     model = tiny_mlp()
-    method = resolved("ae-sam", rho=0.1, aesam_delta=0.5)
+    method = resolved("ae-sam", rho=0.1, aesam_delta=0.5, aesam_c_end=-1.0)  # the paper's schedule
     ctx = context(accelerator, model, method, lr=0.3, momentum=0.0)
     ctx.total_steps = 6
     mean = var = 0.0
@@ -218,10 +219,13 @@ def test_aesam_decides_from_the_ema_of_the_squared_gradient_norm(accelerator):
 
 
 def test_aesam_threshold_schedule():
-    m = resolved("ae-sam")
-    assert aesam_threshold_c(m, 0, 11) == 1.0 and aesam_threshold_c(m, 10, 11) == -1.0
-    assert aesam_threshold_c(m, 5, 11) == pytest.approx(0.0)
-    assert aesam_threshold_c(m, 3, 0) == 0.0  # no run length: the schedule's mean
+    paper = resolved("ae-sam", aesam_c_end=-1.0)
+    assert aesam_threshold_c(paper, 0, 11) == 1.0 and aesam_threshold_c(paper, 10, 11) == -1.0
+    assert aesam_threshold_c(paper, 5, 11) == pytest.approx(0.0)
+    assert aesam_threshold_c(paper, 3, 0) == 0.0  # no run length: the schedule's mean
+    budget = resolved("ae-sam")  # samat's default: c from 1 to -0.5
+    assert aesam_threshold_c(budget, 0, 11) == 1.0 and aesam_threshold_c(budget, 10, 11) == -0.5
+    assert aesam_threshold_c(budget, 5, 11) == pytest.approx(0.25)
     assert aesam_threshold_c(resolved("ae-sam", aesam_c_start=math.inf, aesam_c_end=math.inf), 3, 10) == math.inf
 
 
@@ -239,7 +243,11 @@ def test_every_objective_composes_and_lowers_its_loss(accelerator, update, objec
     task = vision_task()
 
     before = eval_loss(task, model, batch)
-    ctx, results = _train(accelerator, model, m, [[batch]] * 8, lr=0.05, total_steps=8)
+    # ESAM's descent pass normalises with the BatchNorm statistics of the selected half of the batch (the
+    # examples whose loss rises most), the eval loss with running statistics of whole batches: on one batch of
+    # 16 repeated, momentum 0.9 overshoots (the loss at eval rises), 0.5 does not
+    ctx, results = _train(accelerator, model, m, [[batch]] * 8, lr=0.05, total_steps=8,
+                          momentum=0.5 if update == "esam" else 0.9)
     assert all(not r.skipped and math.isfinite(r.loss) for r in results)
     assert eval_loss(task, model, batch) < before - 0.05
     assert update_state(ctx.optimizer)["sam_steps"] >= 1
@@ -250,14 +258,16 @@ def test_accumulation_equals_one_big_batch(accelerator, name):
     big, small = tiny_mlp(), tiny_mlp()
     batches = _batches(4, n=8)
     halves = [[{k: v[:4] for k, v in b.items()}, {k: v[4:] for k, v in b.items()}] for [b] in batches]
-    method = resolved(name, rho=0.2, sam_interval=2)
+    # ESAM's data selection ranks within each micro-batch (as within each process's batch under DDP), so only
+    # its gamma = 1 form equals one big batch; SWP's masks are per step and the same in both
+    method = resolved(name, rho=0.2, sam_interval=2, esam_gamma=1.0)
     _train(accelerator, big, method, batches, lr=0.3, total_steps=4)
     _train(accelerator, small, method, halves, lr=0.3, total_steps=4)
     for p, q in zip(big.parameters(), small.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["looksam", "ae-sam"])
+@pytest.mark.parametrize("name", ["looksam", "ae-sam", "esam"])
 def test_fp16_loss_scale_changes_nothing_and_overflow_skips(name):
     """Under a GradScaler the variants take the same steps as in fp32 (the scale is divided out of every
     norm, LookSAM's cached direction is a unit vector); an overflow skips the step and moves nothing."""
@@ -287,7 +297,7 @@ def test_fp16_loss_scale_changes_nothing_and_overflow_skips(name):
     assert all(torch.equal(p, w) for p, w in zip(scaled_model.parameters(), before))
 
 
-@pytest.mark.parametrize("name", ["looksam", "ae-sam"])
+@pytest.mark.parametrize("name", ["looksam", "ae-sam", "esam"])
 def test_bf16_autocast_steps_agree_with_fp32(name):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -381,7 +391,9 @@ def test_defaults_flags_and_bad_values():
     assert (look.rho, look.sam_interval, look.looksam_alpha) == (0.05, 5, 0.7)
     assert look.describe() == {"method": "looksam", "rho": 0.05, "sam_interval": 5, "looksam_alpha": 0.7}
     ae = resolve_method("ae-sam-at", MethodArgs(aesam_c_start=0.5), task, {"aesam_c_start"})
-    assert (ae.aesam_delta, ae.aesam_c_start, ae.aesam_c_end, ae.steps) == (0.9, 0.5, -1.0, 10)
+    assert (ae.aesam_delta, ae.aesam_c_start, ae.aesam_c_end, ae.steps) == (0.9, 0.5, -0.5, 10)
+    paper = resolve_method("ae-sam", MethodArgs(aesam_c_end=-1.0), task, {"aesam_c_end"})
+    assert paper.describe()["aesam_c_end"] == -1.0
     every = resolve_method("sam-every-k", MethodArgs(sam_interval=2), task, {"sam_interval"})
     assert every.sam_interval == 2 and "looksam_alpha" not in every.describe()
     with pytest.raises(UsageError, match="--looksam_alpha does not apply to --method sam-every-k"):
@@ -398,5 +410,5 @@ def test_defaults_flags_and_bad_values():
         with pytest.raises(UsageError, match=match):
             validate(RunArgs(), bad, EvalArgs())
     validate(RunArgs(), MethodArgs(aesam_c_start=-math.inf, aesam_c_end=-math.inf), EvalArgs())
-    for name in ("sam-every-k", "looksam", "ae-sam"):  # the reference is in the --help summary
+    for name in ("sam-every-k", "looksam", "ae-sam", "esam"):  # the reference is in the --help summary
         assert "et al." in METHODS[name].summary and METHODS[name + "-at"].objective == "pgd"

@@ -32,7 +32,7 @@ def count_syncs(monkeypatch):
 
 # syncs per optimizer step away from the guard's check and poll steps; AE-SAM's choice is a Python branch on
 # the gradient norm, one read per step
-PER_STEP = {"erm": 0, "pgd-at": 0, "sam": 0, "sam-every-k": 0, "looksam": 0, "ae-sam": 1, "trades": 0}
+PER_STEP = {"erm": 0, "pgd-at": 0, "sam": 0, "sam-every-k": 0, "looksam": 0, "ae-sam": 1, "esam": 0, "trades": 0}
 
 
 @pytest.mark.parametrize("method", list(PER_STEP))

@@ -34,8 +34,10 @@ def test_method_lowers_the_loss_on_a_fixed_batch(accelerator, name):
             if "traj_lambda" in rule.defaults else {})
     if rule.needs_index:
         batch[INDEX_KEY] = torch.arange(16)
+    # ESAM descends on the half of the batch whose loss rises most, with that half's BatchNorm statistics; on one
+    # batch of 16 repeated, momentum 0.9 overshoots at eval (running statistics), 0.5 does not
     ctx = context(accelerator, model, resolved(name, rho=0.05, eps=2 / 255, alpha=1 / 255, steps=2, **traj),
-                  lr=0.05, momentum=0.9)
+                  lr=0.05, momentum=0.5 if rule.name == "esam" else 0.9)
     task = vision_task()
 
     before = eval_loss(task, model, batch)

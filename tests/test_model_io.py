@@ -71,14 +71,74 @@ def test_transformers_vit_reloads_and_from_pretrained_works(tmp_path):
         assert torch.equal(plain(pixel_values=(x - model.mean) / model.std).logits, model(x))
 
 
-def test_timm_model_reloads_bit_identical(tmp_path):
+def _timm_loads_it(folder, samat_model, x):
+    """timm's own loader (the one behind ``timm.create_model("hf-hub:...")``, from a local folder, offline)
+    rebuilds the bare network; normalised with the mean/std of its data config it gives samat's logits."""
+    import timm
+
+    net = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    data = timm.data.resolve_data_config({}, model=net)
+    mean = torch.tensor(data["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(data["std"]).view(1, -1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(net((x - mean) / std), samat_model.eval()(x), rtol=1e-5, atol=1e-6)
+    return net, data
+
+
+def test_timm_model_reloads_bit_identical_and_with_timm(tmp_path):
     pytest.importorskip("timm")
     torch.manual_seed(0)
-    model, _ = vmodels.build_model("timm:resnet10t", 2, 3)
+    model, _ = vmodels.build_model("timm:resnet10t", 2, 1)
     _scramble_batchnorm(model)
-    spec = {"name": "timm:resnet10t", "num_classes": 2, "channels": 3, "width": None, "image_size": None,
+    spec = {"name": "timm:resnet10t", "num_classes": 2, "channels": 1, "width": None, "image_size": None,
+            "input_size": [16, 16], "class_names": ["no", "yes"]}
+    x = torch.rand(2, 1, 16, 16)
+    _vision_roundtrip(model, spec, tmp_path / "m", x)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors",
+                                                                 "samat_model.json"]
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["architecture"] == "resnet10t" and config["num_classes"] == 2
+    assert config["label_names"] == ["no", "yes"] and config["model_args"]["in_chans"] == 1
+    net, data = _timm_loads_it(tmp_path / "m", model, x)
+    assert net.num_classes == 2 and data["input_size"] == (1, 16, 16) and data["crop_pct"] == 1.0
+
+
+def test_timm_model_timm_cannot_export_still_reloads_with_samat(tmp_path, monkeypatch):
+    """A timm model whose arguments timm refuses to export keeps its trained weights in samat's own format."""
+    timm = pytest.importorskip("timm")
+
+    def refuse(*args, **kwargs):
+        raise ValueError("Model argument 'act_layer' is not serializable")
+
+    monkeypatch.setattr(timm.models, "save_for_hf", refuse)
+    torch.manual_seed(0)
+    model, _ = vmodels.build_model("timm:resnet10t", 2, 1)
+    spec = {"name": "timm:resnet10t", "num_classes": 2, "channels": 1, "width": None, "image_size": None,
             "class_names": ["no", "yes"]}
-    _vision_roundtrip(model, spec, tmp_path / "m", torch.rand(2, 3, 16, 16))
+    _vision_roundtrip(model, spec, tmp_path / "m", torch.rand(2, 1, 16, 16))
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.safetensors", "samat_model.json"]
+
+
+def test_timm_run_folder_loads_with_timm_and_samat(tmp_path):
+    """A whole ``scripts/run.py`` run with a timm model: its ``model/`` is timm's hub layout (config.json +
+    model.safetensors) under a ``library_name: timm`` card, and loads with timm and with samat alike."""
+    pytest.importorskip("timm")
+    from test_run_vision import FAST, run
+
+    out = tmp_path / "run"
+    fast = [a for a in FAST if a not in ("--model", "small_cnn", "--width", "8")]
+    proc = run("--task", "vision", "--method", "sam", "--max_steps", "1", *fast, "--model", "timm:resnet10t",
+               "--max_train_samples", "16", "--max_eval_samples", "8", "--batch_size", "8",
+               "--sharpness_examples", "0", "--cpu_threads", "1", "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name for p in (out / "model").iterdir()} == {"config.json", "model.safetensors", "samat_model.json",
+                                                           "README.md"}
+    card = (out / "model" / "README.md").read_text()
+    assert yaml.safe_load(card.split("---\n")[1])["library_name"] == "timm"
+    _, model, info = load_run_model(out)
+    x = torch.rand(3, 1, 28, 28)  # fashion_mnist's images, as trained
+    _, data = _timm_loads_it(out / "model", model, x)
+    assert data["input_size"] == (1, 28, 28)
 
 
 def test_text_model_reloads_bit_identical_with_label_names(tmp_path):
@@ -192,3 +252,37 @@ def test_model_card_model_index_parses_back_with_the_results(tmp_path):
     assert all(r.metric_args["suite"] == "pgd" and r.metric_args["examples"] == results.data.get("eval_examples")
                for r in rows[1:])
     assert "pypi.org" not in card.text
+
+
+def test_card_links_only_to_the_repository_the_package_declares(tmp_path, monkeypatch):
+    """The card's one link to samat comes from the installed package's Project-URL metadata (pyproject.toml's
+    [project.urls]); with none declared it links nowhere, and never to a package-index page."""
+    import re
+    import tomllib
+    from importlib import metadata
+    from pathlib import Path
+
+    from samat.common import model_io
+
+    declared = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert all(u.startswith("https://") and "pypi.org" not in u for u in declared.get("urls", {}).values())
+    (tmp_path / "samat_model.json").write_text(json.dumps({"kind": "builtin"}))
+    links = lambda: re.findall(r"\]\((https?://[^)\s]+)\)", model_card(_results(), tmp_path))  # noqa: E731
+    url = model_io.repository_url()
+    assert links() == ([url] if url else []) and not any("pypi.org" in link for link in links())
+
+    class Declared:
+        def get_all(self, key):
+            return ["Homepage, https://example.org/samat", "Repository, https://git.example.org/samat",
+                    "Download, ftp://x"] if key == "Project-URL" else None
+
+    monkeypatch.setattr(metadata, "metadata", lambda name: Declared())
+    assert model_io.project_links() == {"Homepage": "https://example.org/samat",
+                                        "Repository": "https://git.example.org/samat"}
+    assert links() == ["https://git.example.org/samat"]
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "metadata", not_installed)
+    assert model_io.repository_url() is None and links() == []

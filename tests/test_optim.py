@@ -50,7 +50,8 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("name,kw", [("sam", dict(rho=0.1)), ("asam", dict(rho=0.5)),
-                                     ("looksam", dict(rho=0.1, sam_interval=2, looksam_alpha=0.7))])
+                                     ("looksam", dict(rho=0.1, sam_interval=2, looksam_alpha=0.7)),
+                                     ("esam", dict(rho=0.1, esam_beta=0.5, esam_gamma=1.0))])
 def test_closure_step_equals_train_step(accelerator, name, kw):
     expected = _engine(accelerator, name, [[b] for b in _batches()], **kw)
     model = tiny_cnn()
@@ -202,5 +203,58 @@ def test_bad_input_gives_clear_messages():
         SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, "sam-at")
     with pytest.raises(UsageError, match="sam_interval does not apply to method 'sam'"):
         SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, "sam", sam_interval=3)
+    with pytest.raises(UsageError, match="'esam' in samat.SAM needs esam_gamma=1"):
+        SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, "esam")
     with pytest.raises(UsageError, match="unknown sync"):
         SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, sync="all")
+
+
+def test_plain_loop_ends_with_the_weights_of_a_run_folder(tmp_path):
+    """A whole ``scripts/run.py`` run (vision, small_cnn, SAM, seed 3, the recipe's SGD + momentum + weight decay
+    + warm-up/cosine schedule, 4 steps) against the same data order and initial weights stepped by
+    ``samat.SAM`` in a plain loop with the user's own closure: the model saved in the run folder is the one the
+    loop ends with, to float tolerance."""
+    from accelerate.utils import set_seed
+
+    from helpers import load_script
+    from samat.common.experiment import build, make_accelerator
+    from samat.common.model_io import load_run_model
+    from test_run_vision import run
+
+    flags = ["--task", "vision", "--method", "sam", "--rho", "0.1", "--model", "small_cnn", "--width", "4",
+             "--seed", "3", "--max_train_samples", "32", "--batch_size", "8", "--max_steps", "4",
+             "--max_eval_samples", "8", "--eval_linf", "2/255", "--eval_l2", "0.25", "--eval_steps", "1",
+             "--sharpness_examples", "0", "--log_with", "none", "--cpu_threads", "1"]
+    out = tmp_path / "run"
+    proc = run(*flags, "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, saved, info = load_run_model(out)
+    assert info["results"].cost.optimizer_steps == 4
+
+    # The same flags, resolved and built as scripts/run.py builds them (data order, init, optimizer, schedule).
+    resolved_run, task = load_script("run").resolve([*flags, "--output_dir", str(tmp_path / "loop")])
+    settings = resolved_run.run
+    torch.set_num_threads(1)
+    accelerator = make_accelerator(settings)
+    set_seed(settings.seed)
+    built = build(settings, task, accelerator)
+    model = accelerator.unwrap_model(built.model)
+    initial = copy.deepcopy(model.state_dict())
+    base = built.optimizer.optimizer  # the recipe's SGD (two weight-decay groups), as run.py makes it
+    opt = SAM(base, model, "sam", rho=0.1, max_grad_norm=settings.max_grad_norm)
+
+    model.train()
+    built.train_loader.set_epoch(0)
+    for step, batch in enumerate(built.train_loader):
+        def closure():
+            loss = F.cross_entropy(model(batch["pixel_values"]), batch["labels"])
+            loss.backward()
+            return loss
+        opt.step(closure)
+        built.scheduler.step()
+        if step + 1 == 4:
+            break
+    assert step == 3
+    trained = model.state_dict()
+    assert any(not torch.equal(initial[k], trained[k]) for k in initial)
+    _assert_same(saved.state_dict(), trained)

@@ -130,3 +130,39 @@ def test_bf16_run_records_fp32_evaluation_and_a_bf16_one_on_request(tmp_path, mo
     assert (again["mixed_precision"], again["eval_precision"]) == ("bf16", "bf16")
     assert again["metrics"]["clean"]["examples"] == trained["metrics"]["clean"]["examples"] == 24
 
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+def test_fp16_attack_gradients_do_not_underflow(norm, eps):
+    """Confidently classified examples: their unscaled fp16 input gradient is exactly zero (PGD would stand
+    still on them and overstate robustness). samat's PGD rescales each example's gradient on its way back, so
+    its fp16 step equals the fp32 step on every example (same sign for L-inf, same direction for L2)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from samat.common.attacks import pgd
+    from samat.common.task import AttackSurface
+
+    torch.manual_seed(0)
+    net = nn.Linear(8, 3)
+    with torch.no_grad():
+        net.weight.mul_(40)  # margins of 20-35 logits: the wrong classes' probabilities are 1e-10 .. 1e-16
+    half, x = copy.deepcopy(net).half(), torch.rand(6, 8)
+    labels = net(x).argmax(1)
+    probe = torch.zeros_like(x, requires_grad=True)
+    (unscaled,) = torch.autograd.grad(F.cross_entropy(half((x + probe).half()).float(), labels, reduction="sum"),
+                                      probe)
+    assert (unscaled.abs().sum(1) == 0).any()  # the failure exists here: some example gets no gradient at all
+
+    def objective(logits, step):
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+
+    steps = dict(eps=eps, alpha=eps, steps=1, norm=norm, random_init=False)
+    fp32 = pgd(AttackSurface(x=x, forward=lambda d: net(x + d), bounds=None), objective, **steps)
+    fp16 = pgd(AttackSurface(x=x, forward=lambda d: half((x + d).half()), bounds=None), objective, **steps)
+    assert (fp16.abs().sum(1) > 0).all()
+    if norm == "linf":
+        assert torch.equal(fp16, fp32)
+    else:
+        assert (F.cosine_similarity(fp16, fp32, dim=1) > 0.999).all()

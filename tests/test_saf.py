@@ -135,7 +135,7 @@ def test_saf_without_indices_or_on_segmentation_is_refused_in_one_line(accelerat
     assert "\n" not in str(err.value)
     from samat.segmentation.task import SegmentationArgs, SegmentationTask
 
-    with pytest.raises(UsageError, match="needs a classification task") as err:
+    with pytest.raises(UsageError, match="--method saf: .*needs a classification task") as err:
         resolve_method("saf", MethodArgs(), SegmentationTask(SegmentationArgs()), set())
     assert "\n" not in str(err.value)
 

@@ -12,8 +12,10 @@ Names:
 
 A saved model reloads with :func:`load_model` and nothing else: ``samat_model.json`` records the kind, the
 name, the classes, input channels, width, input size and the normalisation; the weights of the network inside
-:class:`Normalized` are ``model.safetensors`` (built-ins and timm) or a transformers ``save_pretrained`` folder
-(so ``AutoModelForImageClassification.from_pretrained(run/model)`` works without samat).
+:class:`Normalized` are ``model.safetensors`` (built-ins), timm's hub layout (``config.json`` +
+``model.safetensors``, so ``timm.create_model("local-dir:run/model", pretrained=True)`` or ``"hf-hub:<repo>"``
+works without samat, :func:`save_timm`) or a transformers ``save_pretrained`` folder (so
+``AutoModelForImageClassification.from_pretrained(run/model)`` works without samat).
 """
 
 from __future__ import annotations
@@ -234,7 +236,8 @@ def save_model(model: Normalized, folder: str | Path, spec: dict[str, Any]) -> N
 
     ``spec`` holds ``name`` (the ``--model`` it was built from), ``num_classes``, ``channels``, ``width``
     (built-ins; ``None`` for the default), ``image_size`` (the side inputs are resized to, ``None`` for the
-    data's own) and ``class_names``. The normalisation is read from ``model``.
+    data's own), ``class_names`` and optionally ``input_size`` (the side, or ``[H, W]``, trained on, for timm's
+    ``config.json`` when ``image_size`` is ``None``). The normalisation is read from ``model``.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -246,6 +249,8 @@ def save_model(model: Normalized, folder: str | Path, spec: dict[str, Any]) -> N
             net.config.id2label = dict(enumerate(names))
             net.config.label2id = {n: i for i, n in enumerate(names)}
         net.save_pretrained(str(folder))
+    elif kind == "timm":
+        save_timm(net, folder, spec, model.mean.flatten().tolist(), model.std.flatten().tolist())
     else:
         from safetensors.torch import save_model as save_weights
 
@@ -255,6 +260,39 @@ def save_model(model: Normalized, folder: str | Path, spec: dict[str, Any]) -> N
     from samat.common.files import write_json_atomic
 
     write_json_atomic(folder / SAVED_CONFIG, record)
+
+
+def save_timm(net: nn.Module, folder: Path, spec: dict[str, Any], mean: list[float], std: list[float]) -> None:
+    """The timm network inside :class:`Normalized` in timm's own hub layout (``timm.models.save_for_hf``):
+    ``config.json`` (architecture, ``num_classes``, ``model_args`` such as ``in_chans``, label names, and a
+    ``pretrained_cfg`` with the input size and the mean/std samat normalised with) and ``model.safetensors``.
+
+    ``timm.create_model("hf-hub:<repo>", pretrained=True)`` (after ``--push_to_hub``) or
+    ``timm.create_model("local-dir:<folder>", pretrained=True)`` then rebuilds the bare network, which takes
+    normalised inputs: ``timm.data.resolve_data_config(model=net)`` gives the mean/std to normalise with, and
+    ``crop_pct`` 1.0 (samat resizes the whole image, it does not crop)."""
+    from timm.models import save_for_hf
+
+    size = spec.get("image_size") or spec.get("input_size")
+    data_config: dict[str, Any] = {"mean": tuple(mean), "std": tuple(std), "crop_pct": 1.0}
+    if size:
+        h, w = (size, size) if isinstance(size, int) else size
+        data_config["input_size"] = (int(spec["channels"]), int(h), int(w))
+    names = list(spec.get("class_names") or [])
+    try:
+        save_for_hf(net, str(folder), safe_serialization=True, data_config=data_config,
+                    model_config={"label_names": names} if names else None)
+    except (ValueError, TypeError) as err:
+        # timm refuses to export some models' arguments (not JSON-serialisable); the trained weights must not
+        # be lost after training for it: samat's own format (weights only, reloaded by load_model) instead.
+        import logging
+
+        logging.getLogger("samat").warning("timm could not export %s for its hub loader (%s); saved the weights "
+                                           "for samat's load_model only", spec["name"], err)
+        (folder / "config.json").unlink(missing_ok=True)
+        from safetensors.torch import save_model as save_weights
+
+        save_weights(net, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
 def read_spec(folder: str | Path) -> dict[str, Any]:

@@ -101,6 +101,7 @@ class VisionTask(ClassificationTask):
                 "num_classes": len(class_names), "class_names": class_names, "channels": channels,
                 "image_size": size or list(evals[0]["pixel_values"].shape[-2:]),
                 "parameters": sum(p.numel() for p in model.parameters())}
+        spec["input_size"] = info["image_size"]  # the size trained on (timm's config.json records it)
         return TaskData(model=model, train_dataset=train, eval_dataset=evals, collate_fn=vdata.collate, info=info,
                         task=self.learned(VisionBuild(model_spec=spec)))
 
