@@ -93,3 +93,14 @@ def test_segmentation_decoded_once_batches_are_the_examples_read_one_by_one():
                 ds.__getitems__([1, 9])
         subset = batched.select([9, 3])
         assert torch.equal(subset[1]["labels"], single.select([9, 3])[1]["labels"])
+
+
+def test_batch_crop_flip_is_the_per_image_crop_flip():
+    from samat.common.data import example_generator
+    from samat.vision.data import batch_crop_flip, random_crop_flip
+
+    x = torch.rand(24, 3, 10, 17, generator=torch.Generator().manual_seed(1))  # not square: H and W differ
+    got = batch_crop_flip(x, [example_generator(2, 1, i) for i in range(24)])
+    want = torch.stack([random_crop_flip(x[i], example_generator(2, 1, i)) for i in range(24)])
+    assert got.shape == x.shape and torch.equal(got, want)
+    assert not torch.equal(got, x)  # something moved

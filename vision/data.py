@@ -184,7 +184,17 @@ class ImageClassification(torch.utils.data.Dataset):
             return [self[i] for i in indices]
         rows = torch.as_tensor([int(i) for i in indices], dtype=torch.long)
         images, labels = decoded[0][rows], decoded[1][rows]
-        return [self._item(images[k], labels[k], i) for k, i in enumerate(indices)]
+        if self.augment:  # the per-example draws, then one crop-and-flip of the whole batch
+            images = batch_crop_flip(images, [example_generator(self.seed, self.epoch, int(i)) for i in indices])
+        return [{"pixel_values": images[k], "labels": labels[k]} for k in range(len(indices))]
+
+
+def crop_flip_draws(width: int, generator: Optional[torch.Generator] = None) -> tuple[int, int, bool]:
+    """One example's crop offsets ``(i, j)`` in ``[0, 2 pad]`` and its flip, drawn from ``generator`` in this
+    order (the order fixes which images a seed gives)."""
+    pad = max(1, width // 8)
+    i, j = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
+    return i, j, bool(torch.rand((), generator=generator) < 0.5)
 
 
 def random_crop_flip(x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -192,11 +202,24 @@ def random_crop_flip(x: Tensor, generator: Optional[torch.Generator] = None) -> 
     horizontal mirror. ``x``: ``(C, H, W)``."""
     pad = max(1, x.shape[-1] // 8)
     padded = F.pad(x, (pad, pad, pad, pad))
-    i, j = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
+    i, j, flip = crop_flip_draws(x.shape[-1], generator)
     x = padded[:, i:i + x.shape[-2], j:j + x.shape[-1]]
-    if torch.rand((), generator=generator) < 0.5:
-        x = x.flip(-1)
-    return x
+    return x.flip(-1) if flip else x
+
+
+def batch_crop_flip(x: Tensor, generators: list[torch.Generator]) -> Tensor:
+    """:func:`random_crop_flip` of every image of ``x`` ``(B, C, H, W)`` with its own generator, as one
+    gather: the same draws and the same pixels as one call per image, without B Python-level pads and slices."""
+    b, _, h, w = x.shape
+    pad = max(1, w // 8)
+    draws = torch.tensor([crop_flip_draws(w, g) for g in generators], dtype=torch.long).view(b, 3)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    ys = draws[:, :1] + torch.arange(h)                                    # (B, H) rows of the crop
+    cols = torch.arange(w).expand(b, w)
+    cols = torch.where(draws[:, 2:].bool(), w - 1 - cols, cols)            # mirrored where flipped
+    xs = draws[:, 1:2] + cols                                              # (B, W)
+    # (B, H, W, C) from advanced indexing on dims 0, 2, 3; back to (B, C, H, W)
+    return padded[torch.arange(b)[:, None, None], :, ys[:, :, None], xs[:, None, :]].permute(0, 3, 1, 2)
 
 
 def collate(items: list[dict]) -> dict:
