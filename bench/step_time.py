@@ -42,6 +42,7 @@ from samat.common.efficient_sam import update_state  # noqa: E402
 from samat.common.errors import UsageError  # noqa: E402
 from samat.common.methods import METHODS, ResolvedMethod, StepContext, train_step  # noqa: E402
 from samat.common.files import write_json_atomic  # noqa: E402
+from samat.common.loop import make_optimizer  # noqa: E402
 from samat.common.results import versions  # noqa: E402
 from samat.common.tables import format_table  # noqa: E402
 
@@ -112,16 +113,6 @@ def bare_loss(task_name: str, model, batch: dict, ignore_index: int = -100):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         return F.cross_entropy(model(**inputs).logits, batch["labels"])
     return F.cross_entropy(model(batch["pixel_values"]), batch["labels"], ignore_index=ignore_index)
-
-
-def bare_optimizer(model, run):
-    """The optimizer samat builds for ``run``, in plain torch: no weight decay on biases and norms."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
-    groups = [{"params": decay, "weight_decay": run.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    if run.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=run.lr, momentum=run.momentum)
-    return torch.optim.AdamW(groups, lr=run.lr)
 
 
 def bare_step(loss_fn, model, optimizer, batch: dict, rho: Optional[float]) -> None:
@@ -217,7 +208,7 @@ def compare_task(task_name: str, methods: list[str], steps: int, rounds: int, wa
             sides[name] = dict(
                 run=run, ctx=ctx, built=built, counter=counter, guard=make_guard(run, built, accelerator),
                 loader=TimedLoader(built.train_loader), state=TrainState(task=task.name), loss_fn=loss_fn,
-                bare_model=bare_model, bare_opt=bare_optimizer(bare_model, run),
+                bare_model=bare_model, bare_opt=make_optimizer(bare_model, run),
                 rho=resolved.method.rho if resolved.method.method.update == "sam" else None,
                 samat_s=[], bare_s=[], wait_share=[])
         # the bare loss is the task's loss (checked once, on one batch, in eval mode)

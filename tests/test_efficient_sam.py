@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import math
 
 import pytest
@@ -356,27 +355,9 @@ def _comparable(state: dict) -> dict:
 @pytest.mark.parametrize("name", ["looksam", "ae-sam"])
 def test_resume_through_scripts_run_is_bit_identical(tmp_path, name):
     """scripts/run.py with a checkpoint at step 4 of 8; the run resumed from it ends with the same weights."""
-    from test_run_vision import FAST, _weights, run
+    from test_run_vision import resumed_from_step_4
 
-    args = ["--method", name, "--max_steps", "8", "--checkpoint_every", "4", "--seed", "2", *FAST,
-            "--batch_size", "16", "--eval_l2", "none", "--sharpness_examples", "0"]
-    if name == "looksam":
-        args += ["--sam_interval", "3"]
-    full = run(*args, "--output_dir", str(tmp_path / "full"))
-    assert full.returncode == 0, full.stderr[-3000:]
-    import shutil
-
-    cut = tmp_path / "cut"
-    shutil.copytree(tmp_path / "full", cut)
-    shutil.rmtree(cut / "checkpoints" / "step_8")
-    shutil.rmtree(cut / "model")
-    (cut / "results.json").unlink()
-    resumed = run(*args, "--output_dir", str(cut), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr
-    a, b = _weights(tmp_path / "full"), _weights(cut)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ra, rb = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "full", cut))
+    ra, rb = resumed_from_step_4(tmp_path, "--method", name, *(["--sam_interval", "3"] if name == "looksam" else []))
     assert ra["cost"]["forward_passes"] == rb["cost"]["forward_passes"]
     assert 8 < ra["cost"]["forward_passes"] < 16  # some steps took the SAM pass, some did not
     assert ra["method_resolved"]["rho"] == 0.05

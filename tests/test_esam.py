@@ -5,8 +5,6 @@ test_efficient_sam.py and test_methods.py cover exact restore, BatchNorm, every 
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 
 import pytest
 import torch
@@ -126,23 +124,9 @@ def test_pass_counts_are_exact_in_examples(accelerator, gamma, k):
 def test_resume_through_scripts_run_is_bit_identical(tmp_path):
     """scripts/run.py with a checkpoint at step 4 of 8; the resumed run draws the same SWP masks and ends with
     the same weights and pass counts: (2 + gamma) B forward and (1 + gamma) B backward examples a step."""
-    from test_run_vision import FAST, _weights, run
+    from test_run_vision import resumed_from_step_4
 
-    args = ["--method", "esam", "--max_steps", "8", "--checkpoint_every", "4", "--seed", "2", *FAST,
-            "--batch_size", "16", "--eval_l2", "none", "--sharpness_examples", "0"]
-    full = run(*args, "--output_dir", str(tmp_path / "full"))
-    assert full.returncode == 0, full.stderr[-3000:]
-    cut = tmp_path / "cut"
-    shutil.copytree(tmp_path / "full", cut)
-    shutil.rmtree(cut / "checkpoints" / "step_8")
-    shutil.rmtree(cut / "model")
-    (cut / "results.json").unlink()
-    resumed = run(*args, "--output_dir", str(cut), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr
-    a, b = _weights(tmp_path / "full"), _weights(cut)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ra, rb = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "full", cut))
+    ra, rb = resumed_from_step_4(tmp_path, "--method", "esam")
     assert ra["cost"] == {**rb["cost"], "train_wall_s": ra["cost"]["train_wall_s"],
                           "eval_wall_s": ra["cost"]["eval_wall_s"]}
     assert (ra["cost"]["forward_examples"], ra["cost"]["backward_examples"]) == (8 * 40, 8 * 24)

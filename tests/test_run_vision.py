@@ -66,6 +66,29 @@ def _weights(path: Path) -> dict:
     return load_file(path / "model" / "model.safetensors")
 
 
+def resumed_from_step_4(tmp_path: Path, *method_flags: str) -> tuple[dict, dict]:
+    """An 8-step vision run of ``method_flags`` checkpointed at step 4, and the same run resumed from that
+    checkpoint (step 8, model and results taken away): asserts both end with bit-identical weights and returns
+    their results.json records ``(uninterrupted, resumed)``."""
+    import shutil
+
+    args = [*method_flags, "--max_steps", "8", "--checkpoint_every", "4", "--seed", "2", *FAST, "--batch_size", "16",
+            "--eval_l2", "none", "--sharpness_examples", "0"]
+    full = run(*args, "--output_dir", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", cut)
+    shutil.rmtree(cut / "checkpoints" / "step_8")
+    shutil.rmtree(cut / "model")
+    (cut / "results.json").unlink()
+    resumed = run(*args, "--output_dir", str(cut), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    a, b = _weights(tmp_path / "full"), _weights(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return tuple(json.loads((d / "results.json").read_text()) for d in (tmp_path / "full", cut))
+
+
 def test_resume_after_preemption_ends_identical(tmp_path):
     """SIGTERM mid-training saves a checkpoint; --resume ends with bit-identical weights and metrics."""
     args = ["--method", "sam", "--max_steps", "24", "--seed", "3", *FAST, "--batch_size", "16"]
