@@ -10,8 +10,8 @@ command line.
 Scales: ``quick`` (a few minutes on a 2-core CPU; low-powered: a smoke test of the protocol, not evidence),
 ``cpu`` (a fair test that fits a 2-core CPU: the verdicts' pre-specified radii only; vision measured at 66
 one-core minutes for 3 seeds, 121 with the first three efficient variants (sam-every-k, looksam, ae-sam); with all
-six and 5 seeds about 4.5 one-core hours, estimated from those; text about 2 one-core hours, measured;
-segmentation about 5 one-core hours, measured) and ``gpu`` (the paper's grid, full data, PGD-10).
+six and 5 seeds about 4.5 one-core hours, estimated from those; text about 4 one-core hours, estimated (2
+measured with the earlier APGD-CE-25 evaluation); segmentation about 5 one-core hours, measured) and ``gpu`` (the paper's grid, full data, PGD-10).
 """
 
 from __future__ import annotations
@@ -133,23 +133,24 @@ PRESETS: dict[tuple[str, str], Preset] = {
         eval_attacks="pgd", low_powered=True),
     # Text on 2 CPU cores, one thread per run, two runs side by side (RESULTS.md section E, 2026-12-01): training
     # took ERM 293-333 s, SAM 1.8-2.0x, embedding PGD-AT 3.2-3.6x per seed. Attacks in embedding space cost a full
-    # forward and backward pass of the transformer per step (~3 s per 64 sentences on one thread), so the `apgd`
-    # suite at its 100 steps on 500 sentences takes about an hour per model on an idle core even with the
-    # cascade (measured on 50 sentences, extrapolated: bench/README.md, issue 23): the preset attacks 100 sentences
-    # with APGD-CE at 25 steps besides PGD-10 (154-241 s per model; RESULTS.md section C: APGD-DLR found nothing
-    # beyond APGD-CE on this binary task, and 25 steps already beat PGD-10 on ERM). No TextAttack and no
-    # gradient-masking diagnostics (both can be run later on the saved models with `samat evaluate`). The 9
-    # runs took 125 one-core minutes.
+    # forward and backward pass of the transformer per step, over the padded tokens of the sentences still
+    # attacked. With the evaluation batches grouped by length (1.16x the real tokens instead of 2.17x) and the
+    # cascade, the full `apgd` suite (PGD-10 + APGD-CE-100 + APGD-DLR-100) on 500 sentences costs about 15 one-core
+    # minutes per ERM model, measured on 100 sentences and extrapolated by padded tokens (bench/README.md, issue
+    # 23); a model that keeps more sentences robust costs in proportion (PGD-AT's robust share, RESULTS.md
+    # section E: ~1.3x, ~20 minutes). No TextAttack and no gradient-masking diagnostics (both can be run later on
+    # the saved models with `samat evaluate`). About 4 one-core hours for the 9 runs (estimated: 125 minutes were
+    # measured with APGD-CE-25 on 100 sentences, of which ~95 training).
     ("text", "cpu"): Preset(
-        summary="MiniLM, 2,000 sentences, 3 epochs, 100 test sentences, PGD-10 + APGD-CE (25 steps) at "
-                "embedding L2 0.02 and 0.05, no TextAttack; rho 0.05, L2 eps 0.02 (the verdicts' radii), 3 "
-                "seeds; about 2 one-core hours",
+        summary="MiniLM, 2,000 sentences, 3 epochs, 500 test sentences, the apgd suite (PGD-10 + APGD-CE + "
+                "APGD-DLR, 100 iterations) at embedding L2 0.02 and 0.05, no TextAttack; rho 0.05, L2 eps 0.02 "
+                "(the verdicts' radii), 3 seeds; about 4 one-core hours (estimated)",
         rho=("0.05",), train_eps=("0.02",), primary_rho="0.05", primary_eps="0.02",
         seeds=3,
-        run_flags=("--max_train_samples", "2000", "--max_eval_samples", "100", "--eval_apgd_steps", "25",
+        run_flags=("--max_train_samples", "2000", "--max_eval_samples", "500", "--eval_apgd_steps", "100",
                    "--eval_diagnostics", "false", "--textattack_recipes", "none", "--sharpness_examples", "0",
                    "--log_with", "none"),
-        eval_attacks="apgd-ce"),
+        eval_attacks="apgd"),
     ("text", "gpu"): Preset(
         summary="MiniLM, every sentence, 3 epochs, full test split, 500 TextAttack sentences; rho "
                 "0.05/0.1/0.2/0.5, L2 eps 0.005-0.04, 3 seeds",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import Sampler, Subset
 
 from .errors import UsageError
 
@@ -94,3 +94,44 @@ def dataset_labels(dataset: Any) -> Optional[torch.Tensor]:
                 return None  # a mask or a list per example: not one class per example
             return torch.as_tensor(list(values), dtype=torch.long)
     return None
+
+
+def example_lengths(dataset: Any) -> Optional[torch.Tensor]:
+    """Each example's length, ``(N,)`` int64 (e.g. tokens per sentence), when the dataset can tell it without
+    loading its inputs: a ``lengths()`` method (text's ``TokenizedText``), or a ``Subset`` of such a dataset;
+    ``None`` otherwise (fixed-size inputs such as images have nothing to group)."""
+    if isinstance(dataset, Subset):
+        inner = example_lengths(dataset.dataset)
+        return None if inner is None else inner[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    own = getattr(dataset, "lengths", None)
+    return torch.as_tensor(own(), dtype=torch.long) if callable(own) else None
+
+
+class LengthGroupedBatches(Sampler):
+    """A fixed batch sampler over positions ``0..N-1`` that puts examples of similar length in one batch, so
+    a padded batch carries few padding tokens (evaluation only: nothing is shuffled).
+
+    The positions are sorted by length (longest first, ties in position order) and cut into batches of
+    ``batch_size`` (the last one may be smaller, like ``BatchSampler(drop_last=False)``, which is what
+    Accelerate's ``BatchSamplerShard`` and ``gather_for_metrics`` assume). The batches are then put in a fixed
+    order drawn with ``seed``, so that the first batches (the masking diagnostics' subset) span lengths
+    instead of being all the longest. Every position is in exactly one batch; the order is the same on every
+    pass and in every process. ``lengths``: ``(N,)`` int."""
+
+    def __init__(self, lengths: torch.Tensor, batch_size: int, seed: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        lengths = torch.as_tensor(lengths, dtype=torch.long)
+        order = torch.sort(-lengths, stable=True).indices
+        batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+        full, last = (batches[:-1], batches[-1:]) if batches and len(batches[-1]) < batch_size else (batches, [])
+        shuffled = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed)).tolist()
+        self.batches = [full[i] for i in shuffled] + last  # the short batch stays last (see above)
+        self.batch_size = batch_size
+        self.drop_last = False
+
+    def __iter__(self):
+        return iter([list(batch) for batch in self.batches])
+
+    def __len__(self) -> int:
+        return len(self.batches)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .attacks import eval_mode
 from .diagnostics import full_set_gaps, masking_diagnostics
-from .suites import DONE_BELOW, Planned, Suite, plan, score_fn, worse
+from .suites import DONE_BELOW, Planned, Suite, plan, score_fn, suite_notes, worse
 from .task import AttackSpec, Task
 
 logger = get_logger("samat")
@@ -334,7 +334,8 @@ def evaluate_all(model: nn.Module, task: Task, dataloader, accelerator: Any, att
     if "labels" in rec.sums.sums:
         out["majority_baseline"] = majority_baseline(rec.sums.sums["labels"])
     if suite is not None:
-        out["suite"] = {**suite.describe(), "members": members}
+        notes = suite_notes(suite, len(predicted))
+        out["suite"] = {**suite.describe(), "members": members, **({"notes": notes} if notes else {})}
         if suite.diagnostics and planned:
             gaps = full_set_gaps(robust, planned, _count_metric(clean), cascade=suite.cascade)
             with eval_mode(model), _precision(accelerator, precision):

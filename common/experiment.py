@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import RESULTS_FILE, TrainState, load_newest_readable, prepare_output_dir, save_checkpoint
 from .config import EvalArgs, RunArgs
-from .data import dataset_labels, eval_subset, train_subset
+from .data import LengthGroupedBatches, dataset_labels, eval_subset, example_lengths, train_subset
 from .cost import PassCounter
 from .evaluate import evaluate_all
 from .guard import DivergenceGuard, label_prior
@@ -201,9 +201,22 @@ def _task_data(run: RunArgs, task: Task, accelerator: Any) -> tuple[Task, TaskDa
     with accelerator.main_process_first():
         data = task.build(run, accelerator)
     eval_set = eval_subset(data.eval_dataset, run)
-    eval_loader = DataLoader(eval_set, batch_size=run.eval_batch_size, shuffle=False,
-                             collate_fn=data.collate_fn, num_workers=run.num_workers)
-    return data.task or task, data, eval_set, eval_loader
+    return data.task or task, data, eval_set, make_eval_loader(eval_set, run, data.collate_fn)
+
+
+def make_eval_loader(eval_set: Any, run: RunArgs, collate_fn: Any) -> DataLoader:
+    """The evaluation loader (clean pass, attacks, masking diagnostics). When the set can tell each example's
+    length (:func:`common.data.example_lengths`, e.g. text), examples of similar length share a batch
+    (:class:`common.data.LengthGroupedBatches`): the same examples, each evaluated once, and the same metric
+    sums, with far less padding for the attacks to push through the model. What changes is which examples
+    share a batch, hence each example's random attack start (drawn per batch) and the diagnostics' first
+    examples. The sharpness probe and the task's own evaluation (TextAttack) read ``eval_set``, not this."""
+    lengths = example_lengths(eval_set)
+    if lengths is None:
+        return DataLoader(eval_set, batch_size=run.eval_batch_size, shuffle=False, collate_fn=collate_fn,
+                          num_workers=run.num_workers)
+    return DataLoader(eval_set, batch_sampler=LengthGroupedBatches(lengths, run.eval_batch_size, run.seed + 1),
+                      collate_fn=collate_fn, num_workers=run.num_workers)
 
 
 def build_for_evaluation(run: RunArgs, task: Task, accelerator: Any) -> Evaluable:

@@ -86,6 +86,23 @@ class Suite:
                 "apgd_steps": self.apgd_steps, "diagnostics": self.diagnostics, "cascade": self.cascade}
 
 
+def suite_notes(suite: Suite, classes: int) -> list[str]:
+    """What the suite record must say about how its members ran on a ``classes``-class model.
+
+    APGD-DLR on 2 classes: DLR divides the margin by ``z_pi1 - z_pi3``, which needs a third logit, so
+    :func:`common.attack_losses.dlr_loss` falls back to the CW margin ``m = z_other - z_y``. On 2 classes CE is
+    ``softplus(m)``, an increasing function of ``m``: every comparison APGD makes (best iterate, step-size
+    halving) and the direction of every normalised or sign step are the same, so APGD-DLR here is APGD-CE
+    from another random start (a second restart), not a second objective. It stays in the suite (dropping it
+    would drop that restart and could change the worst case); the record says what it was."""
+    notes = []
+    if classes == 2 and any(a.loss == "dlr" for a in suite.attacks):
+        notes.append("apgd-dlr: DLR is undefined for 2 classes (it needs a third-largest logit); it ran the CW "
+                     "margin, a monotone transform of CE's margin (CE = softplus(margin)), so it is APGD-CE from "
+                     "another random start (a restart), not a second objective")
+    return notes
+
+
 def library_capable(task: Task) -> bool:
     """Can ``pyautoattack`` attack this task? Only pixel-space, one-label-per-image classifiers."""
     return bool(task.pixel_space) and task.headline_metric == "accuracy"

@@ -141,3 +141,38 @@ def test_apgd_suite_on_segmentation_keeps_the_fewest_correct_pixels(accelerator)
     assert all(suite_acc <= robust[k]["8/255"]["pixel_accuracy"] for k in robust)
     assert all(c["passed"] for c in out["sanity"]["checks"] if "suite" in c["name"]), out["sanity"]
     assert "black_box_vs_white_box" not in {c["name"] for c in out["diagnostics"]["checks"]}
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_the_suite_record_says_when_apgd_dlr_ran_as_a_restart_of_apgd_ce(accelerator, classes):
+    """On 2 classes DLR has no third logit: the record says its CW fallback is APGD-CE's objective up to a
+    monotone transform, and the member still runs (its entry is there)."""
+    model, task = tiny_mlp(classes=classes), vision_task()
+    suite = Suite("apgd", resolve_suite(task, EvalArgs(eval_attacks=["apgd"])).attacks, apgd_steps=3,
+                  diagnostics=False)
+    torch.manual_seed(0)
+    out = evaluate_all(model, task, _loader(classes=classes), accelerator, _specs(), steps=2, suite=suite,
+                       attack_collapsed=True)  # the tiny binary model may predict one class
+    assert "apgd-dlr-linf" in out["metrics"]["robust"]
+    notes = out["suite"].get("notes", [])
+    assert (len(notes) == 1 and "apgd-dlr" in notes[0] and "monotone" in notes[0]) if classes == 2 else not notes
+
+
+def test_apgd_dlr_on_two_classes_retraces_apgd_ce_from_the_same_start():
+    """The evidence behind the note: on a binary model, APGD on the DLR fallback and APGD on CE from one
+    random start reach the same worst points (CE = softplus(CW margin); APGD only compares losses and
+    normalises its steps)."""
+    from samat.common.suites import ATTACKS
+
+    model, task, batch = tiny_mlp(classes=2), vision_task(), image_batch(n=12, classes=2, seed=3)
+    suite = resolve_suite(task, EvalArgs(eval_attacks=["apgd"], eval_apgd_steps=10))
+    for norm, eps in (("linf", 8 / 255), ("l2", 0.5)):
+        planned = plan([AttackSpec(f"pgd-{norm}", norm, [("e", eps)], _ce)], suite, steps=2)
+        runs = {p.key: p for p in planned}
+        deltas = {}
+        with eval_mode(model):
+            for name in ("apgd-ce", "apgd-dlr"):
+                torch.manual_seed(5)
+                deltas[name] = runs[f"{name}-{norm}"].run(model, task, batch, eps).delta
+        assert ATTACKS["apgd-dlr"].loss == "dlr"
+        assert torch.allclose(deltas["apgd-ce"], deltas["apgd-dlr"], atol=1e-5), norm

@@ -102,3 +102,16 @@ def test_each_presets_at_run_trains_end_to_end(run_py, tmp_path, task, scale):
     assert results["cost"]["forward_passes"] == 2 * (steps + 1)  # PGD-K AT: K + 1 passes per step
     assert results["config"]["eval"]["eval_attacks"] == preset.eval_attacks.split()
     assert results["suite"]["name"] == "+".join(preset.eval_attacks.split())
+
+
+def test_text_cpu_preset_runs_the_full_apgd_suite_on_500_sentences(run_py, tmp_path):
+    """Issue 23: with length-grouped evaluation batches the text `apgd` suite at 100 iterations on 500
+    sentences fits about 15 one-core minutes per model (bench/README.md), so the cpu preset runs it again
+    instead of APGD-CE at 25 iterations on 100 sentences."""
+    _, jobs = _jobs("text", "cpu", tmp_path)
+    assert jobs
+    for job in jobs:
+        resolved, _ = run_py.resolve(job.args)
+        evals = resolved.evals
+        assert list(evals.eval_attacks) == ["apgd"] and evals.eval_apgd_steps == 100, job.name
+        assert resolved.run.max_eval_samples == 500, job.name

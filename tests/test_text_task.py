@@ -199,3 +199,44 @@ def test_tensor_batches_are_the_arrow_rows_padded_by_transformers(folders, data)
                 assert torch.equal(got[key], want[key]), (side, key)
     assert torch.equal(td.train_dataset.labels(), torch.tensor(td.train_dataset.data["labels"]))
     assert torch.equal(subset[2]["input_ids"], td.train_dataset[9]["input_ids"])
+
+
+def test_length_grouped_eval_loader_evaluates_every_sentence_once_with_less_padding(folders, accelerator):
+    """The evaluation loader groups sentences by length: the same clean metrics as plain batches in dataset
+    order, every example once, fewer padded tokens; and Accelerate's sharding over 2 processes, with
+    gather_for_metrics's cut of the last step, hands back exactly the batches of one process."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import DataLoader
+
+    from samat.common.data import LengthGroupedBatches, example_lengths
+    from samat.common.evaluate import evaluate_all
+    from samat.common.experiment import make_eval_loader
+
+    task, td = build(folders)
+    dataset, size = td.train_dataset, 5
+    lengths = example_lengths(dataset)
+    assert lengths.tolist() == [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    grouped = make_eval_loader(dataset, run_args(eval_batch_size=size, seed=0), td.collate_fn)
+    plain = DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=td.collate_fn)
+    assert isinstance(grouped.batch_sampler, LengthGroupedBatches)
+    batches = list(grouped.batch_sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(dataset)))
+    assert [len(b) for b in batches] == [size] * (len(dataset) // size) + [len(dataset) % size]
+    assert batches == list(grouped.batch_sampler)  # fixed: the same on every pass
+
+    def padded(loader):
+        return sum(b["input_ids"].numel() for b in loader)
+
+    real = int(lengths.sum())
+    assert sum(int(b["attention_mask"].sum()) for b in grouped) == real
+    assert real <= padded(grouped) < padded(plain)
+    metrics = []
+    for loader in (plain, grouped):
+        out = evaluate_all(td.model, task, accelerator.prepare(loader), accelerator, [], steps=1)
+        metrics.append((out["metrics"]["clean"], out["predicted_class_counts"]))
+    assert metrics[0] == metrics[1] and metrics[0][0]["examples"] == len(dataset)
+
+    shards = [list(BatchSamplerShard(grouped.batch_sampler, 2, rank)) for rank in (0, 1)]
+    gathered = [i for step in zip(*shards) for batch in step for i in batch]
+    remainder = len(dataset) % (2 * size)
+    assert gathered[:len(gathered) - 2 * size + remainder] == [i for b in batches for i in b]

@@ -243,6 +243,11 @@ class TokenizedText(torch.utils.data.Dataset):
         """``(N,)`` int64 class labels."""
         return self._columns()[2]
 
+    def lengths(self) -> torch.Tensor:
+        """``(N,)`` int64 tokens per example (before padding; the evaluation loader groups by it)."""
+        offsets = self._columns()[1]
+        return offsets[1:] - offsets[:-1]
+
     def _columns(self) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Flat tokens per column, ``(N + 1,)`` offsets (example ``i`` is ``[offsets[i], offsets[i + 1])``) and
         the labels, read once from one Arrow table (any ``select`` applied)."""
