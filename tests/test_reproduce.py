@@ -42,7 +42,7 @@ def _print(reproduce, capsys, *argv: str) -> list[list[str]]:
     ("vision", "gpu", 3 * (1 + 4 + 4), "10", "apgd"),
     ("text", "quick", 3 * 3, None, "pgd"),
     ("segmentation", "cpu", 3 * (1 + 1 + 1), None, "pgd"),
-    ("text", "cpu", 3 * (1 + 1 + 1), None, "apgd-ce"),
+    ("text", "cpu", 3 * (1 + 1 + 1), None, "apgd"),
     ("text", "gpu", 3 * (1 + 4 + 4), None, "apgd"),
     ("segmentation", "quick", 3 * (1 + 1 + 1), "2", "pgd"),
     ("segmentation", "gpu", 3 * (1 + 4 + 4), None, "apgd"),
