@@ -1,7 +1,8 @@
 """One run from flags to results.json: :func:`run_experiment` and its named steps (validate, claim the output
 folder, build, train, save, evaluate, write). The optimizer-step loop itself is ``samat.common.loop``.
 
-Precision and process count come from ``accelerate launch`` / ``accelerate config``. Resuming is exact on CPU with a fixed seed: model, optimizer (momentum / Adam moments), scheduler, RNG states
+Precision and process count come from ``accelerate launch`` / ``accelerate config``. Resuming is exact on CPU
+with a fixed seed: model, optimizer (momentum / Adam moments), scheduler, RNG states
 and the data sampler are restored by ``accelerator.load_state``; the loop skips the batches already consumed
 in the current epoch with ``skip_first_batches`` (the seeded sampler reproduces the epoch's order), and the
 DataLoader has its own generator so creating an iterator never draws from the global RNG.
@@ -24,22 +25,22 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import RESULTS_FILE, TrainState, load_newest_readable, prepare_output_dir, save_checkpoint
 from .config import EvalArgs, RunArgs
-from .data import LengthGroupedBatches, dataset_labels, eval_subset, example_lengths, train_subset
 from .cost import PassCounter
+from .data import LengthGroupedBatches, dataset_labels, eval_subset, example_lengths, train_subset
 from .evaluate import evaluate_all
 from .guard import DivergenceGuard, label_prior
 from .guard import check_steps as guard_check_steps
+from .loop import make_optimizer, make_scheduler, train
 from .methods import StepContext
 from .model_io import publish
-from .results import Cost, RunResults, baseline_columns, versions
-from .sharpness import measure_sharpness
 from .registry import UPDATE_RULES
-from .step import fp32_forward
 from .resolve import ResolvedRun
+from .results import Cost, RunResults, baseline_columns, versions
 from .saf import IndexedDataset, extra_memory, indexed_collate
+from .sharpness import measure_sharpness
+from .step import fp32_forward
 from .suites import Suite, resolve_suite
 from .task import AttackSpec, Task, TaskData
-from .loop import make_optimizer, make_scheduler, train
 
 logger = get_logger("samat")
 
