@@ -68,9 +68,9 @@ def load_run_model(run_dir: str | Path) -> tuple[Task, nn.Module, dict]:
 
     Returns ``(task, model, info)``: the task object with the run's task flags, the model on CPU in eval mode
     (vision and segmentation: pixels ``(B, C, H, W)`` in ``[0, 1]`` -> logits, normalisation inside; text: a
-    transformers sequence classifier, its tokenizer in ``task.tokenizer``), and ``info`` with the run's
-    ``task``, ``method``, ``method_resolved``, ``data`` (classes, dataset, input size) and ``results`` (the
-    :class:`RunResults`).
+    transformers sequence classifier, whose tokenizer loads with ``AutoTokenizer.from_pretrained(<run>/model)``),
+    and ``info`` with the run's ``task``, ``method``, ``method_resolved``, ``data`` (classes, dataset, input
+    size) and ``results`` (the :class:`RunResults`).
     """
     results = finished_run(run_dir)
     task = task_from_record(results)
