@@ -21,7 +21,7 @@ from typing import Optional
 
 from .errors import UsageError
 from .recipe import NORMS, OPTIMIZERS, SCHEDULERS, TaskDefaults, check_choice
-from .registry import METHODS, TASKS, task_recipe
+from .registry import METHODS, TASKS, UPDATE_RULES, task_recipe
 
 SAM_SYNC = ("local", "global")
 
@@ -29,6 +29,18 @@ SAM_SYNC = ("local", "global")
 def _per_task(describe) -> str:
     """``"vision: x; text: y; ..."`` from each task's recipe (help texts read the recipes, never a copy)."""
     return "; ".join(f"{name}: {describe(task_recipe(name).defaults)}" for name in TASKS)
+def _rule_default(flag: str) -> str:
+    """The papers' default of a method flag from ``UPDATE_RULES`` (help texts read the registry, never a copy):
+    ``"5"`` when every rule that sets it agrees, else ``"0.05 for sam, ...; 0.5 for asam"`` grouped by value."""
+    by_value: dict = {}
+    for name, rule in UPDATE_RULES.items():
+        if flag in rule.defaults:
+            by_value.setdefault(rule.defaults[flag], []).append(name)
+    if len(by_value) == 1:
+        return f"{next(iter(by_value)):g}"
+    return "; ".join(f"{value:g} for {', '.join(names)}" for value, names in by_value.items())
+
+
 MAX_RHO = 10.0  # SAM's radius bound (the paper uses 0.05-0.5); the sweep checks its grid against it
 
 
@@ -146,7 +158,7 @@ class RunArgs:
 @dataclass
 class MethodArgs:
     rho: Optional[float] = field(
-        default=None, metadata={"help": "SAM/ASAM neighbourhood radius (default 0.05 for sam, 0.5 for asam)."}
+        default=None, metadata={"help": "SAM/ASAM neighbourhood radius (default " + _rule_default("rho") + "; their -at forms alike)."}
     )
     asam_eta: float = field(default=0.01, metadata={"help": "ASAM's eta: |w| + eta scales the ball."})
     sam_sync: Optional[str] = field(
@@ -178,65 +190,67 @@ class MethodArgs:
     sam_interval: Optional[int] = field(
         default=None,
         metadata={"help": "sam-every-k, looksam (and -at): k, a full SAM step on every k-th optimizer step, the "
-                  "first included; 1 is SAM (default 5, LookSAM's k, Liu et al. 2022)."},
+                  "first included; 1 is SAM (default " + _rule_default("sam_interval") + ", LookSAM's k, Liu et al. 2022)."},
     )
     looksam_alpha: Optional[float] = field(
         default=None,
         metadata={"help": "looksam: weight alpha of the reused orthogonal SAM-gradient component between SAM "
-                  "steps; 0 is sam-every-k (default 0.7, Liu et al. 2022)."},
+                  "steps; 0 is sam-every-k (default " + _rule_default("looksam_alpha") + ", Liu et al. 2022)."},
     )
     aesam_delta: Optional[float] = field(
         default=None,
         metadata={"help": "ae-sam: decay in [0, 1) of the EMA mean and variance of the squared gradient norm "
-                  "(default 0.9, Jiang et al. 2023)."},
+                  "(default " + _rule_default("aesam_delta") + ", Jiang et al. 2023)."},
     )
     aesam_c_start: Optional[float] = field(
         default=None,
         metadata={"help": "ae-sam: c at the first step; SAM when ||g||^2 >= mean + c*std, c moving linearly to "
-                  "--aesam_c_end (default 1, Jiang et al. 2023; -inf for both is SAM, inf is ERM)."},
+                  "--aesam_c_end (default " + _rule_default("aesam_c_start") + ", Jiang et al. 2023; -inf for both is SAM, "
+                  "inf is ERM)."},
     )
     aesam_c_end: Optional[float] = field(
         default=None,
-        metadata={"help": "ae-sam: c at the last step. Default -0.5, samat's budget schedule: about 0.28 of the "
-                  "steps are SAM steps on the vision cpu protocol, under 1.4x ERM's passes; -1 is the paper's "
-                  "(Jiang et al. 2023), about half SAM steps, 1.47x ERM's passes there."},
+        metadata={"help": "ae-sam: c at the last step. Default " + _rule_default("aesam_c_end") + ", samat's budget "
+                  "schedule, fewer SAM steps than the paper's -1 (Jiang et al. 2023: about half the steps); "
+                  "RESULTS.md section B has the measured shares and costs."},
     )
     esam_beta: Optional[float] = field(
         default=None,
         metadata={"help": "esam (and -at): SWP's keep probability beta in (0, 1]: each parameter tensor is "
-                  "perturbed with probability beta, by e/beta; 1 perturbs all, as SAM (default 0.6, Du et al. "
-                  "2022)."},
+                  "perturbed with probability beta, by e/beta; 1 perturbs all, as SAM (default "
+                  + _rule_default("esam_beta") + ", Du et al. 2022)."},
     )
     esam_gamma: Optional[float] = field(
         default=None,
         metadata={"help": "esam (and -at): SDS's share gamma in (0, 1] of each batch the second pass runs on: the "
-                  "examples whose loss rises most at w + e; 1 is the whole batch, as SAM (default 0.5, Du et al. "
-                  "2022)."},
+                  "examples whose loss rises most at w + e; 1 is the whole batch, as SAM (default "
+                  + _rule_default("esam_gamma") + ", Du et al. 2022)."},
     )
     traj_lambda: Optional[float] = field(
         default=None,
         metadata={"help": "saf, mesa (and -at): weight lambda of the trajectory loss lambda*tau^2*KL(reference || "
-                  "current) (default saf 0.3, mesa 0.8: the authors' ImageNet runs, Du et al. 2022)."},
+                  "current) (default " + _rule_default("traj_lambda") + ": the authors' ImageNet runs, Du et al. 2022)."},
     )
     traj_temperature: Optional[float] = field(
         default=None,
-        metadata={"help": "saf, mesa: softmax temperature tau of both outputs in the trajectory loss (default 5, "
-                  "Du et al. 2022)."},
+        metadata={"help": "saf, mesa: softmax temperature tau of both outputs in the trajectory loss (default "
+                  + _rule_default("traj_temperature") + ", Du et al. 2022)."},
     )
     traj_start_epoch: Optional[int] = field(
         default=None,
         metadata={"help": "saf, mesa: the trajectory loss is on from this (0-based) epoch on, E_start (default "
-                  "5, Du et al. 2022); 0: from the first step."},
+                  + _rule_default("traj_start_epoch") + ", Du et al. 2022); 0: from the first step."},
     )
     saf_delay_epochs: Optional[int] = field(
         default=None,
         metadata={"help": "saf: the reference outputs of an example are the model's own from this many epochs "
-                  "(visits of the example) ago, E-tilde >= 1 (default 3, Du et al. 2022)."},
+                  "(visits of the example) ago, E-tilde >= 1 (default " + _rule_default("saf_delay_epochs")
+                  + ", Du et al. 2022)."},
     )
     mesa_decay: Optional[float] = field(
         default=None,
         metadata={"help": "mesa: decay in [0, 1) of the EMA model that gives the reference outputs, updated "
-                  "every optimizer step (default 0.9998, the authors' code)."},
+                  "every optimizer step (default " + _rule_default("mesa_decay") + ", the authors' code)."},
     )
     at_clean_weight: Optional[float] = field(
         default=None,

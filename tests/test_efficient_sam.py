@@ -393,3 +393,16 @@ def test_defaults_flags_and_bad_values():
     validate(RunArgs(), MethodArgs(aesam_c_start=-math.inf, aesam_c_end=-math.inf), EvalArgs())
     for name in ("sam-every-k", "looksam", "ae-sam", "esam"):  # the reference is in the --help summary
         assert "et al." in METHODS[name].summary and METHODS[name + "-at"].objective == "pgd"
+
+
+def test_method_flag_help_states_the_registry_default():
+    """Each method flag's --help names the default the registry holds (UPDATE_RULES[...].defaults), so the two
+    cannot drift: a changed registry value shows up in --help, and a flag whose help has no default fails."""
+    from dataclasses import fields
+
+    from samat.common.registry import UPDATE_RULES
+
+    helps = {f.name: f.metadata["help"] for f in fields(MethodArgs)}
+    for rule in UPDATE_RULES.values():
+        for flag, value in rule.defaults.items():
+            assert f"{value:g}" in helps[flag].split("efault", 1)[1], (flag, value, helps[flag])
