@@ -10,7 +10,9 @@ time does not depend on the pixel values, but AE-SAM's choice of SAM steps depen
 single repeated batch would drive to zero). Forward and backward passes per timed step are counted exactly
 with ``common.cost.PassCounter``, as calls and in examples (per batch: ESAM's passes at ``w + e`` see part of
 it); the efficient SAM variants run at their defaults (k = 5, alpha 0.7; AE-SAM's threshold schedule spans the
-whole benchmark; ESAM beta 0.6, gamma 0.5). Methods are interleaved in rounds so that clock drift and thermal state hit all alike;
+whole benchmark; ESAM beta 0.6, gamma 0.5; SAF and MESA with their trajectory loss on from the first timed
+step, SAF after enough untimed epochs of the ``--num_batches`` batches to hold each example's past outputs).
+Methods are interleaved in rounds so that clock drift and thermal state hit all alike;
 the median over rounds is reported. A plain hand-written SAM loop (per-tensor ops, as davda54/sam) is timed
 as a reference point. Writes ``--out`` (JSON) and prints a table.
 
@@ -41,6 +43,8 @@ from samat.common.cost import PassCounter  # noqa: E402
 from samat.common.efficient_sam import update_state  # noqa: E402
 from samat.common.errors import UsageError  # noqa: E402
 from samat.common.methods import METHODS, ResolvedMethod, StepContext, train_step  # noqa: E402
+from samat.common.registry import UPDATE_RULES  # noqa: E402
+from samat.common.saf import extra_memory  # noqa: E402
 from samat.common.files import write_json_atomic  # noqa: E402
 from samat.common.loop import make_optimizer  # noqa: E402
 from samat.common.results import versions  # noqa: E402
@@ -313,11 +317,20 @@ def main() -> None:
     accelerator = Accelerator()
     device = accelerator.device
     task = VisionTask(VisionArgs())
+    # each example's dataset index (SAF keeps its past outputs by it): the batches are one "epoch" of
+    # num_batches * batch_size distinct examples, visited in turn
     batches = [{"pixel_values": torch.rand(args.batch_size, args.channels, args.image_size, args.image_size,
                                            device=device),
-                "labels": torch.randint(0, 10, (args.batch_size,), device=device)} for _ in range(args.num_batches)]
+                "labels": torch.randint(0, 10, (args.batch_size,), device=device),
+                "sample_index": torch.arange(i * args.batch_size, (i + 1) * args.batch_size, device=device)}
+               for i in range(args.num_batches)]
     batch = batches[0]
-    total_steps = args.warmup + args.rounds * args.steps
+    # SAF and MESA time their steady state: the trajectory loss on from the first step, and enough untimed
+    # epochs first for SAF to hold each example's outputs from saf_delay_epochs epochs ago
+    warmup = args.warmup
+    if any(METHODS[m].update == "saf" for m in args.methods):
+        warmup = max(warmup, UPDATE_RULES["saf"].defaults["saf_delay_epochs"] * args.num_batches + 1)
+    total_steps = warmup + args.rounds * args.steps
 
     runners, counters, contexts = {}, {}, {}
     for name in args.methods:
@@ -325,9 +338,11 @@ def main() -> None:
         model, _ = build_model(args.model, 10, args.channels)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         model, optimizer = accelerator.prepare(model, optimizer)
-        method = ResolvedMethod(METHODS[name], rho=0.05, eps=8 / 255, alpha=2 / 255, steps=10)
+        rule = UPDATE_RULES[METHODS[name].update]
+        method = ResolvedMethod(METHODS[name], rho=0.05, eps=8 / 255, alpha=2 / 255, steps=10,
+                                traj_lambda=rule.defaults.get("traj_lambda", 0.0), traj_start_epoch=0)
         ctx = StepContext(accelerator=accelerator, model=model, optimizer=optimizer, task=task, method=method,
-                          total_steps=total_steps)
+                          total_steps=total_steps, steps_per_epoch=args.num_batches)
         counters[name], contexts[name] = PassCounter(model), ctx
         runners[name] = lambda ctx=ctx, it=iter(range(10 ** 9)): train_step(ctx, [batches[next(it) % len(batches)]])
     if not args.no_handwritten:
@@ -342,7 +357,7 @@ def main() -> None:
             torch.cuda.synchronize()
 
     for run in runners.values():
-        for _ in range(args.warmup):
+        for _ in range(warmup):
             run()
     passes_before = {name: (c.forward_passes, c.backward_passes) for name, c in counters.items()}
     examples_before = {name: (c.forward_examples, c.backward_examples) for name, c in counters.items()}
@@ -384,7 +399,11 @@ def main() -> None:
                                  "examples_per_step": {n: {"forward": f, "backward": b}
                                                        for n, (f, b) in examples.items()},
                                  "passes_per_step": {n: {"forward": f, "backward": b} for n, (f, b) in passes.items()},
-                                 "sam_step_share": sam_share, "versions": versions()})
+                                 "sam_step_share": sam_share,
+                                 "extra_memory": {n: extra_memory(ctx.optimizer, ctx.method.method.update)
+                                                  for n, ctx in contexts.items()
+                                                  if ctx.method.method.update in ("saf", "mesa")},
+                                 "versions": versions()})
 
 
 if __name__ == "__main__":

@@ -37,9 +37,9 @@ that of the kept tensors' gradient, and the descent gradient is the mean loss of
 samat differs: it selects exactly ``max(1, floor(gamma * B))`` examples per micro-batch (their strict ``>`` of
 the k-th largest keeps one fewer), skips the ranking forward at gamma = 1 (they run it and keep all), and draws
 this step's mask at this step (theirs is drawn at the end of the previous one, all tensors kept on the first),
-from a generator seeded by the optimizer state, so ``--resume`` draws the same masks. The first backward computes
-every tensor's gradient and the mask drops some afterwards: the same step as the authors', without their saving
-of the dropped tensors' weight gradients (which the pass counts do not measure).
+from a generator seeded by the optimizer state, so ``--resume`` draws the same masks. Like theirs, the first
+backward computes no weight gradient for the dropped tensors (in one process; under DDP it computes them and
+drops them after), a saving that the pass counts, whole passes in examples, do not show.
 
 Multi-process: ``sam-every-k`` takes plain SAM steps (``--sam_sync`` as for ``sam``); its schedule is the step
 counter in the optimizer state, the same on every process (all step together, and resume restores it).
@@ -197,12 +197,17 @@ def sds_select(increase: Tensor, gamma: float) -> Tensor:
     return torch.topk(increase.float(), k, sorted=False).indices.sort().values
 
 
+# ESAM's pass 1 leaves the dropped tensors out of autograd (no weight gradient computed for them); False computes
+# every gradient and drops the masked ones afterwards, the same step (a switch for the equality test).
+SKIP_DROPPED_GRADS = True
+
+
 def swp_keep(optimizer: Any, state: dict, beta: float) -> list[bool]:
-    """SWP: for each parameter with a gradient (``param_groups`` order), whether its tensor is perturbed this
-    step, each kept with probability ``beta``. Drawn from a generator seeded by the run's torch seed (kept in
-    ``state``) and the step counter: a resumed run draws the same masks, and the draw reads no tensor (no
-    device sync) and leaves torch's random streams alone."""
-    n = sum(p.grad is not None for group in optimizer.param_groups for p in group["params"])
+    """SWP: for each trainable parameter (``requires_grad``, ``param_groups`` order), whether its tensor is
+    perturbed this step, each kept with probability ``beta``. Drawn from a generator seeded by the run's torch
+    seed (kept in ``state``) and the step counter: a resumed run draws the same masks, and the draw reads no
+    tensor (no device sync) and leaves torch's random streams alone."""
+    n = sum(p.requires_grad for group in optimizer.param_groups for p in group["params"])
     if beta >= 1:
         return [True] * n
     seed = state.setdefault("esam_seed", torch.initial_seed())
@@ -238,23 +243,33 @@ def esam_update(ctx: StepContext, objective: Objective, micro_batches: list[dict
         raise UsageError("esam: the training objective gives no per-example loss (example_losses) to select "
                          "examples by; use --esam_gamma 1 (stochastic weight perturbation only)")
     prepared = [objective.prepare(ctx, b) for b in micro_batches]
-    # Pass 1 at w: the ascent gradient (local unless --sam_sync global), and with SDS each example's loss.
-    before, total = [], None
-    for i, (batch, prep) in enumerate(zip(micro_batches, prepared)):
-        with sync_context(ctx, m.sam_sync == "global" and i == k - 1):
-            if select:
-                losses = objective.example_losses(ctx, batch, prep)
-                before.append(losses.detach().float())
-                loss = losses.mean() / k
-            else:
-                loss = objective.loss(ctx, batch, prep) / k
-            ctx.accelerator.backward(loss)
-        total = loss.detach().float() if total is None else total + loss.detach().float()
-    # SWP: the dropped tensors lose their gradient, so the ascent (norm included) is over the kept ones only.
-    params = [p for group in ctx.optimizer.param_groups for p in group["params"] if p.grad is not None]
-    for p, keep in zip(params, swp_keep(ctx.optimizer, state, m.esam_beta)):
-        if not keep:
-            p.grad = None
+    # SWP: the ascent (norm included) is over the kept tensors only. The dropped ones are switched out of
+    # autograd for pass 1, as in the authors' code, so their weight gradients are never computed (the step is
+    # the same; tests/test_esam.py). Only in one process: DDP's reducer expects every parameter's gradient.
+    trainable = [p for group in ctx.optimizer.param_groups for p in group["params"] if p.requires_grad]
+    keep = swp_keep(ctx.optimizer, state, m.esam_beta)
+    dropped = [p for p, kept in zip(trainable, keep) if not kept]
+    switched = dropped if SKIP_DROPPED_GRADS and any(keep) and ctx.accelerator.num_processes == 1 else []
+    for p in switched:
+        p.requires_grad_(False)
+    try:
+        # Pass 1 at w: the ascent gradient (local unless --sam_sync global), and with SDS each example's loss.
+        before, total = [], None
+        for i, (batch, prep) in enumerate(zip(micro_batches, prepared)):
+            with sync_context(ctx, m.sam_sync == "global" and i == k - 1):
+                if select:
+                    losses = objective.example_losses(ctx, batch, prep)
+                    before.append(losses.detach().float())
+                    loss = losses.mean() / k
+                else:
+                    loss = objective.loss(ctx, batch, prep) / k
+                ctx.accelerator.backward(loss)
+            total = loss.detach().float() if total is None else total + loss.detach().float()
+    finally:
+        for p in switched:
+            p.requires_grad_(True)
+    for p in dropped:
+        p.grad = None
     second = _SelectedExamples(objective, m.esam_gamma) if select else objective
     second_prepared = list(zip(prepared, before)) if select else prepared
     if not regrad_at_ascent_point(ctx, second, micro_batches, second_prepared,

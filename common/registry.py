@@ -95,8 +95,8 @@ UPDATE_RULES: dict[str, UpdateRule] = {u.name: u for u in [
     # random subset of the parameter tensors (SWP) and whose second pass runs on only the examples whose loss
     # rises most at w + e (SDS). Passes: forward (2 + gamma) x B examples (the extra one a no-grad forward at
     # w + e to rank the examples), backward (1 + gamma) x B; gamma = 1 is SAM's 2 and 2 (no ranking forward).
-    # SWP saves no pass: in the authors' code it skips the first backward's weight gradients of the dropped
-    # tensors, a saving that samat's whole-pass counts do not see and its implementation does not take.
+    # SWP saves no whole pass: like the authors' code, samat skips the first backward's weight gradients of the
+    # dropped tensors (in one process), a saving that the whole-pass counts do not see (bench/ times it).
     UpdateRule("esam", "ESAM: SAM with stochastic weight perturbation (each parameter tensor kept w.p. beta, e "
                "scaled 1/beta) and the second pass on the gamma share of examples whose loss rises most (Du et "
                "al. 2022, ICLR)", _SAM | {"esam_beta", "esam_gamma"},

@@ -53,6 +53,36 @@ def test_defaults_make_esam_differ_from_sam(accelerator):
     assert not all(torch.equal(p, q) for p, q in zip(runs["esam"].parameters(), runs["sam"].parameters()))
 
 
+def test_dropped_tensors_get_no_weight_gradient_and_the_step_is_unchanged(accelerator, monkeypatch):
+    """SWP's saving, as in the authors' code: the dropped tensors are out of autograd in pass 1, so their weight
+    gradients are never computed (a gradient hook on every parameter counts the kept ones, then all of them in
+    pass 2), and five steps end at the same weights, to the last bit, as computing every gradient and dropping
+    the masked ones afterwards."""
+    import samat.common.efficient_sam as esam_module
+
+    weights, calls = {}, {}
+    for skip in (True, False):
+        monkeypatch.setattr(esam_module, "SKIP_DROPPED_GRADS", skip)
+        torch.manual_seed(0)
+        model = tiny_cnn()
+        count = [0]
+        for p in model.parameters():
+            p.register_hook(lambda g: count.__setitem__(0, count[0] + 1))
+        ctx = context(accelerator, model, resolved("esam", rho=0.1, esam_beta=0.5, esam_gamma=0.5), lr=0.2,
+                      momentum=0.9)
+        expected, n = 0, len(list(model.parameters()))
+        for i, b in enumerate(_batches(5)):
+            state = update_state(ctx.optimizer)
+            keep = swp_keep(ctx.optimizer, {**state, "step": state.get("step", 0)}, 0.5)
+            expected += (sum(keep) if skip else n) + n
+            assert not train_step(ctx, b).skipped
+        weights[skip], calls[skip] = [t.detach().clone() for t in model.state_dict().values()], count[0]
+        assert count[0] == expected
+        assert all(p.requires_grad for p in model.parameters())
+    assert calls[True] < calls[False]
+    assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False]))
+
+
 def test_sds_select_keeps_the_largest_increases():
     increase = torch.tensor([0.1, 0.5, -1.0, 0.3, 0.2])
     assert sds_select(increase, 0.4).tolist() == [1, 3]  # floor(0.4 * 5) = 2, in batch order
