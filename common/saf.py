@@ -148,7 +148,7 @@ def _trajectory_update(ctx: StepContext, objective: Objective, micro_batches: li
     m, k = ctx.method, len(micro_batches)
     state = update_state(ctx.optimizer)
     prepared = [objective.prepare(ctx, b) for b in micro_batches]
-    total = 0.0
+    total = None
     for i, (batch, prep) in enumerate(zip(micro_batches, prepared)):
         with sync_context(ctx, i == k - 1):
             capture = _Capture(ctx.unwrapped)
@@ -163,7 +163,8 @@ def _trajectory_update(ctx: StepContext, objective: Objective, micro_batches: li
                                                             ctx.task.loss_mask(batch))
             loss = loss / k
             ctx.accelerator.backward(loss)
-        total += loss.detach().float().item()
+        # a 0-dim tensor on the device, as StepResult's contract: no host sync here (the loop reads it when it logs)
+        total = loss.detach().float() if total is None else total + loss.detach().float()
     skipped = descend(ctx)
     after_step()
     state["step"] += 1

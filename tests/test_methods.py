@@ -44,6 +44,9 @@ def test_method_lowers_the_loss_on_a_fixed_batch(accelerator, name):
     for _ in range(8):
         result = train_step(ctx, [batch])
         assert not result.skipped and result.loss == result.loss  # finite, not NaN
+        # StepResult's contract: a 0-dim float tensor that the loop stacks when it logs (a float crashed SAF and
+        # MESA runs at their 10th step)
+        assert isinstance(result.loss, torch.Tensor) and result.loss.dim() == 0, type(result.loss)
     assert eval_loss(task, model, batch) < before - 0.05
 
 
