@@ -315,7 +315,10 @@ def summary(rep: Reproduction) -> str:
 
     p = rep.preset
     tail = f"rho {', '.join(p.rho)}, eps {', '.join(p.train_eps)}, {len(rep.seeds)} seed(s)"
-    return preset_summary(rep.task, p.summary, p.run_flags, rep.passthrough, p.low_powered, tail)
+    text = preset_summary(rep.task, p.summary, p.run_flags, rep.passthrough, p.low_powered, tail)
+    if len(rep.seeds) != p.seeds:  # --seeds: the preset's own text names its default count
+        text = text.replace(f"{p.seeds} seeds", f"{len(rep.seeds)} seeds (--seeds; the preset's {p.seeds})")
+    return text
 
 
 def run_jobs(rep: Reproduction, runner: Callable[[list[str]], int]) -> int:

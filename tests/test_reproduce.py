@@ -266,4 +266,7 @@ def test_the_summary_names_the_dataset_the_user_gave(reproduce, capsys, tmp_path
                                       "eval_examples": 500}]
     # without such flags the preset's own summary stands
     assert reproduce.main(["--root", str(tmp_path / "plain"), "--seeds", "1"], runner=DataRunner()) == 0
-    assert "5,000 Fashion-MNIST images" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "5,000 Fashion-MNIST images" in out
+    # and it names the seeds that ran, not the preset's default count
+    assert "1 seeds (--seeds; the preset's 3)" in out and ", 3 seeds" not in out
