@@ -29,6 +29,8 @@ SAM_SYNC = ("local", "global")
 def _per_task(describe) -> str:
     """``"vision: x; text: y; ..."`` from each task's recipe (help texts read the recipes, never a copy)."""
     return "; ".join(f"{name}: {describe(task_recipe(name).defaults)}" for name in TASKS)
+
+
 def _rule_default(flag: str) -> str:
     """The papers' default of a method flag from ``UPDATE_RULES`` (help texts read the registry, never a copy):
     ``"5"`` when every rule that sets it agrees, else ``"0.05 for sam, ...; 0.5 for asam"`` grouped by value."""
@@ -158,7 +160,8 @@ class RunArgs:
 @dataclass
 class MethodArgs:
     rho: Optional[float] = field(
-        default=None, metadata={"help": "SAM/ASAM neighbourhood radius (default " + _rule_default("rho") + "; their -at forms alike)."}
+        default=None, metadata={"help": "SAM/ASAM neighbourhood radius (default " + _rule_default("rho")
+                                + "; their -at forms alike)."}
     )
     asam_eta: float = field(default=0.01, metadata={"help": "ASAM's eta: |w| + eta scales the ball."})
     sam_sync: Optional[str] = field(
@@ -190,7 +193,8 @@ class MethodArgs:
     sam_interval: Optional[int] = field(
         default=None,
         metadata={"help": "sam-every-k, looksam (and -at): k, a full SAM step on every k-th optimizer step, the "
-                  "first included; 1 is SAM (default " + _rule_default("sam_interval") + ", LookSAM's k, Liu et al. 2022)."},
+                  "first included; 1 is SAM (default " + _rule_default("sam_interval")
+                  + ", LookSAM's k, Liu et al. 2022)."},
     )
     looksam_alpha: Optional[float] = field(
         default=None,
@@ -205,8 +209,8 @@ class MethodArgs:
     aesam_c_start: Optional[float] = field(
         default=None,
         metadata={"help": "ae-sam: c at the first step; SAM when ||g||^2 >= mean + c*std, c moving linearly to "
-                  "--aesam_c_end (default " + _rule_default("aesam_c_start") + ", Jiang et al. 2023; -inf for both is SAM, "
-                  "inf is ERM)."},
+                  "--aesam_c_end (default " + _rule_default("aesam_c_start")
+                  + ", Jiang et al. 2023; -inf for both is SAM, inf is ERM)."},
     )
     aesam_c_end: Optional[float] = field(
         default=None,
@@ -229,7 +233,8 @@ class MethodArgs:
     traj_lambda: Optional[float] = field(
         default=None,
         metadata={"help": "saf, mesa (and -at): weight lambda of the trajectory loss lambda*tau^2*KL(reference || "
-                  "current) (default " + _rule_default("traj_lambda") + ": the authors' ImageNet runs, Du et al. 2022)."},
+                  "current) (default " + _rule_default("traj_lambda")
+                  + ": the authors' ImageNet runs, Du et al. 2022)."},
     )
     traj_temperature: Optional[float] = field(
         default=None,
