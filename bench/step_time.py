@@ -400,9 +400,9 @@ def main() -> None:
                                                        for n, (f, b) in examples.items()},
                                  "passes_per_step": {n: {"forward": f, "backward": b} for n, (f, b) in passes.items()},
                                  "sam_step_share": sam_share,
-                                 "extra_memory": {n: extra_memory(ctx.optimizer, ctx.method.method.update)
-                                                  for n, ctx in contexts.items()
-                                                  if ctx.method.method.update in ("saf", "mesa")},
+                                 # what SAF/MESA hold beyond ERM (extra_memory is empty for the other rules)
+                                 "extra_memory": {n: held for n, ctx in contexts.items()
+                                                  if (held := extra_memory(ctx.optimizer, ctx.method.method.update))},
                                  "versions": versions()})
 
 
