@@ -97,7 +97,7 @@ PRESETS: dict[tuple[str, str], Preset] = {
     # out of the divergence guard on this short schedule. PGD-3 AT so that 3 seeds fit.
     ("vision", "quick"): Preset(
         summary="LOW-POWERED: small CNN, 5,000 Fashion-MNIST images, 6 epochs, 500 test images, PGD-3 AT; "
-                "one rho and one eps, 3 seeds",
+                "one rho and one eps",
         rho=("0.1",), train_eps=("2/255",), primary_rho="0.1", primary_eps="2/255", seeds=3,
         run_flags=("--model", "small_cnn", "--max_train_samples", "5000", "--max_eval_samples", "500",
                    "--epochs", "6", "--warmup_ratio", "0.1", *_VISION_EVAL, "--train_steps", "3",
@@ -110,7 +110,7 @@ PRESETS: dict[tuple[str, str], Preset] = {
     # the CPU budget. One rho, one eps: SAM's and AT's pre-specified radii, the settings the verdicts use.
     ("vision", "cpu"): Preset(
         summary="small CNN, 5,000 Fashion-MNIST images, 40 epochs, 1,000 test images, APGD at L-inf 2/255 and "
-                "8/255, PGD-3 AT (step eps/2); rho 0.1, eps 2/255, 3 seeds",
+                "8/255, PGD-3 AT (step eps/2); rho 0.1, eps 2/255",
         rho=("0.1",), train_eps=("2/255",), primary_rho="0.1", primary_eps="2/255", seeds=3,
         run_flags=("--model", "small_cnn", "--max_train_samples", "5000", "--max_eval_samples", "1000",
                    "--epochs", "40", "--warmup_ratio", "0.1", "--eval_linf", "2/255", "8/255", "--eval_l2", "none",
@@ -118,7 +118,7 @@ PRESETS: dict[tuple[str, str], Preset] = {
         eval_attacks="apgd", alpha_ratio=0.5),
     ("vision", "gpu"): Preset(
         summary="the paper's grid: PreAct ResNet-18, full Fashion-MNIST, 10 epochs, full test set, PGD-10 AT; "
-                "rho 0.05/0.1/0.2/0.5, eps 1/2/4/8 /255, 3 seeds",
+                "rho 0.05/0.1/0.2/0.5, eps 1/2/4/8 /255",
         primary_rho="0.1", primary_eps="2/255", seeds=3,
         run_flags=("--model", "preact_resnet18", "--max_train_samples", "0", "--max_eval_samples", "0",
                    *_VISION_EVAL, "--train_steps", "10"),
@@ -126,7 +126,7 @@ PRESETS: dict[tuple[str, str], Preset] = {
     # Text: MiniLM on Rotten Tomatoes; AT in embedding space (L2, relative radii, half clean loss).
     ("text", "quick"): Preset(
         summary="LOW-POWERED: MiniLM, 1,000 sentences, 1 epoch, 200 test sentences, no TextAttack; one rho and "
-                "one eps, 3 seeds",
+                "one eps",
         rho=("0.05",), train_eps=("0.02",), primary_rho="0.05", primary_eps="0.02", seeds=3,
         run_flags=("--max_train_samples", "1000", "--max_eval_samples", "200", "--epochs", "1",
                    "--textattack_recipes", "none", "--sharpness_examples", "0", "--log_with", "none"),
@@ -144,7 +144,7 @@ PRESETS: dict[tuple[str, str], Preset] = {
     ("text", "cpu"): Preset(
         summary="MiniLM, 2,000 sentences, 3 epochs, 500 test sentences, the apgd suite (PGD-10 + APGD-CE + "
                 "APGD-DLR, 100 iterations) at embedding L2 0.02 and 0.05, no TextAttack; rho 0.05, L2 eps 0.02 "
-                "(the verdicts' radii), 3 seeds; about 4 one-core hours (estimated)",
+                "(the verdicts' radii); about 80 one-core minutes per seed (estimated)",
         rho=("0.05",), train_eps=("0.02",), primary_rho="0.05", primary_eps="0.02",
         seeds=3,
         run_flags=("--max_train_samples", "2000", "--max_eval_samples", "500", "--eval_apgd_steps", "100",
@@ -153,14 +153,14 @@ PRESETS: dict[tuple[str, str], Preset] = {
         eval_attacks="apgd"),
     ("text", "gpu"): Preset(
         summary="MiniLM, every sentence, 3 epochs, full test split, 500 TextAttack sentences; rho "
-                "0.05/0.1/0.2/0.5, L2 eps 0.005-0.04, 3 seeds",
+                "0.05/0.1/0.2/0.5, L2 eps 0.005-0.04",
         primary_rho="0.05", primary_eps="0.02", seeds=3,
         run_flags=("--max_train_samples", "0", "--max_eval_samples", "0"),
         eval_attacks="apgd"),
     # Segmentation: U-Net on fashion-canvas; mIoU under PGD and SegPGD.
     ("segmentation", "quick"): Preset(
         summary="LOW-POWERED: the default U-Net, 1,000 canvases, 2 epochs, 100 test canvases, PGD-2 AT; one rho "
-                "and one eps, 3 seeds",
+                "and one eps",
         rho=("0.05",), train_eps=("2/255",), primary_rho="0.05", primary_eps="2/255", seeds=3,
         run_flags=("--max_train_samples", "1000", "--max_eval_samples", "100", "--epochs", "2", "--eval_linf",
                    "2/255", "8/255", "--train_steps", "2", "--sharpness_examples", "0", "--log_with", "none"),
@@ -174,14 +174,13 @@ PRESETS: dict[tuple[str, str], Preset] = {
     # 100 steps would cost ~10x the evaluation.
     ("segmentation", "cpu"): Preset(
         summary="the default U-Net and CPU subset (8,000 canvases, 5 epochs, 400 test canvases), PGD-10 and "
-                "SegPGD-10 at L-inf 2/255 and 8/255, PGD-3 AT; rho 0.05, eps 8/255 (the verdicts' radii), 3 "
-                "seeds; about 5 one-core hours",
+                "SegPGD-10 at L-inf 2/255 and 8/255, PGD-3 AT; rho 0.05, eps 8/255 (the verdicts' radii); "
+                "about 1.6 one-core hours per seed",
         rho=("0.05",), train_eps=("8/255",), primary_rho="0.05", primary_eps="8/255", seeds=3,
         run_flags=("--eval_linf", "2/255", "8/255", "--log_with", "none"),
         eval_attacks="pgd"),
     ("segmentation", "gpu"): Preset(
-        summary="the default U-Net, every canvas, 10 epochs, PGD-3 AT; rho 0.05/0.1/0.2/0.5, eps 1/2/4/8 /255, "
-                "3 seeds",
+        summary="the default U-Net, every canvas, 10 epochs, PGD-3 AT; rho 0.05/0.1/0.2/0.5, eps 1/2/4/8 /255",
         primary_rho="0.05", primary_eps="8/255", seeds=3,
         run_flags=("--max_train_samples", "0", "--max_eval_samples", "0"),
         eval_attacks="apgd"),
@@ -310,15 +309,16 @@ def progress_runner(jobs: Sequence[Job], runner: Callable[[list[str]], int]) -> 
 
 def summary(rep: Reproduction) -> str:
     """The preset's description of what runs, true once the user's flags after ``--`` are applied (a changed
-    dataset, model or size rebuilds it from the flags: :func:`samat.analysis.describe.preset_summary`)."""
+    dataset, model or size rebuilds it from the flags: :func:`samat.analysis.describe.preset_summary`), and the
+    number of seeds that run (the presets' prose names none: their count is the ``seeds`` field alone)."""
     from .describe import preset_summary
 
     p = rep.preset
-    tail = f"rho {', '.join(p.rho)}, eps {', '.join(p.train_eps)}, {len(rep.seeds)} seed(s)"
-    text = preset_summary(rep.task, p.summary, p.run_flags, rep.passthrough, p.low_powered, tail)
-    if len(rep.seeds) != p.seeds:  # --seeds: the preset's own text names its default count
-        text = text.replace(f"{p.seeds} seeds", f"{len(rep.seeds)} seeds (--seeds; the preset's {p.seeds})")
-    return text
+    text = preset_summary(rep.task, p.summary, p.run_flags, rep.passthrough, p.low_powered,
+                          f"rho {', '.join(p.rho)}, eps {', '.join(p.train_eps)}")
+    n = len(rep.seeds)
+    seeds = f"{n} seed{'s' if n != 1 else ''}" + ("" if n == p.seeds else f" (--seeds; the preset's {p.seeds})")
+    return f"{text}; {seeds}"
 
 
 def run_jobs(rep: Reproduction, runner: Callable[[list[str]], int]) -> int:

@@ -93,7 +93,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     v = V.decide(runs, primary_rho=float(preset.primary_rho), primary_eps=preset.primary_eps)
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     csv_link = Path(portable(str(source.resolve()), out)).as_posix()
-    header = [f"Scale `{args.scale}`: {preset.summary}.",
+    seeds = sorted({r.seed for r in runs if r.seed is not None})
+    header = [f"Scale `{args.scale}`: {preset.summary}; {len(seeds)} seeds ({', '.join(map(str, seeds))}).",
               f"**Regenerated {when} under the rules of issue 25** from the committed [results.csv]({csv_link}) "
               f"({len(runs)} runs" + (f"; left out as not part of this grid: {', '.join(args.exclude)}" if args.exclude
                                       else "") + f"), with {args.eval_examples} evaluation examples per run and "

@@ -44,7 +44,7 @@ def _variants_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    scales = "; ".join(f"{t}/{s}: {p.summary}" for (t, s), p in PRESETS.items() if t == "vision")
+    scales = "; ".join(f"{t}/{s}: {p.summary}; {p.seeds} seeds" for (t, s), p in PRESETS.items() if t == "vision")
     suites: dict[str, list[str]] = {}  # each preset's default suite, read from the presets so it cannot drift
     for (task, scale), preset in PRESETS.items():
         suites.setdefault(preset.eval_attacks, []).append(f"{task}/{scale}")
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{scales}.")
     p.add_argument("--seeds", type=int, default=None,
                    help="Number of seeds (0 .. N-1), the same for every method so that runs pair by seed. Default: "
-                        "the preset's (3). Fewer than 2 gives no interval: every verdict is inconclusive.")
+                        f"the preset's ({' or '.join(sorted({str(p.seeds) for p in PRESETS.values()}))}). Fewer "
+                        "than 2 gives no interval: every verdict is inconclusive.")
     p.add_argument("--root", default=None, help="Folder of the runs and the verdicts. Default: "
                                                 "runs/reproduce-<task>-<scale>.")
     p.add_argument("--results_dir", default=None,

@@ -90,7 +90,8 @@ def test_frontier_rows_share_and_goal(tmp_path):
     assert every.gain.mean == pytest.approx(0.045, abs=1e-3)
     assert every.goal in ("shown", "point estimate only")
     look = rows["looksam rho=0.1"]
-    assert look.share.value == pytest.approx(0.2, abs=0.02) and look.goal == "no"  # keeps 20 %, loses 3 pts clean
+    # keeps 20 %, loses 3 pts clean: both intervals lie wholly on the wrong side, its cost (1.2x) does not
+    assert look.share.value == pytest.approx(0.2, abs=0.02) and look.goal == "ruled out (share, clean)"
     assert look.clean_vs_sam.mean == pytest.approx(-0.03, abs=0.005)
     assert rows["pgd-at eps=2/255"].share.value == pytest.approx(3.0, abs=0.1)  # AT: 3x SAM's gain
     assert f.notes == []
@@ -98,6 +99,27 @@ def test_frontier_rows_share_and_goal(tmp_path):
     assert "| sam-every-k rho=0.1 | 1.20 |" in md and "![cost vs robustness gain](efficient_frontier.png)" in md
     assert json.loads(json.dumps(E.to_json(f)))["rows"][3]["share"]["value"] == pytest.approx(0.9, abs=0.02)
     assert E.figure(f)[:4] == b"\x89PNG"
+
+
+def test_goal_says_ruled_out_only_where_an_interval_excludes_the_goal(tmp_path):
+    def row(cost, share, clean):
+        (c, c_lo, c_hi), (r, r_lo, r_hi), (d, d_lo, d_hi) = cost, share, clean
+        eff = lambda m, lo, hi: V.Effect("x", "a", "b", "difference", [0, 1], [m, m], m, lo, hi)  # noqa: E731
+        return E.Row("v", "v", "variant", eff(c, c_lo, c_hi), None, None, None, E.Ratio(r, r_lo, r_hi, 5),
+                     eff(d, d_lo, d_hi))
+
+    cheap, dear, dear_maybe = (1.2, 1.2, 1.2), (2.0, 2.0, 2.0), (1.42, 1.35, 1.49)
+    keeps, loses, unsure = (0.9, 0.85, 0.95), (0.4, 0.15, 0.7), (0.41, 0.15, 1.2)
+    same, worse = (0.0, -0.5, 0.5), (-3.0, -4.0, -2.0)
+    scale = lambda t: tuple(x / 100 for x in t)  # noqa: E731  (clean changes are fractions)
+    assert E._goal(row(cheap, keeps, scale(same))) == "shown"
+    assert E._goal(row(cheap, (0.9, 0.5, 1.3), scale(same))) == "point estimate only"
+    assert E._goal(row(dear, keeps, scale(same))) == "ruled out (cost)"
+    assert E._goal(row(cheap, loses, scale(worse))) == "ruled out (share, clean)"
+    # a mean misses the goal, but every interval still reaches it: not decided
+    assert E._goal(row(cheap, unsure, scale(same))) == "no, not ruled out"
+    assert E._goal(row(dear_maybe, keeps, scale(same))) == "no, not ruled out"  # cost varies by seed (AE-SAM)
+    assert E._goal(row(cheap, (0.5, None, None), scale(same))) == "no, not ruled out"  # unbounded: rules out nothing
 
 
 def test_frontier_gives_no_share_when_sams_gain_is_noise(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from fractions import Fraction
@@ -269,4 +270,9 @@ def test_the_summary_names_the_dataset_the_user_gave(reproduce, capsys, tmp_path
     out = capsys.readouterr().out
     assert "5,000 Fashion-MNIST images" in out
     # and it names the seeds that ran, not the preset's default count
-    assert "1 seeds (--seeds; the preset's 3)" in out and ", 3 seeds" not in out
+    assert "; 1 seed (--seeds; the preset's 3)" in out and "3 seeds" not in out
+    # the preset's own count, named once, from its field
+    from samat.analysis.reproduce import PRESETS, plan_reproduction, summary
+    for task, scale in PRESETS:
+        text = summary(plan_reproduction(task, scale, root=str(tmp_path / task / scale)))
+        assert text.endswith("; 3 seeds") and len(re.findall(r"\d seeds?\b", text)) == 1, text
