@@ -140,6 +140,12 @@ def frontier(v: Verdicts) -> Optional[Frontier]:
         row = Row(s.name, s.method, role, cost, s.of(lambda r: r.clean), s.of(ep.mean), gain, share, vs_sam)
         row.goal = _goal(row) if role == "variant" else "–"
         rows.append(row)
+    n_ref = min(len(by_seed(erm, ep.mean)), len(by_seed(sam, ep.mean)))
+    fewer = [f"{r.name} ({r.robust.n})" for r in rows if r.role == "variant" and r.robust.n < n_ref]
+    if fewer:
+        # a seed-count column alone would hide that a share uses only the seeds all three settings ran
+        notes.append(f"ERM and SAM ran {n_ref} seeds, these variants fewer: {', '.join(fewer)}; each variant's "
+                     "gain, share and clean change pair it with ERM and SAM on its own seeds only")
     for s in variants:
         # SAF and MESA have no rho (no ascent step): nothing to compare
         if v.primary_rho is not None and s.rho is not None and not math.isclose(s.rho, v.primary_rho):
@@ -167,9 +173,9 @@ def _ratio(r: Optional[Ratio]) -> str:
 
 
 def table(f: Frontier, pad: bool = False) -> str:
-    header = ["setting", "passes × ERM", "clean", "robust (endpoint)", "robust gain vs ERM (pts)",
+    header = ["setting", "seeds", "passes × ERM", "clean", "robust (endpoint)", "robust gain vs ERM (pts)",
               "share of SAM's gain kept", "clean vs SAM (pts)", "meets goal"]
-    rows = [[r.name, f"{r.cost.mean:.2f}" if r.cost.mean is not None else "–", format_pct(r.clean),
+    rows = [[r.name, str(r.robust.n), f"{r.cost.mean:.2f}" if r.cost.mean is not None else "–", format_pct(r.clean),
              format_pct(r.robust), _effect(r.gain), _ratio(r.share) if r.role == "variant" or r.method == "pgd-at" else "–",
              _effect(r.clean_vs_sam), r.goal] for r in f.rows]
     return format_table(header, rows, pad=pad)

@@ -96,7 +96,7 @@ def test_frontier_rows_share_and_goal(tmp_path):
     assert rows["pgd-at eps=2/255"].share.value == pytest.approx(3.0, abs=0.1)  # AT: 3x SAM's gain
     assert f.notes == []
     md = E.to_markdown(f, "efficient_frontier.png")
-    assert "| sam-every-k rho=0.1 | 1.20 |" in md and "![cost vs robustness gain](efficient_frontier.png)" in md
+    assert "| sam-every-k rho=0.1 | 3 | 1.20 |" in md and "![cost vs robustness gain](efficient_frontier.png)" in md
     assert json.loads(json.dumps(E.to_json(f)))["rows"][3]["share"]["value"] == pytest.approx(0.9, abs=0.02)
     assert E.figure(f)[:4] == b"\x89PNG"
 
@@ -120,6 +120,17 @@ def test_goal_says_ruled_out_only_where_an_interval_excludes_the_goal(tmp_path):
     assert E._goal(row(cheap, unsure, scale(same))) == "no, not ruled out"
     assert E._goal(row(dear_maybe, keeps, scale(same))) == "no, not ruled out"  # cost varies by seed (AE-SAM)
     assert E._goal(row(cheap, (0.5, None, None), scale(same))) == "no, not ruled out"  # unbounded: rules out nothing
+
+
+def test_a_variant_with_fewer_seeds_is_named_and_paired_on_its_own(tmp_path):
+    _grid(tmp_path, variants=())
+    for s in range(2):  # seeds 0 and 1 of 3
+        write_run(tmp_path, "ae-sam", s, 0.85 + 0.01 * s, 0.30 + 0.02 * s + 0.04, rho=0.1, passes=130)
+    f = E.frontier(V.decide(load_runs([str(tmp_path)]), primary_rho=0.1, primary_eps="2/255"))
+    ae = f.variants[0]
+    assert ae.robust.n == 2 and ae.share.n == 2 and ae.gain.seeds == [0, 1]
+    assert any("ERM and SAM ran 3 seeds, these variants fewer: ae-sam rho=0.1 (2)" in n for n in f.notes)
+    assert "| ae-sam rho=0.1 | 2 |" in E.table(f)
 
 
 def test_frontier_gives_no_share_when_sams_gain_is_noise(tmp_path):
