@@ -9,7 +9,7 @@ import random
 
 import pytest
 from helpers import load_script
-from test_reproduce import FakeRunner, _flag, _print
+from test_reproduce import FakeRunner, _flag, _print, recorded_method_flags
 from test_verdicts import results, write_run
 
 from samat.analysis import efficient as E
@@ -206,6 +206,7 @@ class EfficientRunner(FakeRunner):
         out.mkdir(parents=True)
         doc = results(method, seed, 0.85 + 0.01 * seed, 0.3 + 0.02 * seed + 0.027 + (0.0, 0.002, -0.001)[seed],
                       rho=float(_flag(command, "--rho")), passes=120)
+        doc["config"]["method"] = recorded_method_flags(command)
         (out / "results.json").write_text(json.dumps(doc))
         return 0
 

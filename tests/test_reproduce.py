@@ -104,9 +104,22 @@ class FakeRunner:
         elif method == "pgd-at":
             kw.update(eps=2 / 255, steps=int(_flag(command, "--train_steps")))
             clean, robust = clean - 0.04 + wobble, robust + 0.10 + wobble
+        doc = results(method, seed, clean, robust, **kw)
+        doc["config"]["method"] = recorded_method_flags(command)
         out.mkdir(parents=True)
-        (out / "results.json").write_text(json.dumps(results(method, seed, clean, robust, **kw)))
+        (out / "results.json").write_text(json.dumps(doc))
         return 0
+
+
+def recorded_method_flags(command: list[str]) -> dict:
+    """The method block of results.json's config as scripts/run.py records it for ``command``: every method
+    flag as given (reproduce compares a finished run's record with the flags it plans for it)."""
+    from dataclasses import asdict
+
+    from samat.scripts.run import parse
+
+    start = next(i for i, t in enumerate(command) if t.endswith("run.py")) + 1
+    return asdict(parse(command[start:])[1])
 
 
 def test_grid_to_verdicts_with_progress_resume_and_a_failed_run(reproduce, capsys, tmp_path):
@@ -170,6 +183,34 @@ def test_bad_input_is_one_line_and_exit_2(reproduce, capsys, tmp_path, argv, mes
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err
     assert not root.exists()
+
+
+def test_a_finished_run_made_with_other_flags_is_refused_not_reported(reproduce, capsys, tmp_path):
+    root = tmp_path / "r"
+    assert reproduce.main(["--root", str(root), "--seeds", "2", "--efficient_sam", "mesa"],
+                          runner=FakeRunner()) == 0
+    verdicts = (root / "verdicts.md").read_text()
+    # the same request again: every finished run matches its planned flags, nothing to refuse
+    assert reproduce.main(["--root", str(root), "--seeds", "2", "--efficient_sam", "mesa", "--verdicts_only"],
+                          runner=FakeRunner()) == 0
+    # one MESA run was made with another EMA decay (copied in, or a root filled by hand: no manifest)
+    path = root / "mesa_s1" / "results.json"
+    doc = json.loads(path.read_text())
+    doc["config"]["method"]["mesa_decay"] = 0.99
+    path.write_text(json.dumps(doc))
+    (root / "reproduce.json").unlink()
+    (root / "verdicts.md").write_text(verdicts)
+    assert _guarded(reproduce, "--root", str(root), "--seeds", "2", "--efficient_sam", "mesa",
+                    "--verdicts_only") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "mesa_s1 finished with other flags than this request plans for it (--mesa_decay 0.99 there, None here)" in err
+    assert (root / "verdicts.md").read_text() == verdicts  # nothing rewritten
+    # asking for what that run was made with: the other seed's run (default decay) is the mismatch now
+    assert _guarded(reproduce, "--root", str(root), "--seeds", "2", "--efficient_sam", "mesa", "--verdicts_only",
+                    "--", "--mesa_decay", "0.99") == 2
+    assert "mesa_s0 finished with other flags than this request plans for it (--mesa_decay None there, 0.99 here)" \
+        in capsys.readouterr().err
 
 
 def test_root_with_another_tasks_runs_is_refused(reproduce, capsys, tmp_path):
