@@ -436,8 +436,9 @@ def write_verdicts(rep: Reproduction, results_dir: Optional[Path] = None,
                  allow_unlike=allow_unlike)
     lines = header_lines(rep, missing, [r.results for r in runs])
     if write_evidence(rep, out):
-        lines += ["", f"Every run's results.json is beside this file, in `{EVIDENCE}/<run>/results.json` (paths in "
-                      "them relative to it)."]
+        # a real run's name: a "<run>/..." placeholder reads as an absolute path to portable() below
+        lines += ["", f"Every run's results.json is beside this file, one folder per run under `{EVIDENCE}/` (e.g. "
+                      f"`{EVIDENCE}/{finished[0].output_dir.name}/{RESULTS_FILE}`; paths in them relative to it)."]
     frontier = E.frontier(v)
     markdown, frontier_table = V.to_markdown(v, lines), ""
     if frontier is not None:

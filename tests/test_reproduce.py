@@ -158,6 +158,9 @@ def test_verdicts_and_every_runs_results_json_go_to_the_results_folder(reproduce
     assert (results / "verdicts.md").is_file() and not list(results.rglob("model"))
     for path in [*results.rglob("*.json"), results / "verdicts.md"]:
         assert str(tmp_path) not in path.read_text(), path  # portable: relative paths only
+    # and the sentence that points to them names a path that exists there
+    assert "one folder per run under `runs/` (e.g. `runs/erm_s0/results.json`" in (results / "verdicts.md").read_text()
+    assert (results / "runs" / "erm_s0" / "results.json").is_file()
 
 
 def _guarded(reproduce, *argv: str) -> int:
