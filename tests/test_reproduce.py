@@ -207,7 +207,8 @@ def test_a_finished_run_made_with_other_flags_is_refused_not_reported(reproduce,
                     "--verdicts_only") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
-    assert "mesa_s1 finished with other flags than this request plans for it (--mesa_decay 0.99 there, None here)" in err
+    assert ("mesa_s1 finished with other flags than this request plans for it (--mesa_decay 0.99 there, None here)"
+            in err)
     assert (root / "verdicts.md").read_text() == verdicts  # nothing rewritten
     # asking for what that run was made with: the other seed's run (default decay) is the mismatch now
     assert _guarded(reproduce, "--root", str(root), "--seeds", "2", "--efficient_sam", "mesa", "--verdicts_only",
