@@ -140,7 +140,7 @@ def frontier(v: Verdicts) -> Optional[Frontier]:
         row = Row(s.name, s.method, role, cost, s.of(lambda r: r.clean), s.of(ep.mean), gain, share, vs_sam)
         row.goal = _goal(row) if role == "variant" else "–"
         rows.append(row)
-    n_ref = min(len(by_seed(erm, ep.mean)), len(by_seed(sam, ep.mean)))
+    n_ref = min(rows[0].robust.n, rows[1].robust.n)  # ERM's and SAM's rows: the seeds column's counts
     fewer = [f"{r.name} ({r.robust.n})" for r in rows if r.role == "variant" and r.robust.n < n_ref]
     if fewer:
         # a seed-count column alone would hide that a share uses only the seeds all three settings ran

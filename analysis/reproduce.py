@@ -29,7 +29,7 @@ from samat.common.files import write_bytes_atomic, write_json_atomic, write_text
 
 from samat.common.registry import task_recipe
 
-from .runs import NOT_RECIPE, RESULTS_FILE, find_results, load_run, portable, read_results
+from .runs import RESULTS_FILE, find_results, load_run, portable, read_results
 from .sweep import SWEEP_FLAGS, Job, execute, flag_name, plan, split_passthrough
 
 MANIFEST = "reproduce.json"
@@ -204,8 +204,11 @@ class Reproduction:
 
     def manifest(self) -> dict:
         """What the root's runs were asked for; a later call into the same root must ask for the same."""
-        return {"task": self.task, "scale": self.scale, "eval_attacks": self.eval_attacks,
-                "passthrough": self.passthrough}
+        return _manifest(self.task, self.scale, self.eval_attacks, self.passthrough)
+
+
+def _manifest(task: str, scale: str, eval_attacks: str, passthrough: Sequence[str]) -> dict:
+    return {"task": task, "scale": scale, "eval_attacks": eval_attacks, "passthrough": list(passthrough)}
 
 
 def _check_eval_attacks(value: str, task: str) -> None:
@@ -280,6 +283,9 @@ def plan_reproduction(task: str, scale: str, seeds: Optional[int] = None, root: 
     flags = [t for g in preset_groups + [["--eval_attacks", *attacks.split()]] + user for t in g]
     seed_list = [str(s) for s in range(n_seeds)]
     root_path = Path(root or f"runs/reproduce-{task}-{scale}")
+    # before plan(), which refuses a finished run made with other flags: a root of another task or request
+    # gets its own message first
+    _check_root(root_path, task, _manifest(task, scale, attacks, passthrough))
     args = argparse.Namespace(task=task, model=None, dataset=None, methods=list(preset.methods),
                               rho=list(preset.rho), train_eps=list(preset.train_eps), train_norm=preset.train_norm,
                               alpha_ratio=preset.alpha_ratio, seeds=seed_list, root=str(root_path))
@@ -290,50 +296,7 @@ def plan_reproduction(task: str, scale: str, seeds: Optional[int] = None, root: 
         jobs += plan(extra, flags)
     rep = Reproduction(task, scale, preset, seed_list, root_path, attacks, list(passthrough), jobs,
                        list(dict.fromkeys(efficient)))
-    _check_root(root_path, task, rep.manifest())
-    _check_finished(root_path, jobs)
     return rep
-
-
-# How a run was started or where it was written, not what it is: a root that was moved or linked, threads, logs.
-_HOW_STARTED = (NOT_RECIPE - {"task", "method", "seed"}) | {"output_dir"}
-
-
-def _same(a, b) -> bool:
-    """Equal once both are as results.json holds them (tuples as lists, numbers as numbers)."""
-    return json.loads(json.dumps(a, default=str)) == json.loads(json.dumps(b, default=str))
-
-
-def _check_finished(root: Path, jobs: Sequence[Job]) -> None:
-    """Refuse a finished run whose results.json records other flags than the ones this request plans for it.
-
-    A run is skipped as done when its folder holds a results.json; without this check, a run made by another
-    request (other flags after ``--`` into a root with no manifest, ``--verdicts_only`` on a root filled by
-    hand, a run copied or linked in) would be reported as this request's. Compared: the method flags in full
-    (results.json records them as given), and every other flag the planned command sets itself (the rest of
-    the record is filled by the task's recipe). A record that lacks a flag (an older schema) is not compared on
-    it."""
-    done = [j for j in jobs if j.status == "done"]
-    if not done:
-        return
-    from samat.common.config import non_default_fields
-    from samat.scripts.run import parse
-
-    for job in done:
-        recorded = read_results(job.output_dir / RESULTS_FILE).get("config") or {}
-        run, method, evals, task = parse(job.args)
-        planned = {"method": asdict(method), "run": non_default_fields(run), "eval": non_default_fields(evals),
-                   "task": non_default_fields(task.args)}
-        differ = []
-        for block, values in planned.items():
-            record = recorded.get(block) or {}
-            for key, value in values.items():
-                if key in record and key not in _HOW_STARTED and not _same(value, record[key]):
-                    differ.append(f"--{key} {record[key]!r} there, {value!r} here")
-        if differ:
-            raise UsageError(f"--root {root}: {job.name} finished with other flags than this request plans for it "
-                             f"({'; '.join(differ)}); its results would be reported as this request's: use "
-                             "another --root, or move that run out")
 
 
 def progress_runner(jobs: Sequence[Job], runner: Callable[[list[str]], int]) -> Callable[[list[str]], int]:

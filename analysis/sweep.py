@@ -10,13 +10,14 @@ both), and runs once per seed otherwise. A folder with results.json is skipped a
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shlex
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -27,7 +28,7 @@ from samat.common.errors import UsageError
 from samat.common.recipe import NORMS, check_choice
 from samat.common.registry import METHODS, TASKS, task_recipe
 
-from .runs import run_status
+from .runs import NOT_RECIPE, RESULTS_FILE, run_status
 
 RUN_PY = Path(_scripts.__file__).resolve().with_name("run.py")
 
@@ -193,7 +194,8 @@ def _run_args(grid: Grid, method: str, rho: Optional[str], eps: Optional[str], s
 
 def plan(args: argparse.Namespace, passthrough: Sequence[str]) -> list[Job]:
     """Check the grid and list its runs in order (methods, then rho/eps, then seeds), each marked
-    ``done``/``resume``/``new``. Raises ``UsageError`` before anything is run or written."""
+    ``done``/``resume``/``new``. Raises ``UsageError`` before anything is run or written, also for a finished
+    run made with other flags (:func:`_check_finished`)."""
     grid = check_grid(args, passthrough)
     jobs = []
     for m in grid.methods:
@@ -204,10 +206,65 @@ def plan(args: argparse.Namespace, passthrough: Sequence[str]) -> list[Job]:
                     name = m + (f"_rho{rho}" if rho else "") + (f"_eps{_safe(eps)}" if eps else "") + f"_s{seed}"
                     out = grid.root / name
                     jobs.append(Job(name, out, _run_args(grid, m, rho, eps, seed, out), run_status(out)))
+    _check_finished(grid.root, jobs)
     for job in jobs:
         if job.status == "resume":
             job.args.append("--resume")
     return jobs
+
+
+# How a run was started or where it was written, not what it is: a root that was moved or linked, threads, logs.
+_HOW_STARTED = (NOT_RECIPE - {"task", "method", "seed"}) | {"output_dir"}
+
+
+def _same(a, b) -> bool:
+    """Equal once both are as results.json holds them (tuples as lists, numbers as numbers)."""
+    return json.loads(json.dumps(a, default=str)) == json.loads(json.dumps(b, default=str))
+
+
+def _recorded_config(path: Path) -> dict:
+    """The ``config`` block of a finished run's results.json; ``{}`` where the file holds none it can read
+    (which run is finished stays :func:`samat.analysis.runs.run_status`'s rule; the reports check the files)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    config = doc.get("config") if isinstance(doc, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
+def _check_finished(root: Path, jobs: Sequence[Job]) -> None:
+    """Refuse a finished run whose results.json records other flags than the ones this request plans for it.
+
+    A run is skipped as done when its folder holds a results.json; without this check, a run made by another
+    request (a sweep or reproduction with other flags after ``--`` into the same root, ``reproduce
+    --verdicts_only`` on a root filled by hand, a run copied or linked in) would count as this request's.
+    Compared: the method flags in full (results.json records them as given), and every other flag the planned
+    command sets itself (the rest of the record is filled by the task's recipe). A record that lacks a flag (an
+    older schema) is not compared on it."""
+    done = [j for j in jobs if j.status == "done"]
+    if not done:
+        return
+    from samat.common.config import non_default_fields
+    from samat.scripts.run import parse
+
+    for job in done:
+        recorded = _recorded_config(job.output_dir / RESULTS_FILE)
+        run, method, evals, task = parse(job.args)
+        planned = {"method": asdict(method), "run": non_default_fields(run), "eval": non_default_fields(evals),
+                   "task": non_default_fields(task.args)}
+        differ = []
+        for block, values in planned.items():
+            record = recorded.get(block)
+            if not isinstance(record, dict):
+                continue
+            for key, value in values.items():
+                if key in record and key not in _HOW_STARTED and not _same(value, record[key]):
+                    differ.append(f"--{key} {record[key]!r} there, {value!r} here")
+        if differ:
+            raise UsageError(f"--root {root}: {job.name} finished with other flags than this request plans for it "
+                             f"({'; '.join(differ)}); its results would be reported as this request's: use "
+                             "another --root, or move that run out")
 
 
 # ------------------------------------------------------------------------------------------- execution

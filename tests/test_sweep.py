@@ -88,6 +88,26 @@ def test_rerun_skips_finished_and_resumes_interrupted(sweep, tmp_path, capsys):
     assert "resuming sam_rho0.05_s0" in capsys.readouterr().out
 
 
+def test_a_finished_run_made_with_other_method_flags_is_refused_not_skipped(sweep, tmp_path, capsys):
+    root = tmp_path / "runs"
+    argv = ["--methods", "sam", "--rho", "0.05", "--root", str(root)]
+    assert sweep.main(argv, runner=FakeRunner()) == 0
+    path = root / "sam_rho0.05_s0" / "results.json"
+    # what scripts/run.py records: every method flag as given (here the run had --sam_sync global)
+    doc = json.loads(path.read_text())
+    doc["config"] = {"method": {"rho": 0.05, "sam_sync": "global"}, "run": {"seed": 0, "output_dir": "elsewhere"}}
+    path.write_text(json.dumps(doc))
+    capsys.readouterr()
+    runner = FakeRunner()
+    assert sweep.main(argv, runner=runner) == 2 and runner.commands == []
+    err = capsys.readouterr().err
+    assert "sam_rho0.05_s0 finished with other flags than this request plans for it (--sam_sync 'global' " \
+           "there, None here)" in err
+    # asked for what it was made with, it counts as finished (where it was written is not compared)
+    again = FakeRunner()
+    assert sweep.main(argv + ["--", "--sam_sync", "global"], runner=again) == 0 and again.commands == []
+
+
 def test_passthrough_method_flags_reach_only_their_methods(sweep, tmp_path):
     runner = FakeRunner()
     argv = ["--methods", "erm", "pgd-at", "trades", "--train_eps", "8/255", "--root", str(tmp_path), "--",
