@@ -20,6 +20,11 @@ accuracy (within the verdicts' 1-point margin). ``meets goal`` is "shown" when t
 lower bound >= 0.8, clean change's lower bound >= -1 point), "point estimate only" when only the means do;
 where a mean misses it, "ruled out (...)" names each criterion whose interval lies wholly on the wrong side, and
 "no, not ruled out" says none does yet (more seeds could still decide).
+
+Looks: a user who adds seeds until the frontier decides looks at it several times, and each look is another
+chance for a 95 % interval to miss by luck. ``looks=k`` (the looks so far, this one included) decides ``meets
+goal`` on two-sided ``1 - 0.05/k`` intervals instead (Bonferroni over the looks: the chance that any look
+decides wrongly stays under 5 %, whenever the user stops), shown in their own columns beside the 95 % ones.
 """
 
 from __future__ import annotations
@@ -41,6 +46,15 @@ from .verdicts import (MARGIN, Effect, Verdicts, by_seed, clean_se, endpoint_se,
 # samat.common.saf), in the registry's order.
 EFFICIENT = tuple(m.name for m in METHODS.values() if UPDATE_RULES[m.update].efficient and m.objective == "clean")
 GOAL_COST, GOAL_SHARE = 1.4, 0.8
+ALPHA = 0.05  # two-sided error of one look's intervals
+
+
+def decision_level(looks: int) -> float:
+    """The two-sided interval level that decides ``meets goal`` after ``looks`` (>= 1) looks: ``1 - 0.05/looks``
+    (0.95 for one look)."""
+    if looks < 1:
+        raise ValueError(f"looks must be >= 1, got {looks}")
+    return 0.95 if looks == 1 else 1 - ALPHA / looks
 
 
 @dataclass
@@ -57,6 +71,10 @@ class Row:
     share: Optional[Ratio]  # of SAM's gain (None for ERM and SAM)
     clean_vs_sam: Optional[Effect]
     goal: str = "–"
+    # the same three at the look-adjusted level (None with one look: the 95 % ones above decide)
+    share_adjusted: Optional[Ratio] = None
+    clean_vs_sam_adjusted: Optional[Effect] = None
+    cost_adjusted: Optional[Effect] = None
 
 
 @dataclass
@@ -65,20 +83,27 @@ class Frontier:
     sam: Optional[str]
     rows: list[Row]
     notes: list[str]
+    looks: int = 1
+
+    @property
+    def level(self) -> float:
+        """The level of the intervals that decide ``meets goal``."""
+        return decision_level(self.looks)
 
     @property
     def variants(self) -> list[Row]:
         return [r for r in self.rows if r.role == "variant"]
 
 
-def _share(erm: Setting, sam: Setting, s: Setting, get) -> Ratio:
+def _share(erm: Setting, sam: Setting, s: Setting, get, level: float = 0.95) -> Ratio:
     e, m, v = by_seed(erm, get), by_seed(sam, get), by_seed(s, get)
     seeds = sorted(set(e) & set(m) & set(v))
-    return fieller_ratio([v[k] - e[k] for k in seeds], [m[k] - e[k] for k in seeds])
+    return fieller_ratio([v[k] - e[k] for k in seeds], [m[k] - e[k] for k in seeds], level)
 
 
-def _goal(row: Row) -> str:
-    """Whether ``row`` meets the goal, as its intervals say:
+def _goal(share: Optional[Ratio], clean_vs_sam: Optional[Effect], cost: Effect) -> str:
+    """Whether a variant meets the goal, as these intervals of its row say (the 95 % ones, or the look-adjusted
+    ones after several looks):
 
     - ``"shown"``: every interval is on the goal's side (share's lower bound >= 80 %, clean change's >= -1 point,
       cost <= 1.4x);
@@ -87,26 +112,28 @@ def _goal(row: Row) -> str:
       (cost's lower bound > 1.4x, share's upper bound < 80 %, clean change's upper bound < -1 point);
     - ``"no, not ruled out"``: a mean misses it, but every interval still reaches it (more seeds could decide);
     - ``"–"`` where there is no share (SAM's gain not shown above 0)."""
-    if row.share is None or row.share.value is None or row.cost.mean is None or row.clean_vs_sam is None \
-            or row.clean_vs_sam.mean is None:
+    if share is None or share.value is None or cost.mean is None or clean_vs_sam is None \
+            or clean_vs_sam.mean is None:
         return "–"
-    cheap = row.cost.mean <= GOAL_COST + 1e-9
-    if cheap and row.share.value >= GOAL_SHARE and row.clean_vs_sam.mean >= -MARGIN:
-        shown = (row.share.bounded and row.share.lo >= GOAL_SHARE and row.clean_vs_sam.lo is not None
-                 and row.clean_vs_sam.lo >= -MARGIN and (row.cost.hi is None or row.cost.hi <= GOAL_COST + 1e-9))
+    cheap = cost.mean <= GOAL_COST + 1e-9
+    if cheap and share.value >= GOAL_SHARE and clean_vs_sam.mean >= -MARGIN:
+        shown = (share.bounded and share.lo >= GOAL_SHARE and clean_vs_sam.lo is not None
+                 and clean_vs_sam.lo >= -MARGIN and (cost.hi is None or cost.hi <= GOAL_COST + 1e-9))
         return "shown" if shown else "point estimate only"
     # Pass counts are exact (a zero-width interval unless the count varies by seed, as AE-SAM's does)
-    cost_lo = row.cost.mean if row.cost.lo is None else row.cost.lo
+    cost_lo = cost.mean if cost.lo is None else cost.lo
     out = [name for name, excluded in (
         ("cost", cost_lo > GOAL_COST + 1e-9),
-        ("share", row.share.bounded and row.share.hi < GOAL_SHARE),
-        ("clean", row.clean_vs_sam.hi is not None and row.clean_vs_sam.hi < -MARGIN)) if excluded]
+        ("share", share.bounded and share.hi < GOAL_SHARE),
+        ("clean", clean_vs_sam.hi is not None and clean_vs_sam.hi < -MARGIN)) if excluded]
     return f"ruled out ({', '.join(out)})" if out else "no, not ruled out"
 
 
-def frontier(v: Verdicts) -> Optional[Frontier]:
+def frontier(v: Verdicts, looks: int = 1) -> Optional[Frontier]:
     """The frontier of ``v``'s grid, or ``None`` when it holds no efficient SAM variant (or no ERM, SAM at the
-    pre-specified rho or robust endpoint to measure a gain against)."""
+    pre-specified rho or robust endpoint to measure a gain against). ``looks``: how many times the frontier has
+    been looked at while its seeds grew, this time included (:func:`decision_level`)."""
+    level = decision_level(looks)
     variants = [s for s in v.settings if s.method in EFFICIENT]
     if not variants:
         return None
@@ -118,7 +145,7 @@ def frontier(v: Verdicts) -> Optional[Frontier]:
     if erm is None or sam is None or ep is None or not ep.radii:
         missing = "ERM runs" if erm is None else ("SAM runs at the pre-specified rho" if sam is None
                                                    else "a robust endpoint")
-        return Frontier("–", None, [], [f"no {missing}: no gain to measure the variants against"])
+        return Frontier("–", None, [], [f"no {missing}: no gain to measure the variants against"], looks)
     sam_gain = paired(f"robust gain ({sam.name} − {erm.name})", erm, sam, ep.mean, se=endpoint_se(ep))
     guard = sam_gain.lo is not None and sam_gain.lo > 0
     if not guard:
@@ -138,7 +165,15 @@ def frontier(v: Verdicts) -> Optional[Frontier]:
         vs_sam = None if s in (erm, sam) else paired(f"clean change ({s.name} − {sam.name})", sam, s,
                                                      lambda r: r.clean, se=clean_se)
         row = Row(s.name, s.method, role, cost, s.of(lambda r: r.clean), s.of(ep.mean), gain, share, vs_sam)
-        row.goal = _goal(row) if role == "variant" else "–"
+        if role == "variant":
+            if looks > 1:
+                row.cost_adjusted = paired(cost.name, erm, s, example_passes_per_step, kind="ratio", se=exact,
+                                           level=level)
+                row.share_adjusted = None if share is None else _share(erm, sam, s, ep.mean, level)
+                row.clean_vs_sam_adjusted = paired(vs_sam.name, sam, s, lambda r: r.clean, se=clean_se, level=level)
+                row.goal = _goal(row.share_adjusted, row.clean_vs_sam_adjusted, row.cost_adjusted)
+            else:
+                row.goal = _goal(share, vs_sam, cost)
         rows.append(row)
     n_ref = min(rows[0].robust.n, rows[1].robust.n)  # ERM's and SAM's rows: the seeds column's counts
     fewer = [f"{r.name} ({r.robust.n})" for r in rows if r.role == "variant" and r.robust.n < n_ref]
@@ -151,7 +186,7 @@ def frontier(v: Verdicts) -> Optional[Frontier]:
         if v.primary_rho is not None and s.rho is not None and not math.isclose(s.rho, v.primary_rho):
             notes.append(f"{s.name}: rho differs from SAM's pre-specified {v.primary_rho:g}; its share compares "
                          "different radii")
-    return Frontier(ep.describe(), sam.name, rows, notes)
+    return Frontier(ep.describe(), sam.name, rows, notes, looks)
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -172,12 +207,25 @@ def _ratio(r: Optional[Ratio]) -> str:
     return f"{r.value:.0%} (interval unbounded)" if r.n >= 2 else f"{r.value:.0%} (no interval)"
 
 
+def _level(level: float) -> str:
+    """``0.9833...`` -> ``"98.33 %"``."""
+    return f"{level * 100:.2f}".rstrip("0").rstrip(".") + " %"
+
+
 def table(f: Frontier, pad: bool = False) -> str:
     header = ["setting", "seeds", "passes × ERM", "clean", "robust (endpoint)", "robust gain vs ERM (pts)",
-              "share of SAM's gain kept", "clean vs SAM (pts)", "meets goal"]
-    rows = [[r.name, str(r.robust.n), f"{r.cost.mean:.2f}" if r.cost.mean is not None else "–", format_pct(r.clean),
-             format_pct(r.robust), _effect(r.gain), _ratio(r.share) if r.role == "variant" or r.method == "pgd-at" else "–",
-             _effect(r.clean_vs_sam), r.goal] for r in f.rows]
+              "share of SAM's gain kept", "clean vs SAM (pts)"]
+    if f.looks > 1:
+        header += [f"share kept [{_level(f.level)}]", f"clean vs SAM [{_level(f.level)}]"]
+    header += ["meets goal"]
+    rows = []
+    for r in f.rows:
+        row = [r.name, str(r.robust.n), f"{r.cost.mean:.2f}" if r.cost.mean is not None else "–", format_pct(r.clean),
+               format_pct(r.robust), _effect(r.gain),
+               _ratio(r.share) if r.role == "variant" or r.method == "pgd-at" else "–", _effect(r.clean_vs_sam)]
+        if f.looks > 1:
+            row += [_ratio(r.share_adjusted), _effect(r.clean_vs_sam_adjusted)]
+        rows.append(row + [r.goal])
     return format_table(header, rows, pad=pad)
 
 
@@ -187,7 +235,13 @@ def to_markdown(f: Frontier, figure: Optional[str] = None) -> str:
            "in points. Gains and changes: paired by seed, mean [95 % interval]. Share of SAM's gain kept: ratio of "
            f"the mean paired gains over ERM (variant / {f.sam}), Fieller's 95 % interval. Goal (issue 12): ≤ "
            f"{GOAL_COST:g}× ERM's passes, ≥ {GOAL_SHARE:.0%} of SAM's gain and SAM's clean accuracy within "
-           f"{MARGIN * 100:g} point.", ""]
+           f"{MARGIN * 100:g} point."]
+    if f.looks > 1:
+        out[-1] += (f" These seeds were looked at {f.looks} times as they grew (this table included): `meets goal` "
+                    f"is decided by two-sided {_level(f.level)} intervals (1 − 0.05/{f.looks}, Bonferroni over "
+                    "the looks: under 5 % chance that any look decides wrongly), in the columns before it; the 95 % "
+                    "columns hold for one look only.")
+    out += [""]
     out += [table(f), ""] if f.rows else []
     out += [f"- {n}" for n in f.notes] + ([""] if f.notes else [])
     if figure:
@@ -196,8 +250,8 @@ def to_markdown(f: Frontier, figure: Optional[str] = None) -> str:
 
 
 def to_json(f: Frontier) -> dict:
-    return {"endpoint": f.endpoint, "sam": f.sam, "notes": f.notes, "goal": {"cost": GOAL_COST, "share": GOAL_SHARE,
-                                                                            "clean_margin": MARGIN},
+    return {"endpoint": f.endpoint, "sam": f.sam, "notes": f.notes, "looks": f.looks, "decision_level": f.level,
+            "goal": {"cost": GOAL_COST, "share": GOAL_SHARE, "clean_margin": MARGIN},
             "rows": [asdict(r) for r in f.rows]}
 
 

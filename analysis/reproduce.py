@@ -379,11 +379,12 @@ def write_evidence(rep: Reproduction, out: Path) -> list[Path]:
 
 
 def write_verdicts(rep: Reproduction, results_dir: Optional[Path] = None,
-                   allow_unlike: bool = False) -> tuple[str, str, list[str], str]:
+                   allow_unlike: bool = False, looks: int = 1) -> tuple[str, str, list[str], str]:
     """Decide the claims from the grid's finished runs and write ``verdicts.md``/``verdicts.json`` and every
     run's results.json (:func:`write_evidence`) into ``results_dir`` (default: the root; with efficient SAM
     variants in the grid: also their frontier, :mod:`samat.analysis.efficient`, and ``efficient_frontier.png``).
     ``allow_unlike``: pair runs that differ in more than method and seed, with a warning in the verdicts.
+    ``looks``: the looks at the frontier so far, this one included (:func:`samat.analysis.efficient.frontier`).
     Returns the verdict table, the settings table, the notes (collapsed runs, ...) and the frontier table
     (empty without variants) for the terminal."""
     from . import efficient as E
@@ -402,7 +403,7 @@ def write_verdicts(rep: Reproduction, results_dir: Optional[Path] = None,
         # a real run's name: a "<run>/..." placeholder reads as an absolute path to portable() below
         lines += ["", f"Every run's results.json is beside this file, one folder per run under `{EVIDENCE}/` (e.g. "
                       f"`{EVIDENCE}/{finished[0].output_dir.name}/{RESULTS_FILE}`; paths in them relative to it)."]
-    frontier = E.frontier(v)
+    frontier = E.frontier(v, looks)
     markdown, frontier_table = V.to_markdown(v, lines), ""
     if frontier is not None:
         png = E.figure(frontier)

@@ -257,12 +257,13 @@ def comparison_seeds(a: Setting, b: Setting, gets: Sequence[Getter]) -> tuple[li
 
 def paired(name: str, a: Setting, b: Setting, get: Getter, kind: str = "difference",
            se: Optional[Callable[[Run], Optional[float]]] = None, seeds: Optional[Sequence[int]] = None,
-           shared_examples: bool = False) -> Effect:
+           shared_examples: bool = False, level: float = 0.95) -> Effect:
     """The per-seed ``get(B) - get(A)`` (``kind="ratio"``: ``get(B) / get(A)``) over ``seeds`` (default: the
     seeds both settings have a usable value for; :func:`comparison_seeds`). ``se(run)``: the run's test-set
     standard error of ``get`` (the effect's is the two runs' combined, :func:`paired_binomial_se`'s bound);
     ``None`` or an unknown one leaves the interval seed-to-seed only, and then identical values give no
-    interval (a zero width would claim a certainty the test set cannot give)."""
+    interval (a zero width would claim a certainty the test set cannot give). ``lo``/``hi``: the two-sided
+    ``level`` interval (95 % by default)."""
     ra, rb = usable_seeds(a, [get])[0], usable_seeds(b, [get])[0]
     dropped = [f"seed {s} (only in {b.name if s in rb else a.name})" for s in sorted(set(ra) ^ set(rb))]
     use = sorted(set(ra) & set(rb)) if seeds is None else [s for s in seeds if s in ra and s in rb]
@@ -278,7 +279,7 @@ def paired(name: str, a: Setting, b: Setting, get: Getter, kind: str = "differen
             ses = [math.hypot(x, y) if kind == "difference" else math.hypot(x, y) / abs(get(ra[s]))
                    for (x, y), s in zip(pairs, use)]
     mean = statistics.fmean(values) if values else None
-    iv = effect_interval(values, ses, shared_examples)
+    iv = effect_interval(values, ses, shared_examples, level)
     if iv is not None and ses is None and len(set(values)) == 1:
         iv = None  # no test-set noise known and no spread: no interval, rather than a zero-width one
     noise = ("exact counts" if ses is not None and not any(ses) else

@@ -68,8 +68,9 @@ class Ratio:
         return self.lo is not None and self.hi is not None
 
 
-def fieller_ratio(num: Iterable[float], den: Iterable[float]) -> Ratio:
-    """The ratio of the means of paired samples ``num[i]``, ``den[i]`` and its 95 % Fieller interval.
+def fieller_ratio(num: Iterable[float], den: Iterable[float], level: float = 0.95) -> Ratio:
+    """The ratio of the means of paired samples ``num[i]``, ``den[i]`` and its Fieller interval at ``level``
+    (two-sided; 95 % by default).
 
     Fieller (1954): the set of theta with ``(mean_n - theta mean_d)^2 <= t^2 var(mean_n - theta mean_d)`` is a
     bounded interval exactly when the denominator's mean is significantly non-zero (``mean_d^2 > t^2
@@ -89,7 +90,7 @@ def fieller_ratio(num: Iterable[float], den: Iterable[float]) -> Ratio:
     vnn = statistics.variance([a for a, _ in pairs]) / n
     vdd = statistics.variance([b for _, b in pairs]) / n
     vnd = sum((a - mn) * (b - md) for a, b in pairs) / (n - 1) / n
-    t2 = t95(n - 1) ** 2
+    t2 = t_quantile(n - 1, level) ** 2
     qa = md * md - t2 * vdd
     qb = -2 * (mn * md - t2 * vnd)
     qc = mn * mn - t2 * vnn
@@ -108,14 +109,21 @@ _T90 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8:
 
 
 def t_quantile(dof: float, level: float = 0.95) -> float:
-    """The two-sided ``level`` (0.95 or 0.90) Student-t quantile at ``dof`` degrees of freedom (a float, e.g.
-    Satterthwaite's; ``inf`` gives the normal's). Between tabulated values the smaller dof's (conservative)."""
-    table, normal = {0.95: (_T95, 1.960), 0.90: (_T90, 1.645)}[level]
+    """The two-sided ``level`` Student-t quantile at ``dof`` degrees of freedom (a float, e.g. Satterthwaite's;
+    ``inf`` gives the normal's). 95 % and 90 % from the tables above (between tabulated values the smaller
+    dof's: conservative, and the numbers every committed verdict used); any other level in (0, 1), e.g. a
+    Bonferroni-adjusted 1 - 0.05/k, from scipy's exact quantile at the same conservative dof."""
     if dof < 1:
         raise ValueError("t_quantile needs dof >= 1")
-    if dof > 120:
-        return normal
-    return table[max(k for k in table if k <= dof)]
+    if level in (0.95, 0.90):
+        table, normal = {0.95: (_T95, 1.960), 0.90: (_T90, 1.645)}[level]
+        return normal if dof > 120 else table[max(k for k in table if k <= dof)]
+    if not 0 < level < 1:
+        raise ValueError(f"t_quantile needs 0 < level < 1, got {level}")
+    from scipy.stats import norm, t
+
+    q = 1 - (1 - level) / 2
+    return float(norm.ppf(q)) if dof > 120 else float(t.ppf(q, max(k for k in _T95 if k <= dof)))
 
 
 def binomial_se(p: float, n: int) -> float:
@@ -137,9 +145,10 @@ def paired_binomial_se(p_a: float, p_b: float, n: int, discordant: Optional[floa
 
 @dataclass(frozen=True)
 class Interval:
-    """A mean effect over seeds with its 95 % interval (``lo``/``hi``), its 90 % interval (``lo90``/``hi90``,
-    the equivalence test's), the standard error and degrees of freedom behind them, and ``per_seed_var``, the
-    variance of one seed's effect (seed-to-seed and test-set noise), the basis of the power note."""
+    """A mean effect over seeds with its interval (``lo``/``hi``: 95 % unless :func:`effect_interval` was asked
+    for another level), its 90 % interval (``lo90``/``hi90``, the equivalence test's), the standard error and
+    degrees of freedom behind them, and ``per_seed_var``, the variance of one seed's effect (seed-to-seed and
+    test-set noise), the basis of the power note."""
 
     mean: float
     lo: float
@@ -153,7 +162,7 @@ class Interval:
 
 
 def effect_interval(values: Sequence[float], test_se: Optional[Sequence[float]] = None,
-                    shared_examples: bool = False) -> Optional[Interval]:
+                    shared_examples: bool = False, level: float = 0.95) -> Optional[Interval]:
     """The mean of per-seed effects ``values`` and its interval, combining seed-to-seed variation with the
     test-set noise of each seed's effect (``test_se[i]``, its standard error; ``None``: not known, seed-to-seed
     only). ``None`` with fewer than two values.
@@ -167,7 +176,9 @@ def effect_interval(values: Sequence[float], test_se: Optional[Sequence[float]] 
     - Every seed evaluated on the same examples: their test-set noise is shared and does not average out over
       seeds; ``s^2 / k + mean(test_se^2)`` (the shared part taken as fully correlated: conservative).
 
-    A zero-width interval needs zero test-set noise (exact quantities such as pass counts)."""
+    ``lo``/``hi`` are the two-sided ``level`` interval (95 % by default; e.g. 1 - 0.05/k for k looks at data
+    that grew between them); ``lo90``/``hi90`` are always 90 %. A zero-width interval needs zero test-set noise
+    (exact quantities such as pass counts)."""
     vals = [float(v) for v in values]
     k = len(vals)
     if k < 2:
@@ -184,9 +195,9 @@ def effect_interval(values: Sequence[float], test_se: Optional[Sequence[float]] 
     se = math.sqrt(var_mean)
     # never narrower than the seed-to-seed t-interval alone: a known extra source of noise must not shrink it
     seed_se = math.sqrt(s2 / k)
-    h95 = max(t_quantile(dof) * se, t_quantile(k - 1) * seed_se)
+    h = max(t_quantile(dof, level) * se, t_quantile(k - 1, level) * seed_se)
     h90 = max(t_quantile(dof, 0.90) * se, t_quantile(k - 1, 0.90) * seed_se)
-    return Interval(mean, mean - h95, mean + h95, mean - h90, mean + h90, se, dof, per_seed, shared)
+    return Interval(mean, mean - h, mean + h, mean - h90, mean + h90, se, dof, per_seed, shared)
 
 
 def seeds_to_resolve(interval: Interval, bound: float, level: float = 0.95, max_seeds: int = 1000) -> Optional[int]:

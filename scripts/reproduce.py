@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "cost-vs-robustness frontier to the verdicts (passes x ERM counted in examples, share of "
                         "SAM's robust gain kept, Fieller 95 %% interval; efficient_frontier.png). "
                         + _variants_help())
+    p.add_argument("--looks", type=int, default=1,
+                   help="How many times the efficient SAM frontier of these runs has been looked at while seeds "
+                        "were added, this time included (default 1: the seed count was fixed before any result). "
+                        "With N > 1, 'meets goal' is decided by two-sided 1 - 0.05/N intervals (Bonferroni over "
+                        "the looks), shown beside the 95 %% ones, so adding seeds until a look decides keeps the "
+                        "error under 5 %%. Needs --efficient_sam.")
     add_launch_flags(p, "Print the commands of the runs still to do, one per line, and stop.")
     p.add_argument("--verdicts_only", action="store_true",
                    help="Train nothing: write the verdicts from the runs already finished under --root (e.g. "
@@ -89,6 +95,13 @@ def main(argv: Optional[Sequence[str]] = None, runner: Callable[[list[str]], int
     args = build_parser().parse_args(argv)
     if args.print_only and args.verdicts_only:
         raise UsageError("--print and --verdicts_only: choose one")
+    if args.looks < 1:
+        raise UsageError(f"--looks {args.looks}: must be 1 or more (the looks at the frontier, this one included)")
+    if args.looks > 1 and args.efficient_sam is None:
+        raise UsageError(f"--looks {args.looks}: it adjusts the efficient SAM frontier's intervals; pass "
+                         "--efficient_sam, or leave --looks out")
+    if args.looks > 1 and args.print_only:
+        raise UsageError(f"--looks {args.looks} with --print: --print writes no verdicts to adjust; leave one out")
     efficient = [] if args.efficient_sam is None else (args.efficient_sam or list(EFFICIENT))
     rep = plan_reproduction(args.task, args.scale, args.seeds, args.root, args.eval_attacks, passthrough, efficient)
     set_commands(rep.jobs, args)
@@ -98,7 +111,8 @@ def main(argv: Optional[Sequence[str]] = None, runner: Callable[[list[str]], int
     code = 0 if args.verdicts_only else run_jobs(rep, runner)
     results_dir = Path(args.results_dir or (f"results/reproduce-{rep.task}-{rep.scale}" if args.root is None
                                             else rep.root))
-    verdict_table, settings_table, notes, frontier_table = write_verdicts(rep, results_dir, args.allow_unlike)
+    verdict_table, settings_table, notes, frontier_table = write_verdicts(rep, results_dir, args.allow_unlike,
+                                                                          args.looks)
     if rep.preset.low_powered:
         print("\nLOW-POWERED (--scale quick): these verdicts check that the protocol runs; they are not evidence.")
     print(f"\n{settings_table}\n\n{verdict_table}\n" + "".join(f"\nnote: {n}" for n in notes)

@@ -15,7 +15,7 @@ from test_verdicts import results, write_run
 from samat.analysis import efficient as E
 from samat.analysis import verdicts as V
 from samat.analysis.runs import load_runs
-from samat.common.stats import fieller_ratio, t95
+from samat.common.stats import effect_interval, fieller_ratio, t95, t_quantile
 
 
 @pytest.fixture(scope="module")
@@ -26,26 +26,43 @@ def reproduce():
 # ------------------------------------------------------------------------------------------- Fieller
 
 
-def _inside(theta: float, num, den) -> bool:
-    """Fieller's defining inequality, evaluated directly (the reference the closed form must match)."""
+def _inside(theta: float, num, den, t: float) -> bool:
+    """Fieller's defining inequality at quantile ``t``, evaluated directly (the reference the closed form must
+    match)."""
     n = len(num)
     d = [a - theta * b for a, b in zip(num, den)]
     mean = sum(d) / n
     var = sum((x - mean) ** 2 for x in d) / (n - 1) / n
-    return mean * mean <= t95(n - 1) ** 2 * var
+    return mean * mean <= t ** 2 * var
 
 
-def test_fieller_matches_its_defining_inequality():
+@pytest.mark.parametrize("level", [0.95, 1 - 0.05 / 3])
+def test_fieller_matches_its_defining_inequality(level):
     rng = random.Random(0)
+    t = t95(3) if level == 0.95 else 4.8567  # two-sided 98.33 % Student-t quantile at 3 dof
     for _ in range(20):
         den = [2.0 + rng.gauss(0, 0.3) for _ in range(4)]
         num = [0.7 * b + rng.gauss(0, 0.2) for b in den]
-        r = fieller_ratio(num, den)
+        r = fieller_ratio(num, den, level)
         assert r.bounded and r.lo < r.value < r.hi
-        for theta in (r.lo + 1e-6, r.hi - 1e-6, r.value):
-            assert _inside(theta, num, den)
+        for theta in (r.lo + 1e-3, r.hi - 1e-3, r.value):
+            assert _inside(theta, num, den, t)
         for theta in (r.lo - 1e-3, r.hi + 1e-3):
-            assert not _inside(theta, num, den)
+            assert not _inside(theta, num, den, t)
+
+
+def test_t_quantile_at_adjusted_levels():
+    # the tables' 95 % and 90 % are unchanged (every committed verdict used them); other levels are exact
+    assert t_quantile(10) == 2.228 and t_quantile(10, 0.90) == 1.812 and t_quantile(500) == 1.960
+    assert t_quantile(10, 0.99) == pytest.approx(3.169, abs=1e-3)
+    assert t_quantile(29, 1 - 0.05 / 3) == pytest.approx(2.566, abs=1e-3)  # conservative: 25 dof's quantile
+    assert t_quantile(500, 1 - 0.05 / 3) == pytest.approx(2.394, abs=1e-3)  # the normal's beyond 120 dof
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="0 < level < 1"):
+            t_quantile(10, bad)
+    values, ses = [0.01, 0.03, 0.02, 0.05, 0.04], [0.01] * 5
+    wide, usual = effect_interval(values, ses, level=0.99), effect_interval(values, ses)
+    assert wide.lo < usual.lo < usual.mean < usual.hi < wide.hi and (wide.lo90, wide.hi90) == (usual.lo90, usual.hi90)
 
 
 def test_fieller_edge_cases():
@@ -103,23 +120,43 @@ def test_frontier_rows_share_and_goal(tmp_path):
 
 def test_goal_says_ruled_out_only_where_an_interval_excludes_the_goal(tmp_path):
     def row(cost, share, clean):
+        """``_goal``'s arguments: share, clean change, cost."""
         (c, c_lo, c_hi), (r, r_lo, r_hi), (d, d_lo, d_hi) = cost, share, clean
         eff = lambda m, lo, hi: V.Effect("x", "a", "b", "difference", [0, 1], [m, m], m, lo, hi)  # noqa: E731
-        return E.Row("v", "v", "variant", eff(c, c_lo, c_hi), None, None, None, E.Ratio(r, r_lo, r_hi, 5),
-                     eff(d, d_lo, d_hi))
+        return E.Ratio(r, r_lo, r_hi, 5), eff(d, d_lo, d_hi), eff(c, c_lo, c_hi)
 
     cheap, dear, dear_maybe = (1.2, 1.2, 1.2), (2.0, 2.0, 2.0), (1.42, 1.35, 1.49)
     keeps, loses, unsure = (0.9, 0.85, 0.95), (0.4, 0.15, 0.7), (0.41, 0.15, 1.2)
     same, worse = (0.0, -0.5, 0.5), (-3.0, -4.0, -2.0)
     scale = lambda t: tuple(x / 100 for x in t)  # noqa: E731  (clean changes are fractions)
-    assert E._goal(row(cheap, keeps, scale(same))) == "shown"
-    assert E._goal(row(cheap, (0.9, 0.5, 1.3), scale(same))) == "point estimate only"
-    assert E._goal(row(dear, keeps, scale(same))) == "ruled out (cost)"
-    assert E._goal(row(cheap, loses, scale(worse))) == "ruled out (share, clean)"
+    assert E._goal(*row(cheap, keeps, scale(same))) == "shown"
+    assert E._goal(*row(cheap, (0.9, 0.5, 1.3), scale(same))) == "point estimate only"
+    assert E._goal(*row(dear, keeps, scale(same))) == "ruled out (cost)"
+    assert E._goal(*row(cheap, loses, scale(worse))) == "ruled out (share, clean)"
     # a mean misses the goal, but every interval still reaches it: not decided
-    assert E._goal(row(cheap, unsure, scale(same))) == "no, not ruled out"
-    assert E._goal(row(dear_maybe, keeps, scale(same))) == "no, not ruled out"  # cost varies by seed (AE-SAM)
-    assert E._goal(row(cheap, (0.5, None, None), scale(same))) == "no, not ruled out"  # unbounded: rules out nothing
+    assert E._goal(*row(cheap, unsure, scale(same))) == "no, not ruled out"
+    assert E._goal(*row(dear_maybe, keeps, scale(same))) == "no, not ruled out"  # cost varies by seed (AE-SAM)
+    assert E._goal(*row(cheap, (0.5, None, None), scale(same))) == "no, not ruled out"  # unbounded: rules out nothing
+
+
+def test_looks_widen_the_intervals_that_decide_the_goal(tmp_path):
+    # keeps ~41 % of SAM's gain on 3 seeds: one look's 95 % interval rules it out, but after 3 looks the 98.33 %
+    # interval (Bonferroni) still reaches 80 %: adding seeds until a look decides must not decide this yet
+    v = _grid(tmp_path, variants=(("sam-every-k", 0.02, 120, 0.0),))
+    one, three = E.frontier(v), E.frontier(v, looks=3)
+    assert one.looks == 1 and one.level == 0.95 and three.level == pytest.approx(1 - 0.05 / 3)
+    a, b = one.variants[0], three.variants[0]
+    assert a.share_adjusted is None and a.goal == "ruled out (share)" and a.share.hi < 0.8
+    assert b.share == a.share and b.clean_vs_sam.lo == a.clean_vs_sam.lo  # the 95 % columns are one look's
+    assert b.share_adjusted.lo < a.share.lo and a.share.hi < 0.8 < b.share_adjusted.hi
+    assert b.clean_vs_sam_adjusted.lo < a.clean_vs_sam.lo and b.goal == "no, not ruled out"
+    assert "share kept [95 %]" not in E.table(one) and "share kept [98.33 %]" in E.table(three)
+    md = E.to_markdown(three)
+    assert "looked at 3 times" in md and "two-sided 98.33 % intervals (1 − 0.05/3, Bonferroni" in md
+    data = json.loads(json.dumps(E.to_json(three)))
+    assert data["looks"] == 3 and data["rows"][3]["share_adjusted"]["hi"] > 0.8
+    with pytest.raises(ValueError, match="looks must be >= 1"):
+        E.frontier(v, looks=0)
 
 
 def test_a_variant_with_fewer_seeds_is_named_and_paired_on_its_own(tmp_path):
@@ -233,6 +270,27 @@ def test_reproduce_writes_the_frontier(reproduce, capsys, tmp_path):
     data = json.loads((root / "verdicts.json").read_text())
     row = [r for r in data["efficient_sam"]["rows"] if r["method"] == "sam-every-k"][0]
     assert row["cost"]["mean"] == pytest.approx(1.2) and row["share"]["value"] == pytest.approx(0.9, abs=0.05)
+    assert data["efficient_sam"]["looks"] == 1 and row["share_adjusted"] is None
+    # a second look at the same root, after more seeds: the adjusted columns appear
+    assert reproduce.main(["--root", str(root), "--efficient_sam", "sam-every-k", "--verdicts_only", "--looks", "2"],
+                          runner=EfficientRunner()) == 0
+    assert "share kept [97.5 %]" in capsys.readouterr().out
+    assert json.loads((root / "verdicts.json").read_text())["efficient_sam"]["looks"] == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--looks", "0", "--efficient_sam"], "--looks 0: must be 1 or more"),
+    (["--looks", "3"], "--looks 3: it adjusts the efficient SAM frontier's intervals; pass --efficient_sam"),
+    (["--looks", "3", "--efficient_sam", "--print"], "--looks 3 with --print: --print writes no verdicts"),
+])
+def test_bad_looks_is_one_line_exit_2(reproduce, capsys, tmp_path, flags, message):
+    from samat.common.cli import main_guard
+
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(lambda: reproduce.main(["--root", str(tmp_path / "x"), *flags], runner=FakeRunner()))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {message}")
+    assert not (tmp_path / "x").exists()
 
 
 def test_unknown_variant_is_one_line_exit_2(reproduce, capsys, tmp_path):
