@@ -54,7 +54,7 @@ def decision_level(looks: int) -> float:
     (0.95 for one look)."""
     if looks < 1:
         raise ValueError(f"looks must be >= 1, got {looks}")
-    return 0.95 if looks == 1 else 1 - ALPHA / looks
+    return 1 - ALPHA / looks
 
 
 @dataclass

@@ -17,12 +17,9 @@ _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 
 
 def t95(dof: int) -> float:
-    """The two-sided 95 % Student-t quantile for ``dof >= 1`` degrees of freedom (conservative between
-    tabulated values)."""
-    if dof < 1:
-        raise ValueError("t95 needs dof >= 1")
-    known = [k for k in _T95 if k <= dof]
-    return _T95[max(known)] if dof <= 120 else 1.960
+    """The two-sided 95 % Student-t quantile for ``dof >= 1`` degrees of freedom (:func:`t_quantile`'s;
+    conservative between tabulated values)."""
+    return t_quantile(dof)
 
 
 @dataclass(frozen=True)
@@ -115,15 +112,17 @@ def t_quantile(dof: float, level: float = 0.95) -> float:
     Bonferroni-adjusted 1 - 0.05/k, from scipy's exact quantile at the same conservative dof."""
     if dof < 1:
         raise ValueError("t_quantile needs dof >= 1")
-    if level in (0.95, 0.90):
-        table, normal = {0.95: (_T95, 1.960), 0.90: (_T90, 1.645)}[level]
-        return normal if dof > 120 else table[max(k for k in table if k <= dof)]
     if not 0 < level < 1:
         raise ValueError(f"t_quantile needs 0 < level < 1, got {level}")
+    tables = {0.95: (_T95, 1.960), 0.90: (_T90, 1.645)}  # the same dof keys
+    conservative = None if dof > 120 else max(k for k in _T95 if k <= dof)
+    if level in tables:
+        table, normal = tables[level]
+        return normal if conservative is None else table[conservative]
     from scipy.stats import norm, t
 
     q = 1 - (1 - level) / 2
-    return float(norm.ppf(q)) if dof > 120 else float(t.ppf(q, max(k for k in _T95 if k <= dof)))
+    return float(norm.ppf(q)) if conservative is None else float(t.ppf(q, conservative))
 
 
 def binomial_se(p: float, n: int) -> float:
