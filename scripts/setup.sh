@@ -27,6 +27,18 @@ if ((${#missing[@]})); then
   fi
 fi
 
+# PyTorch with its CUDA libraries makes the venv about 6.6 GB; pip fails half-way with ENOSPC without room.
+# Check first and say so in one line (SAMAT_SKIP_DISK_CHECK=1 skips the check).
+NEED_GB=8
+if [ -z "${SAMAT_SKIP_DISK_CHECK:-}" ] && ! "${VENV}/bin/python" -c "import torch" >/dev/null 2>&1; then
+  target="$VENV"; while [ ! -d "$target" ]; do target="$(dirname "$target")"; done
+  free_kb="$(df -Pk "$target" | awk 'NR==2 {print $4}')"
+  if [ "$free_kb" -lt $((NEED_GB * 1024 * 1024)) ]; then
+    echo "error: setup needs about ${NEED_GB} GB free for $VENV, but $(df -Ph "$target" | awk 'NR==2 {print $4}') is free on $(df -P "$target" | awk 'NR==2 {print $6}'); free space or set SAMAT_VENV to another disk" >&2
+    exit 2
+  fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
