@@ -32,9 +32,9 @@ fi
 NEED_GB=8
 if [ -z "${SAMAT_SKIP_DISK_CHECK:-}" ] && ! "${VENV}/bin/python" -c "import torch" >/dev/null 2>&1; then
   target="$VENV"; while [ ! -d "$target" ]; do target="$(dirname "$target")"; done
-  free_kb="$(df -Pk "$target" | awk 'NR==2 {print $4}')"
+  read -r free_kb mount < <(df -Pk "$target" | awk 'NR==2 {print $4, $6}')
   if [ "$free_kb" -lt $((NEED_GB * 1024 * 1024)) ]; then
-    echo "error: setup needs about ${NEED_GB} GB free for $VENV, but $(df -Ph "$target" | awk 'NR==2 {print $4}') is free on $(df -P "$target" | awk 'NR==2 {print $6}'); free space or set SAMAT_VENV to another disk" >&2
+    echo "error: setup needs about ${NEED_GB} GB free for $VENV, but $((free_kb / 1024)) MB is free on $mount; free space or set SAMAT_VENV to another disk" >&2
     exit 2
   fi
 fi
